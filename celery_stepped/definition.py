@@ -1,0 +1,330 @@
+"""``SteppedAction``: an action definition (and a Celery task) with its parts.
+
+A definition holds ordered steps, ``before`` hooks, key and checksum blocks and after
+callbacks. Calls dispatch by *name*: ``drive.now(truck)`` runs the definition found for
+``(type(truck), "drive")`` along the MRO (see :mod:`celery_stepped.registry`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec
+
+from celery import Task
+from celery.canvas import Signature
+
+from .statuses import COMPLETION_STATUSES
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+    from .extension import Stepped
+    from .models import Action
+    from .runtime import StepContext
+
+__all__ = ["SteppedAction", "SteppedSignature"]
+
+P = ParamSpec("P")
+StepFn = Callable[..., Any]
+KeySpec = str | Sequence[str] | Callable[..., Any] | None
+TimeoutSpec = int | float | timedelta | Callable[[Any], Any] | None
+
+
+def _accepts_step(fn: Callable[..., Any]) -> bool:
+    """Function form: pass a ``Step`` first only when the function asks for one."""
+    params = list(inspect.signature(fn).parameters.values())
+    if not params:
+        return False
+    first = params[0]
+    annotation = first.annotation
+    if isinstance(annotation, str):
+        return annotation.split(".")[-1] == "Step" or first.name == "step"
+    if getattr(annotation, "__name__", None) == "Step":
+        return True
+    return first.name == "step"
+
+
+def _first_param_class(fn: Callable[..., Any], skip_step: bool) -> type | None:
+    try:
+        hints = inspect.get_annotations(fn, eval_str=True)
+    except Exception:
+        hints = {}
+    params = list(inspect.signature(fn).parameters.values())
+    index = 1 if skip_step else 0
+    if len(params) <= index:
+        return None
+    annotation = hints.get(params[index].name)
+    return annotation if isinstance(annotation, type) else None
+
+
+class SteppedSignature(Signature):  # type: ignore[misc]
+    """A Celery signature of a stepped action: ``drive.s(car, 5).later()``."""
+
+    def later(self, **options: Any) -> AsyncResult:
+        """Enqueue the start of the root action this signature describes."""
+        action = self.type
+        return action.later(*self.args, **options)
+
+    def now(self) -> Action:
+        """Run the action's synchronous part in this process."""
+        action = self.type
+        return action.now(*self.args)
+
+
+class SteppedAction(Task, Generic[P]):  # type: ignore[misc]
+    """An action definition; also a Celery task whose call starts the action.
+
+    Built by ``app.stepped_action`` (``Stepped.action``). Attach parts with the
+    decorators ``step``, ``prepend_step``, ``before``, ``concurrency_key``,
+    ``checksum_key``, ``checksum``, ``succeeded``, ``failed``, ``cancelled``,
+    ``timed_out`` and ``after``.
+    """
+
+    abstract = True
+    acks_late = True
+    serializer = "json"
+
+    def __init__(
+        self,
+        stepped: Stepped,
+        action_name: str,
+        *,
+        actor: type | None = None,
+        outbound: bool = False,
+        timeout: TimeoutSpec = None,
+        job: Any = None,
+        concurrency_key: KeySpec = None,
+        checksum: Callable[..., Any] | None = None,
+        checksum_key: KeySpec = None,
+        queue: str | None = None,
+        parent: SteppedAction[Any] | None = None,
+    ) -> None:
+        if not action_name or not isinstance(action_name, str):
+            raise ValueError("an action needs a non-empty string name")
+        if timeout is not None and not (
+            isinstance(timeout, int | float | timedelta) or callable(timeout)
+        ):
+            raise TypeError("timeout must be seconds, a timedelta or a callable(actor)")
+        if checksum is not None and not callable(checksum):
+            raise TypeError("checksum must be a callable (actor, *args)")
+        self.stepped = stepped
+        self.action_name = action_name
+        self.name = f"stepped.action.{action_name}"
+        self.actor_class = actor
+        self.outbound = bool(outbound or job is not None)
+        self.timeout_spec = timeout
+        self.job = job
+        self.concurrency_key_spec: KeySpec = concurrency_key
+        self.checksum_key_spec: KeySpec = checksum_key
+        self.checksum_fn = checksum
+        self.action_queue = queue
+        self.parent = parent
+        self._steps: list[StepFn] = []
+        self._prepended: list[StepFn] = []
+        self._before: list[StepFn] = []
+        self._after: dict[str, list[StepFn]] = {s: [] for s in COMPLETION_STATUSES}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task body directly; used on a function, it adopts it as a step."""
+        if len(args) == 1 and not kwargs and inspect.isfunction(args[0]) and not self._steps:
+            return self.stepped.adopt_function(self, args[0])
+        return super().__call__(*args, **kwargs)
+
+    # -- parts ---------------------------------------------------------------------
+
+    def step(self, fn: StepFn) -> StepFn:
+        """Append a step ``(step, actor, *args)``."""
+        self._steps.append(fn)
+        return fn
+
+    def prepend_step(self, fn: StepFn) -> StepFn:
+        """Insert a step ``(step, actor, *args)`` before all others."""
+        self._prepended.insert(0, fn)
+        return fn
+
+    def before(self, fn: StepFn) -> StepFn:
+        """Run ``fn(action, actor, *args)`` once before any step."""
+        self._before.append(fn)
+        return fn
+
+    def concurrency_key(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Compute the lane key with ``fn(actor, *args)``."""
+        self.concurrency_key_spec = fn
+        return fn
+
+    def checksum_key(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Compute the achievement key with ``fn(actor, *args)``."""
+        self.checksum_key_spec = fn
+        return fn
+
+    def checksum(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Compute the checksum with ``fn(actor, *args)`` (JSON value or None)."""
+        self.checksum_fn = fn
+        return fn
+
+    def succeeded(self, fn: StepFn) -> StepFn:
+        """After callback ``(action, actor, *args)`` for ``succeeded``."""
+        self._after["succeeded"].append(fn)
+        return fn
+
+    def failed(self, fn: StepFn) -> StepFn:
+        """After callback ``(action, actor, *args)`` for ``failed``."""
+        self._after["failed"].append(fn)
+        return fn
+
+    def cancelled(self, fn: StepFn) -> StepFn:
+        """After callback ``(action, actor, *args)`` for ``cancelled``."""
+        self._after["cancelled"].append(fn)
+        return fn
+
+    def timed_out(self, fn: StepFn) -> StepFn:
+        """After callback ``(action, actor, *args)`` for ``timed_out``."""
+        self._after["timed_out"].append(fn)
+        return fn
+
+    def after(self, *statuses: Any) -> Any:
+        """After callback for several statuses (none: all four); usable bare."""
+        if len(statuses) == 1 and callable(statuses[0]) and not isinstance(statuses[0], str):
+            fn = statuses[0]
+            for status in COMPLETION_STATUSES:
+                self._after[status].append(fn)
+            return fn
+        names = [str(s) for s in statuses] or list(COMPLETION_STATUSES)
+        for name in names:
+            if name not in COMPLETION_STATUSES:
+                raise ValueError(
+                    f"after() takes {', '.join(COMPLETION_STATUSES)}; got {name!r}"
+                )
+
+        def attach(fn: StepFn) -> StepFn:
+            for name in names:
+                self._after[name].append(fn)
+            return fn
+
+        return attach
+
+    def for_actor(self, actor_class: type) -> SteppedAction[P]:
+        """The definition as extended for ``actor_class`` only."""
+        return self.stepped.registry.extend(self, actor_class)
+
+    # -- resolved parts --------------------------------------------------------------
+
+    def steps_for_run(self) -> list[StepFn]:
+        """Every step body in order, generated ones included."""
+        if self.parent is not None:
+            return [*self._prepended, *self.parent.steps_for_run(), *self._steps]
+        if self._steps:
+            base = list(self._steps)
+        elif self.job is not None:
+            base = [_job_step]
+        else:
+            base = [_method_step(self.action_name)]
+        return [*self._prepended, *base]
+
+    def before_hooks(self) -> list[StepFn]:
+        """``before`` hooks, the parent definition's first."""
+        own = list(self._before)
+        return [*self.parent.before_hooks(), *own] if self.parent is not None else own
+
+    def after_callbacks(self, status: str) -> list[StepFn]:
+        """After callbacks for ``status``, the parent definition's first."""
+        own = list(self._after.get(status, []))
+        return [*self.parent.after_callbacks(status), *own] if self.parent else own
+
+    def resolved(self, attribute: str) -> Any:
+        """An option, falling back to the parent definition's."""
+        value = getattr(self, attribute)
+        if value is None and self.parent is not None:
+            return self.parent.resolved(attribute)
+        return value
+
+    # -- running -----------------------------------------------------------------------
+
+    def now(self, actor: Any, *args: P.args, **kwargs: P.kwargs) -> Action:
+        """Start the action in this process and return it (see API.md section 4)."""
+        _no_kwargs(kwargs)
+        return self.stepped.runtime.start_now(self.action_name, actor, list(args))
+
+    def later(self, actor: Any, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+        """Enqueue the start of a root action; returns the Celery ``AsyncResult``."""
+        _no_kwargs(kwargs)
+        return self.stepped.runtime.start_later(self.action_name, actor, list(args))
+
+    def complete_now(self, actor: Any, status: str = "succeeded") -> Action | None:
+        """Complete the performing outbound action of this name on ``actor``."""
+        return self.stepped.complete_outbound(actor, self.action_name, status)
+
+    def complete_later(self, actor: Any, status: str = "succeeded") -> AsyncResult | None:
+        """Enqueue completing the performing outbound action of this name on ``actor``."""
+        return self.stepped.complete_outbound_later(actor, self.action_name, status)
+
+    def signature(self, args: Any = None, *starargs: Any, **starkwargs: Any) -> SteppedSignature:
+        """A :class:`SteppedSignature` for this action."""
+        starkwargs.setdefault("app", self.app)
+        return SteppedSignature(self, args, *starargs, **starkwargs)
+
+    subtask = signature
+
+    def run(self, actor: Any, *args: Any) -> Any:
+        """Celery entry point: a direct call or ``delay`` starts the action now."""
+        if isinstance(actor, dict):
+            actor = self.stepped.actors.load(actor)
+            args = tuple(self.stepped.actors.load(list(args)))
+        action = self.now(actor, *args)
+        return action.id
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
+        """``delay``/``apply_async`` enqueue the action like :meth:`later`."""
+        args = list(args or ())
+        if kwargs:
+            _no_kwargs(kwargs)
+        if not args:
+            raise TypeError(f"{self.action_name} needs an actor as its first argument")
+        return self.stepped.runtime.start_later(self.action_name, args[0], args[1:])
+
+    def __repr__(self) -> str:
+        owner = self.actor_class.__name__ if self.actor_class else "any actor"
+        return f"<SteppedAction {self.action_name} on {owner}>"
+
+
+def _no_kwargs(kwargs: dict[str, Any]) -> None:
+    if kwargs:
+        raise TypeError(
+            "stepped actions take positional arguments only; got " + ", ".join(sorted(kwargs))
+        )
+
+
+def _method_step(name: str) -> StepFn:
+    def call_actor_method(step: StepContext, actor: Any, *args: Any) -> None:
+        method = getattr(actor, name, None)
+        if not callable(method):
+            raise AttributeError(
+                f"{type(actor).__name__} has no method {name!r} for the generated step"
+            )
+        method(*args)
+
+    call_actor_method.__name__ = name
+    return call_actor_method
+
+
+def _job_step(step: StepContext, actor: Any, *args: Any) -> None:
+    step.enqueue_job()
+
+
+def function_step(fn: Callable[..., Any]) -> StepFn:
+    """Adapt a function-form body ``(actor, *args)`` or ``(step, actor, *args)``."""
+    if _accepts_step(fn):
+        return fn
+
+    def body(step: StepContext, actor: Any, *args: Any) -> Any:
+        return fn(actor, *args)
+
+    body.__name__ = getattr(fn, "__name__", "step")
+    return body
+
+
+def actor_class_of(fn: Callable[..., Any]) -> type | None:
+    """The actor class a function-form action declares on its actor parameter."""
+    return _first_param_class(fn, _accepts_step(fn))

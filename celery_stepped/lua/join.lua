@@ -1,0 +1,37 @@
+-- Join a lane: perform now, queue (superseding every older pending action),
+-- or refuse because the lane's current action is an ancestor (deadlock).
+-- KEYS[1] lane state hash     (stepped:{<key>}:state)
+-- KEYS[2] lane pending zset   (stepped:{<key>}:pending)
+-- ARGV[1] action id
+-- ARGV[2] checksum of the action, or "" for none
+-- ARGV[3] ancestry: comma-framed ancestor ids, e.g. ",3,7,"
+-- Returns {"perform"} | {"queued", superseded_id?} | {"deadlock", current_id}
+local id = ARGV[1]
+local current = redis.call("HGET", KEYS[1], "current")
+if not current then
+  redis.call("HSET", KEYS[1], "current", id, "checksum", ARGV[2])
+  return {"perform"}
+end
+if current == id then
+  return {"perform"}
+end
+if redis.call("ZSCORE", KEYS[2], id) then
+  return {"queued"}
+end
+if string.find(ARGV[3], "," .. current .. ",", 1, true) then
+  return {"deadlock", current}
+end
+-- Superseding keeps at most one pending action, so this reply is bounded.
+local older = redis.call("ZRANGE", KEYS[2], 0, -1)
+for _, old in ipairs(older) do
+  redis.call("HDEL", KEYS[1], "cs:" .. old)
+end
+redis.call("DEL", KEYS[2])
+local seq = redis.call("HINCRBY", KEYS[1], "seq", 1)
+redis.call("ZADD", KEYS[2], seq, id)
+redis.call("HSET", KEYS[1], "cs:" .. id, ARGV[2])
+local reply = {"queued"}
+for _, old in ipairs(older) do
+  table.insert(reply, old)
+end
+return reply

@@ -1,0 +1,18 @@
+-- Rebuild one lane from SQL after Redis lost it (repair).
+-- KEYS[1] lane state hash     (stepped:{<key>}:state)
+-- KEYS[2] lane pending zset   (stepped:{<key>}:pending)
+-- ARGV[1] current action id, or "" for none
+-- ARGV[2] checksum of the current action, or ""
+-- ARGV[3] pending action id, or "" for none
+-- ARGV[4] checksum of the pending action, or ""
+-- Returns 1
+redis.call("DEL", KEYS[1], KEYS[2])
+if ARGV[1] ~= "" then
+  redis.call("HSET", KEYS[1], "current", ARGV[1], "checksum", ARGV[2])
+end
+if ARGV[3] ~= "" then
+  local seq = redis.call("HINCRBY", KEYS[1], "seq", 1)
+  redis.call("ZADD", KEYS[2], seq, ARGV[3])
+  redis.call("HSET", KEYS[1], "cs:" .. ARGV[3], ARGV[4])
+end
+return 1

@@ -1,0 +1,915 @@
+"""The state machine: start, perform a step, join, advance, complete.
+
+Every transition is a short SQL transaction guarded by the row's current state
+(``UPDATE ... WHERE status = ...``), so a message delivered twice, or two workers
+finishing the last two children of a step at once, apply it exactly once. Messages
+are sent only after the transaction that decided them committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+from celery.result import AsyncResult
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import signals
+from .canvas import ADVANCE, COMPLETE, RESUME, START, TIMEOUT, WAIT, Job, StepChord
+from .errors import Deadlock
+from .models import Achievement, Action, ParentLink, Step
+from .statuses import COMPLETION_STATUSES, ActionStatus, StepStatus
+
+if TYPE_CHECKING:
+    from .definition import SteppedAction
+    from .extension import Stepped
+
+__all__ = ["Runtime", "StepContext"]
+
+PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+OPEN = (PENDING, PERFORMING)
+
+
+def checksum_digest(value: Any) -> str:
+    """SHA-256 hex digest of the canonical JSON of ``value``."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def key_from_parts(value: Any) -> str | None:
+    """A key from a string or a list/tuple of parts joined with ``/``; None if empty."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        value = "/".join(str(v) for v in value)
+    text = str(value)
+    return text or None
+
+
+def timeout_seconds(spec: Any, actor: Any) -> float | None:
+    """Seconds from a timeout option: number, timedelta or callable(actor)."""
+    if spec is None:
+        return None
+    if callable(spec) and not isinstance(spec, timedelta):
+        spec = spec(actor)
+    if spec is None:
+        return None
+    if isinstance(spec, timedelta):
+        return spec.total_seconds()
+    if isinstance(spec, int | float) and not isinstance(spec, bool):
+        return float(spec)
+    raise TypeError(f"timeout must give seconds or a timedelta, got {spec!r}")
+
+
+class Intent:
+    """What a step body asked for: a child action, a wait or the job of the action."""
+
+    def __init__(self, kind: str, call: dict[str, Any] | None = None, seconds: float = 0) -> None:
+        self.kind = kind
+        self.call = call
+        self.seconds = seconds
+
+
+class StepContext:
+    """The ``step`` a body receives: ``do``, ``on``, ``wait``, ``status``, ``action``."""
+
+    def __init__(self, stepped: Stepped, session: Session, action: Action, actor: Any) -> None:
+        self._stepped = stepped
+        self.session = session
+        self.action = action
+        self.actor = actor
+        self.status: str = StepStatus.PERFORMING.value
+        self.intents: list[Intent] = []
+
+    def do(self, action: Any, *args: Any) -> None:
+        """Run another action on the same actor; the step waits for it."""
+        self.on(self.actor, action, *args)
+
+    def on(self, actors: Any, action: Any, *args: Any) -> None:
+        """Run an action on one actor or a list of them (``None`` entries ignored)."""
+        name = getattr(action, "action_name", action)
+        if not isinstance(name, str):
+            raise TypeError("step.on() takes a SteppedAction or an action name")
+        targets = actors if isinstance(actors, list | tuple) else [actors]
+        dumped = self._stepped.actors.dump(list(args))
+        for target in targets:
+            if target is None:
+                continue
+            self._stepped.registry.find(type(target), name)
+            ref = list(self._stepped.actors.identify(target))
+            self.intents.append(Intent("action", {"actor": ref, "name": name, "args": dumped}))
+
+    def wait(self, duration: float | int | timedelta) -> None:
+        """A timed wait the step depends on."""
+        seconds = duration.total_seconds() if isinstance(duration, timedelta) else duration
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+            raise TypeError("step.wait() takes non-negative seconds or a timedelta")
+        self.intents.append(Intent("wait", seconds=float(seconds)))
+
+    def enqueue_job(self) -> None:
+        """Enqueue the action's Celery job (the generated step of a job-backed action)."""
+        self.intents.append(Intent("job"))
+
+
+@dataclass
+class StartCall:
+    """Everything needed to start an action, as it travels in a ``stepped.start`` message."""
+
+    actor: list[str]
+    name: str
+    args: list[Any]
+    link: int | None = None
+    request: str | None = None
+
+    def message(self) -> list[Any]:
+        return [{"actor": self.actor, "name": self.name, "args": self.args,
+                 "link": self.link, "request": self.request}]  # fmt: skip
+
+    @classmethod
+    def from_message(cls, payload: dict[str, Any]) -> StartCall:
+        return cls(payload["actor"], payload["name"], list(payload.get("args") or []),
+                   payload.get("link"), payload.get("request"))  # fmt: skip
+
+
+class _ShortCircuit(Exception):
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+
+class Runtime:
+    """Runs actions for one :class:`~celery_stepped.Stepped` instance."""
+
+    def __init__(self, stepped: Stepped) -> None:
+        self.stepped = stepped
+
+    # -- helpers ------------------------------------------------------------------------
+
+    @property
+    def now(self) -> Callable[[], Any]:
+        return self.stepped.clock
+
+    def _session(self) -> Session:
+        return self.stepped.session_factory()
+
+    def _send(self, jobs: list[Job]) -> None:
+        self.stepped.dispatcher.send(jobs)
+
+    def definition_for(self, actor_type: str, name: str) -> SteppedAction[Any]:
+        cls = self.stepped.actors.resolve(actor_type).cls
+        return self.stepped.registry.find(cls, name)
+
+    def handoff(self, step_ids: Iterable[int]) -> None:
+        """Advance steps whose last member reported: inline in a worker, else a task."""
+        ids = [s for s in step_ids if s is not None]
+        if not ids:
+            return
+        dispatcher = self.stepped.dispatcher
+        if dispatcher.inline() or dispatcher.local:
+            self._drain(ids)
+        else:
+            self._send([StepChord(s, []).body for s in ids])
+
+    def _drain(self, step_ids: Sequence[int]) -> None:
+        queue = deque(step_ids)
+        while queue:
+            queue.extend(self.advance_step(queue.popleft()))
+
+    # -- starting ---------------------------------------------------------------------
+
+    def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:
+        """``SteppedAction.now``: start a root action in this process."""
+        call = self._root_call(name, actor, args)
+        action = self.start(call, root=True)
+        if action.id is None:
+            return action
+        return self.stepped.get_action(action.id)
+
+    def start_later(self, name: str, actor: Any, args: list[Any]) -> AsyncResult:
+        """``SteppedAction.later``: enqueue the start of a root action."""
+        call = self._root_call(name, actor, args)
+        call.request = str(uuid4())
+        definition = self.definition_for(call.actor[0], name)
+        job = Job("action", name, START, call.message(), display_args=call.args,
+                  actor=call.actor, queue=definition.resolved("action_queue"),
+                  task_id=call.request)  # fmt: skip
+        return self.stepped.dispatcher.send_one(job)
+
+    def _root_call(self, name: str, actor: Any, args: list[Any]) -> StartCall:
+        if actor is None:
+            raise TypeError(f"{name} needs an actor")
+        self.stepped.registry.find(type(actor), name)
+        dumped = self.stepped.actors.dump(list(args))
+        return StartCall(list(self.stepped.actors.identify(actor)), name, dumped)
+
+    def start(self, call: StartCall, root: bool = False) -> Action:
+        """Start an action: before, keys, reuse, lane. Returns it (maybe not persisted)."""
+        existing = self._existing_for(call)
+        if existing is not None:
+            self._resume_existing(existing)
+            return self._detached(existing)
+        definition = self.definition_for(call.actor[0], call.name)
+        try:
+            action = self._prepare(definition, call, root)
+        except _ShortCircuit as short:
+            transient = self._transient(definition, call, root, short.status)
+            self._finish_call_link(call, short.status)
+            return transient
+        if action.checksum is not None:
+            shared = self._share(action, call)
+            if shared is not None:
+                return shared
+        created = self._create(action, call)
+        if created is None:  # another delivery claimed the link first
+            return self.start(call, root)
+        return self._join(created, definition)
+
+    def _existing_for(self, call: StartCall) -> int | None:
+        with self._session() as s:
+            if call.link is not None:
+                link = s.get(ParentLink, call.link)
+                if link is None:
+                    raise LookupError(f"unknown parent link {call.link}")
+                if link.state != "waiting" and link.action_id is None:
+                    return -1
+                return link.action_id
+            if call.request is not None:
+                return s.scalar(select(Action.id).where(Action.request_id == call.request))
+        return None
+
+    def _resume_existing(self, action_id: int) -> None:
+        """A redelivered start: carry on from whatever the action's records say."""
+        if action_id == -1:
+            return
+        with self._session() as s:
+            action = s.get(Action, action_id)
+            if action is None:
+                return
+            status, key, checksum, ancestry = (
+                action.status, action.concurrency_key, action.checksum, action.ancestry,
+            )  # fmt: skip
+        if status == PENDING:
+            result = self.stepped.lanes.join(key, action_id, checksum, ancestry)
+            if result.outcome == "perform":
+                self.perform(action_id)
+        elif status == PERFORMING:
+            self.handoff(self.run_steps(action_id))
+        else:
+            self.handoff(self.completion_effects(action_id))
+
+    def _transient(
+        self, definition: SteppedAction[Any], call: StartCall, root: bool, status: str
+    ) -> Action:
+        action = Action(
+            name=call.name, actor_type=call.actor[0], actor_id=call.actor[1],
+            arguments=call.args, status=status, root=root, outbound=definition.outbound,
+            concurrency_key=_tenancy(call), checksum_key=_tenancy(call),
+        )  # fmt: skip
+        action._stepped = self.stepped
+        if ActionStatus(status).is_final:
+            action.completed_at = self.now()
+        return action
+
+    def _detached(self, action_id: int) -> Action:
+        if action_id == -1:
+            return Action(name="", actor_type="", actor_id="", status="succeeded")
+        return self.stepped.get_action(action_id)
+
+    def _prepare(self, definition: SteppedAction[Any], call: StartCall, root: bool) -> Action:
+        """Run ``before`` and the key/checksum blocks; raise _ShortCircuit to stop."""
+        with self._session() as s:
+            actor = self.stepped.actors.load_ref(call.actor[0], call.actor[1], s)
+            args = self.stepped.actors.load(call.args, s)
+            action = self._transient(definition, call, root, PENDING)
+            action.arguments = args
+            for hook in definition.before_hooks():
+                try:
+                    hook(action, actor, *action.arguments)
+                except Exception as exc:
+                    s.rollback()
+                    self._report_or_raise(exc, None, None, "before")
+                    raise _ShortCircuit(ActionStatus.FAILED.value) from exc
+                if action._short_circuit is not None:
+                    break
+            s.commit()
+            if action._short_circuit is not None:
+                raise _ShortCircuit(action._short_circuit)
+            loaded = list(action.arguments)
+            call.args = action.arguments = self.stepped.actors.dump(loaded)
+            try:
+                self._compute_keys(definition, action, actor, loaded)
+            except Exception as exc:
+                s.rollback()
+                self._report_or_raise(exc, None, None, "keys")
+                raise _ShortCircuit(ActionStatus.FAILED.value) from exc
+            if action.checksum is not None and action.checksum == s.scalar(
+                select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
+            ):
+                raise _ShortCircuit(ActionStatus.SUCCEEDED.value)
+        return action
+
+    def _compute_keys(
+        self, definition: SteppedAction[Any], action: Action, actor: Any, args: list[Any]
+    ) -> None:
+        tenancy = action.concurrency_key
+        for attribute, spec_name in (
+            ("concurrency_key", "concurrency_key_spec"),
+            ("checksum_key", "checksum_key_spec"),
+        ):
+            spec = definition.resolved(spec_name)
+            value = spec(actor, *args) if callable(spec) else spec
+            setattr(action, attribute, key_from_parts(value) or tenancy)
+        checksum_fn = definition.resolved("checksum_fn")
+        if checksum_fn is not None:
+            value = checksum_fn(actor, *args)
+            action.checksum = None if value is None else checksum_digest(value)
+        action.timeout_seconds = timeout_seconds(definition.resolved("timeout_spec"), actor)
+        job = definition.resolved("job")
+        action.job = None if job is None else str(job.name)
+
+    def _share(self, action: Action, call: StartCall) -> Action | None:
+        """Attach to an identical checksum already performing in the lane."""
+        current, checksum = self.stepped.lanes.current_checksum(action.concurrency_key)
+        if current is None or checksum != action.checksum:
+            return None
+        with self._session() as s:
+            locked = s.execute(
+                update(Action)
+                .where(Action.id == current, Action.status == PERFORMING,
+                       Action.checksum == action.checksum)
+                .values(updated_at=self.now())
+            ).rowcount  # fmt: skip
+            if not locked:
+                return None
+            if call.link is not None:
+                claimed = s.execute(
+                    update(ParentLink)
+                    .where(ParentLink.id == call.link, ParentLink.action_id.is_(None),
+                           ParentLink.state == "waiting")
+                    .values(action_id=current)
+                ).rowcount  # fmt: skip
+                if not claimed:
+                    s.rollback()
+                    return self._detached(self._existing_for(call) or -1)
+            s.commit()
+        return self.stepped.get_action(current)
+
+    def _create(self, action: Action, call: StartCall) -> Action | None:
+        with self._session() as s:
+            if call.link is not None:
+                parent = s.execute(
+                    select(Action.id, Action.ancestry)
+                    .join(Step, Step.action_id == Action.id)
+                    .join(ParentLink, ParentLink.step_id == Step.id)
+                    .where(ParentLink.id == call.link)
+                ).one()
+                action.ancestry = f"{parent.ancestry}{parent.id},"
+            action.request_id = call.request
+            action.created_at = action.updated_at = self.now()
+            s.add(action)
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                return None
+            if call.link is not None:
+                claimed = s.execute(
+                    update(ParentLink)
+                    .where(ParentLink.id == call.link, ParentLink.action_id.is_(None),
+                           ParentLink.state == "waiting")
+                    .values(action_id=action.id)
+                ).rowcount  # fmt: skip
+                if not claimed:
+                    s.rollback()
+                    return None
+            s.commit()
+            s.expunge(action)
+        action._stepped = self.stepped
+        return action
+
+    def _join(self, action: Action, definition: SteppedAction[Any]) -> Action:
+        result = self.stepped.lanes.join(
+            action.concurrency_key, action.id, action.checksum, action.ancestry
+        )
+        if result.outcome == "deadlock":
+            self._deadlock(action, result.current_id)
+        elif result.outcome == "queued":
+            self.supersede(result.superseded, action.id)
+        else:
+            self.perform(action.id)
+        return action
+
+    def _deadlock(self, action: Action, current_id: int | None) -> None:
+        with self._session() as s:
+            s.execute(
+                update(Action)
+                .where(Action.id == action.id, Action.status == PENDING)
+                .values(status=ActionStatus.DEADLOCKED.value, completed_at=self.now())
+            )
+            s.commit()
+        action.status = ActionStatus.DEADLOCKED.value
+        self.handoff(self.completion_effects(action.id))
+        error = Deadlock(
+            f"{action.name} on {action.actor_type}/{action.actor_id} would wait for its "
+            f"ancestor {current_id} in lane {action.concurrency_key!r}"
+        )
+        self._report_or_raise(error, action.id, None, "lane")
+
+    def _finish_call_link(self, call: StartCall, status: str) -> None:
+        """A child that never persisted reports its outcome to the parent step."""
+        if call.link is None:
+            return
+        with self._session() as s:
+            zero = self._finish_link(s, call.link, status, status == "succeeded")
+            s.commit()
+        self.handoff([zero] if zero else [])
+
+    # -- superseding ------------------------------------------------------------------
+
+    def supersede(self, old_ids: list[int], newcomer_id: int) -> None:
+        """Mark pending actions superseded and move their waiting parents to the newcomer."""
+        if not old_ids:
+            return
+        zeros: list[int] = []
+        superseded: list[int] = []
+        with self._session() as s:
+            for old in old_ids:
+                done = s.execute(
+                    update(Action)
+                    .where(Action.id == old, Action.status == PENDING)
+                    .values(status=ActionStatus.SUPERSEDED.value, completed_at=self.now())
+                ).rowcount
+                if done:
+                    superseded.append(old)
+                    zeros.extend(self._transfer_links(s, old, newcomer_id))
+            s.commit()
+        for old in superseded:
+            signals.action_completed.send(
+                sender=self.stepped, action_id=old, status=ActionStatus.SUPERSEDED.value
+            )
+        with self._session() as s:
+            newcomer_final = s.scalar(select(Action.status).where(Action.id == newcomer_id))
+        if newcomer_final not in OPEN:  # it completed before the links arrived
+            zeros.extend(self.completion_effects(newcomer_id))
+        self.handoff(zeros)
+
+    def _transfer_links(self, s: Session, old: int, newcomer: int) -> list[int]:
+        zeros = []
+        links = s.scalars(
+            select(ParentLink).where(ParentLink.action_id == old, ParentLink.state == "waiting")
+        ).all()
+        for link in links:
+            moved = s.execute(
+                update(ParentLink)
+                .where(ParentLink.id == link.id, ParentLink.state == "waiting")
+                .values(state="transferred", outcome=ActionStatus.SUPERSEDED.value)
+            ).rowcount
+            if not moved:
+                continue
+            sibling = s.scalar(
+                select(ParentLink.id).where(
+                    ParentLink.step_id == link.step_id,
+                    ParentLink.action_id == newcomer,
+                    ParentLink.state == "waiting",
+                )
+            )
+            if sibling is not None:
+                zero = self._count_member(s, link.step_id, successful=True)
+                if zero:
+                    zeros.append(zero)
+                continue
+            s.add(ParentLink(step_id=link.step_id, action_id=newcomer, kind="action",
+                             state="waiting", call=link.call, created_at=self.now(),
+                             updated_at=self.now()))  # fmt: skip
+        return zeros
+
+    # -- performing -------------------------------------------------------------------
+
+    def perform(self, action_id: int) -> None:
+        """The lane let this action perform: start it and run its steps."""
+        if self.begin(action_id):
+            self.handoff(self.run_steps(action_id))
+
+    def begin(self, action_id: int) -> bool:
+        """pending -> performing; erase the achievement; schedule the timeout."""
+        with self._session() as s:
+            started = s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.status == PENDING)
+                .values(status=PERFORMING, started_at=self.now(), updated_at=self.now())
+            ).rowcount
+            if not started:
+                return s.scalar(select(Action.status).where(Action.id == action_id)) == PERFORMING
+            action = s.get_one(Action, action_id)
+            s.execute(delete(Achievement).where(Achievement.checksum_key == action.checksum_key))
+            name, timeout = action.name, action.timeout_seconds
+            s.commit()
+        signals.action_started.send(sender=self.stepped, action_id=action_id, name=name)
+        if timeout is not None:
+            self._send([Job("timeout", name, TIMEOUT, [action_id], countdown=timeout,
+                            display_args=[action_id])])  # fmt: skip
+        return True
+
+    def resume(self, action_id: int) -> None:
+        """``stepped.resume``: a pending action reached the front of its lane."""
+        with self._session() as s:
+            status = s.scalar(select(Action.status).where(Action.id == action_id))
+        if status == PENDING:
+            self.perform(action_id)
+        elif status == PERFORMING:
+            self.handoff(self.run_steps(action_id))
+        elif status is not None:
+            self.handoff(self.completion_effects(action_id))
+
+    def run_steps(self, action_id: int) -> list[int]:
+        """Run steps until one waits; return parent steps whose last member reported."""
+        while True:
+            with self._session() as s:
+                action = s.get(Action, action_id)
+                if action is None or action.status != PERFORMING:
+                    return []
+                index = action.current_step_index
+                definition = self.definition_for(action.actor_type, action.name)
+                bodies = definition.steps_for_run()
+                step = s.scalar(
+                    select(Step).where(Step.action_id == action_id,
+                                       Step.definition_index == index)
+                )  # fmt: skip
+                step_state = None if step is None else (step.id, step.status,
+                                                        step.pending_actions_count)  # fmt: skip
+                outbound = action.outbound
+            if index >= len(bodies):
+                if outbound:
+                    return []
+                return self.complete_action(action_id, ActionStatus.SUCCEEDED.value)[1]
+            if step_state is None:
+                outcome = self.perform_step(action_id, index, bodies[index])
+                if outcome == "waiting":
+                    return []
+                continue
+            step_id, status, pending = step_state
+            if status == StepStatus.PERFORMING.value:
+                if pending > 0:
+                    self._redispatch(step_id)
+                    return []
+                self._close_step(step_id)
+                continue
+            if status == StepStatus.FAILED.value:
+                return self.complete_action(action_id, ActionStatus.FAILED.value)[1]
+            self._bump(action_id, index)
+
+    def _bump(self, action_id: int, index: int) -> None:
+        with self._session() as s:
+            s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.current_step_index == index)
+                .values(current_step_index=index + 1, updated_at=self.now())
+            )
+            s.commit()
+
+    def perform_step(self, action_id: int, index: int, body: Callable[..., Any]) -> str:
+        """Run one step body in one transaction; send its chord after commit.
+
+        Returns ``"waiting"`` (members sent), ``"done"`` (step closed at once) or
+        ``"exists"`` (another delivery already ran it).
+        """
+        with self._session() as s:
+            step = Step(action_id=action_id, definition_index=index,
+                        status=StepStatus.PERFORMING.value, started_at=self.now())  # fmt: skip
+            s.add(step)
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                return "exists"
+            action = s.get_one(Action, action_id)
+            actor = self.stepped.actors.load_ref(action.actor_type, action.actor_id, s)
+            args = self.stepped.actors.load(action.arguments, s)
+            context = StepContext(self.stepped, s, action, actor)
+            try:
+                body(context, actor, *args)
+            except Exception as exc:
+                s.rollback()
+                self._report_or_raise(exc, action_id, index, "step")
+                return self._failed_step(action_id, index)
+            links, jobs = self._record_intents(s, step, context)
+            s.commit()
+            step_id, step_status = step.id, step.status
+        signals.step_started.send(sender=self.stepped, action_id=action_id, index=index)
+        self._send(jobs)
+        if links:
+            self._send(self._header(step_id, links))
+            return "waiting"
+        if step_status != StepStatus.PERFORMING.value:
+            signals.step_completed.send(sender=self.stepped, step_id=step_id, status=step_status)
+        return "done"
+
+    def _failed_step(self, action_id: int, index: int) -> str:
+        with self._session() as s:
+            s.add(Step(action_id=action_id, definition_index=index,
+                       status=StepStatus.FAILED.value, started_at=self.now(),
+                       completed_at=self.now()))  # fmt: skip
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                return "exists"
+        return "done"
+
+    def _record_intents(
+        self, s: Session, step: Step, context: StepContext
+    ) -> tuple[list[ParentLink], list[Job]]:
+        action = context.action
+        jobs: list[Job] = []
+        if context.status == StepStatus.FAILED.value:
+            step.status, step.completed_at = StepStatus.FAILED.value, self.now()
+            return [], jobs
+        links = []
+        for intent in context.intents:
+            if intent.kind == "job":
+                jobs.append(Job("job", str(action.job), str(action.job), [action.id],
+                                display_args=[action.id]))  # fmt: skip
+                continue
+            call = intent.call if intent.kind == "action" else {"seconds": intent.seconds}
+            links.append(ParentLink(step_id=step.id, kind=intent.kind, state="waiting",
+                                    call=call, created_at=self.now(), updated_at=self.now()))  # fmt: skip
+        s.add_all(links)
+        step.pending_actions_count = len(links)
+        if not links:
+            step.status, step.completed_at = StepStatus.SUCCEEDED.value, self.now()
+        s.flush()
+        return links, jobs
+
+    def _header(self, step_id: int, links: Iterable[ParentLink]) -> list[Job]:
+        header = []
+        for link in links:
+            call = dict(link.call or {})
+            if link.kind == "wait":
+                seconds = float(call.get("seconds", 0))
+                header.append(Job("wait", "wait", WAIT, [link.id], countdown=seconds,
+                                  display_args=[seconds]))  # fmt: skip
+                continue
+            start = StartCall(call["actor"], call["name"], call["args"], link.id)
+            definition = self.definition_for(start.actor[0], start.name)
+            header.append(Job("action", start.name, START, start.message(),
+                              display_args=start.args, actor=start.actor,
+                              queue=definition.resolved("action_queue")))  # fmt: skip
+        return StepChord(step_id, header).header
+
+    def _redispatch(self, step_id: int) -> None:
+        """A redelivered step: resend members that no delivery has claimed yet."""
+        with self._session() as s:
+            links = s.scalars(
+                select(ParentLink).where(ParentLink.step_id == step_id,
+                                         ParentLink.state == "waiting",
+                                         ParentLink.action_id.is_(None),
+                                         ParentLink.kind == "action")
+            ).all()  # fmt: skip
+            for link in links:
+                s.expunge(link)
+        if links and not self.stepped.dispatcher.local:
+            self._send(self._header(step_id, links))
+
+    # -- the join -----------------------------------------------------------------------
+
+    def _count_member(self, s: Session, step_id: int, successful: bool) -> int | None:
+        pending = s.execute(
+            update(Step)
+            .where(Step.id == step_id)
+            .values(
+                pending_actions_count=Step.pending_actions_count - 1,
+                unsuccessful_actions_count=Step.unsuccessful_actions_count
+                + (0 if successful else 1),
+            )
+            .returning(Step.pending_actions_count)
+        ).scalar_one()
+        return step_id if pending == 0 else None
+
+    def _finish_link(self, s: Session, link_id: int, outcome: str, successful: bool) -> int | None:
+        """Count one member's outcome, once; the step id if it was the last one."""
+        step_id = s.scalar(select(ParentLink.step_id).where(ParentLink.id == link_id))
+        done = s.execute(
+            update(ParentLink)
+            .where(ParentLink.id == link_id, ParentLink.state == "waiting")
+            .values(state="done", outcome=outcome, updated_at=self.now())
+        ).rowcount
+        if not done or step_id is None:
+            return None
+        return self._count_member(s, step_id, successful)
+
+    def finish_wait(self, link_id: int) -> None:
+        """``stepped.wait``: a timed wait elapsed."""
+        with self._session() as s:
+            zero = self._finish_link(s, link_id, "succeeded", True)
+            s.commit()
+        self.handoff([zero] if zero else [])
+
+    def advance_step(self, step_id: int) -> list[int]:
+        """``stepped.advance``: close a step whose members all reported, run what's next."""
+        with self._session() as s:
+            action_id = s.scalar(select(Step.action_id).where(Step.id == step_id))
+        if action_id is None:
+            return []
+        self._close_step(step_id)
+        return self.run_steps(action_id)
+
+    def _close_step(self, step_id: int) -> None:
+        with self._session() as s:
+            unsuccessful = s.scalar(
+                select(Step.unsuccessful_actions_count).where(Step.id == step_id)
+            )
+            status = StepStatus.FAILED.value if unsuccessful else StepStatus.SUCCEEDED.value
+            closed = s.execute(
+                update(Step)
+                .where(Step.id == step_id, Step.status == StepStatus.PERFORMING.value,
+                       Step.pending_actions_count <= 0)
+                .values(status=status, completed_at=self.now())
+            ).rowcount  # fmt: skip
+            s.commit()
+        if closed:
+            signals.step_completed.send(sender=self.stepped, step_id=step_id, status=status)
+
+    # -- completing ---------------------------------------------------------------------
+
+    def complete_action(self, action_id: int, status: str) -> tuple[bool, list[int]]:
+        """Give an open action its final status, run after callbacks, report upward.
+
+        Returns ``(completed_by_this_call, parent steps whose last member reported)``.
+        Completing an action that is already final re-runs only the idempotent effects.
+        """
+        with self._session() as s:
+            done = s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.status.in_(OPEN))
+                .values(status=status, completed_at=self.now(), updated_at=self.now())
+            ).rowcount
+            s.commit()
+        if not done:
+            return False, self.completion_effects(action_id)
+        self._after_callbacks(action_id, status)
+        signals.action_completed.send(sender=self.stepped, action_id=action_id, status=status)
+        return True, self.completion_effects(action_id)
+
+    def _after_callbacks(self, action_id: int, status: str) -> None:
+        with self._session() as s:
+            action = s.get_one(Action, action_id)
+            definition = self.definition_for(action.actor_type, action.name)
+            callbacks = definition.after_callbacks(status) if status in COMPLETION_STATUSES else []
+            checksum, checksum_key = action.checksum, action.checksum_key
+        succeeded = failed = 0
+        for callback in callbacks:
+            with self._session() as s:
+                action = s.get_one(Action, action_id)
+                action._stepped = self.stepped
+                actor = self.stepped.actors.load_ref(action.actor_type, action.actor_id, s)
+                args = self.stepped.actors.load(action.arguments, s)
+                try:
+                    callback(action, actor, *args)
+                    s.commit()
+                    succeeded += 1
+                except Exception as exc:
+                    s.rollback()
+                    failed += 1
+                    self._count_callbacks(action_id, succeeded, failed)
+                    self._report_or_raise(exc, action_id, None, f"after_{status}")
+        with self._session() as s:
+            self._count_callbacks(action_id, succeeded, failed, s)
+            if status == ActionStatus.SUCCEEDED.value and checksum is not None and not failed:
+                self._achieve(s, checksum_key, checksum)
+            s.commit()
+
+    def _count_callbacks(
+        self, action_id: int, succeeded: int, failed: int, s: Session | None = None
+    ) -> None:
+        own = s is None
+        session = s or self._session()
+        try:
+            session.execute(
+                update(Action).where(Action.id == action_id)
+                .values(after_callbacks_succeeded_count=succeeded,
+                        after_callbacks_failed_count=failed)
+            )  # fmt: skip
+            if own:
+                session.commit()
+        finally:
+            if own:
+                session.close()
+
+    def _achieve(self, s: Session, checksum_key: str, checksum: str) -> None:
+        updated = s.execute(
+            update(Achievement)
+            .where(Achievement.checksum_key == checksum_key)
+            .values(checksum=checksum, created_at=self.now())
+        ).rowcount
+        if not updated:
+            s.add(Achievement(checksum_key=checksum_key, checksum=checksum,
+                              created_at=self.now()))  # fmt: skip
+
+    def completion_effects(self, action_id: int) -> list[int]:
+        """Report a final action to its waiting parents and move its lane on (idempotent)."""
+        with self._session() as s:
+            action = s.get(Action, action_id)
+            if action is None or action.status in OPEN:
+                return []
+            successful = (
+                action.status == ActionStatus.SUCCEEDED.value
+                and not action.after_callbacks_failed_count
+            )
+            status, key = action.status, action.concurrency_key
+            link_ids = s.scalars(
+                select(ParentLink.id).where(ParentLink.action_id == action_id,
+                                            ParentLink.state == "waiting")
+            ).all()  # fmt: skip
+            zeros = [self._finish_link(s, link_id, status, successful) for link_id in link_ids]
+            s.commit()
+        if status != ActionStatus.SUPERSEDED.value:
+            self.move_lane(key, action_id)
+        return [z for z in zeros if z]
+
+    def move_lane(self, key: str, action_id: int) -> None:
+        """Release ``action_id``'s place in its lane and start whoever is next."""
+        outcome, other = self.stepped.lanes.release(key, action_id)
+        if outcome not in ("next", "empty"):
+            self.stepped.lanes.leave(key, action_id)
+        if other is None or outcome not in ("next", "other"):
+            return
+        with self._session() as s:
+            row = s.execute(
+                select(Action.name, Action.status, Action.arguments, Action.actor_type,
+                       Action.actor_id).where(Action.id == other)
+            ).first()  # fmt: skip
+        if row is not None and row.status == PENDING:
+            self._send([Job("action", row.name, RESUME, [other], display_args=row.arguments,
+                            actor=[row.actor_type, row.actor_id])])  # fmt: skip
+
+    # -- outside events --------------------------------------------------------------------
+
+    def complete(self, action_id: int, status: str) -> Action | None:
+        """``stepped.complete``: complete one action from outside."""
+        if status not in COMPLETION_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(COMPLETION_STATUSES)}")
+        completed, zeros = self.complete_action(action_id, status)
+        self.handoff(zeros)
+        return self.stepped.get_action(action_id) if completed else None
+
+    def fire_timeout(self, action_id: int) -> bool:
+        """``stepped.timeout``: time the action out if it still performs past its limit."""
+        with self._session() as s:
+            action = s.get(Action, action_id)
+            if action is None or action.status != PERFORMING or action.timeout_seconds is None:
+                return False
+            started, limit, name = action.started_at, action.timeout_seconds, action.name
+        if started is None:
+            return False
+        remaining = (started + timedelta(seconds=limit) - self.now()).total_seconds()
+        if remaining > 0:
+            self._send([Job("timeout", name, TIMEOUT, [action_id], countdown=remaining,
+                            display_args=[action_id])])  # fmt: skip
+            return False
+        self.complete(action_id, ActionStatus.TIMED_OUT.value)
+        return True
+
+    def complete_job(self, action_id: int | None, status: str) -> None:
+        """``stepped.complete``: the message of ``complete_later``."""
+        if action_id is not None:
+            self.complete(action_id, status)
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def run_job(self, job: Job) -> bool:
+        """Perform a job in this process (capture and eager modes)."""
+        if job.task == START:
+            self.start(StartCall.from_message(job.message[0]), root=job.message[0]["link"] is None)
+        elif job.task == RESUME:
+            self.resume(int(job.message[0]))
+        elif job.task == ADVANCE:
+            self._drain([int(job.message[0])])
+        elif job.task == WAIT:
+            self.finish_wait(int(job.message[0]))
+        elif job.task == TIMEOUT:
+            return self.fire_timeout(int(job.message[0]))
+        elif job.task == COMPLETE:
+            self.complete_job(job.message[0], job.message[1])
+        elif job.kind == "job":
+            return self.stepped.run_user_job(job)
+        return True
+
+    # -- exceptions ----------------------------------------------------------------------
+
+    def _report_or_raise(
+        self, exc: BaseException, action_id: int | None, index: int | None, block: str
+    ) -> None:
+        if not self.stepped.report_exception(exc, action_id=action_id, step_index=index,
+                                             block=block):  # fmt: skip
+            raise exc
+
+
+def _tenancy(call: StartCall) -> str:
+    return f"{call.actor[0]}/{call.actor[1]}/{call.name}"

@@ -1,0 +1,37 @@
+"""Signals sent by celery_stepped (Celery's ``Signal`` class: a failing receiver is logged).
+
+Connect with ``signals.action_completed.connect(receiver)``; every signal's sender is
+the :class:`~celery_stepped.Stepped` instance.
+
+- ``action_started(action_id, name)``: an action went from pending to performing.
+- ``action_completed(action_id, status)``: an action reached a final status (after
+  its after callbacks ran).
+- ``step_started(action_id, index)``: a step body committed.
+- ``step_completed(step_id, status)``: a step closed, exactly once per step.
+- ``exception_handled(exception, action_id, step_index, block)``: an exception of a
+  handled class was turned into failure; ``block`` is ``step``, ``before``, ``keys``,
+  ``lane`` or ``after_<status>``.
+"""
+
+from __future__ import annotations
+
+from celery.utils.dispatch import Signal
+
+__all__ = [
+    "action_completed",
+    "action_started",
+    "exception_handled",
+    "step_completed",
+    "step_started",
+]
+
+action_started = Signal(name="stepped.action_started", providing_args={"action_id", "name"})
+action_completed = Signal(
+    name="stepped.action_completed", providing_args={"action_id", "status"}
+)
+step_started = Signal(name="stepped.step_started", providing_args={"action_id", "index"})
+step_completed = Signal(name="stepped.step_completed", providing_args={"step_id", "status"})
+exception_handled = Signal(
+    name="stepped.exception_handled",
+    providing_args={"exception", "action_id", "step_index", "block"},
+)
