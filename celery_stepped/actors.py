@@ -34,7 +34,7 @@ class ActorType:
 
 def _mapper_of(cls: type) -> Mapper[Any] | None:
     try:
-        mapper = sa_inspect(cls, raiseerr=False)
+        mapper: Any = sa_inspect(cls, raiseerr=False)
     except NoInspectionAvailable:
         return None
     return mapper if isinstance(mapper, Mapper) else None
@@ -128,8 +128,7 @@ class ActorRegistry:
         matches = [
             c
             for c in _all_mapped_classes()
-            if c.__name__ == type_name
-            and not any(k in self._by_class for k in c.__mro__ if k is c)
+            if c.__name__ == type_name and not any(k in self._by_class for k in c.__mro__ if k is c)
         ]
         if not matches:
             raise ActorNotFound(f"no mapped or registered actor type named {type_name!r}")
@@ -202,9 +201,7 @@ class ActorRegistry:
             return out
         if self.is_actor(value):
             return {REF: list(self.identify(value))}
-        raise TypeError(
-            f"{path}: {type(value).__name__} is not JSON-serialisable and not an actor"
-        )
+        raise TypeError(f"{path}: {type(value).__name__} is not JSON-serialisable and not an actor")
 
     def load(self, value: Any, session: Session | None = None) -> Any:
         """Inverse of :meth:`dump`: actor references become loaded actors."""

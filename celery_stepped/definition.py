@@ -59,7 +59,7 @@ def _first_param_class(fn: Callable[..., Any], skip_step: bool) -> type | None:
     return annotation if isinstance(annotation, type) else None
 
 
-class SteppedSignature(Signature):  # type: ignore[misc]
+class SteppedSignature(Signature):
     """A Celery signature of a stepped action: ``drive.s(car, 5).later()``."""
 
     def later(self, **options: Any) -> AsyncResult:
@@ -73,7 +73,7 @@ class SteppedSignature(Signature):  # type: ignore[misc]
         return action.now(*self.args)
 
 
-class SteppedAction(Task, Generic[P]):  # type: ignore[misc]
+class SteppedAction(Task, Generic[P]):
     """An action definition; also a Celery task whose call starts the action.
 
     Built by ``app.stepped_action`` (``Stepped.action``). Attach parts with the
@@ -194,9 +194,7 @@ class SteppedAction(Task, Generic[P]):  # type: ignore[misc]
         names = [str(s) for s in statuses] or list(COMPLETION_STATUSES)
         for name in names:
             if name not in COMPLETION_STATUSES:
-                raise ValueError(
-                    f"after() takes {', '.join(COMPLETION_STATUSES)}; got {name!r}"
-                )
+                raise ValueError(f"after() takes {', '.join(COMPLETION_STATUSES)}; got {name!r}")
 
         def attach(fn: StepFn) -> StepFn:
             for name in names:
@@ -272,7 +270,7 @@ class SteppedAction(Task, Generic[P]):  # type: ignore[misc]
         if isinstance(actor, dict):
             actor = self.stepped.actors.load(actor)
             args = tuple(self.stepped.actors.load(list(args)))
-        action = self.now(actor, *args)
+        action = self.stepped.runtime.start_now(self.action_name, actor, list(args))
         return action.id
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:

@@ -183,9 +183,15 @@ class Stepped:
     ) -> Any:
         """Define an action (``app.stepped_action``): bare decorator, decorator factory,
         or ``app.stepped_action("name", actor=Car)`` returning the definition."""
-        options = dict(outbound=outbound, timeout=timeout, job=job,
-                       concurrency_key=concurrency_key, checksum=checksum,
-                       checksum_key=checksum_key, queue=queue)  # fmt: skip
+        options = dict(
+            outbound=outbound,
+            timeout=timeout,
+            job=job,
+            concurrency_key=concurrency_key,
+            checksum=checksum,
+            checksum_key=checksum_key,
+            queue=queue,
+        )
         if callable(name_or_fn) and not isinstance(name_or_fn, str):
             return self._define_function(name_or_fn, None, actor, options)
         if isinstance(name_or_fn, str) and (actor is not None or _any_option(options)):
@@ -199,9 +205,12 @@ class Stepped:
         return decorate
 
     def _define_function(
-        self, fn: Callable[..., Any], name: str | None, actor: type | None,
+        self,
+        fn: Callable[..., Any],
+        name: str | None,
+        actor: type | None,
         options: dict[str, Any],
-    ) -> SteppedAction[Any]:  # fmt: skip
+    ) -> SteppedAction[Any]:
         definition = self._define(name or fn.__name__, actor or actor_class_of(fn), options)
         definition.step(function_step(fn))
         definition.__doc__ = fn.__doc__
@@ -220,9 +229,7 @@ class Stepped:
                 self.registry.add(definition)
         return definition
 
-    def _define(
-        self, name: str, actor: type | None, options: dict[str, Any]
-    ) -> SteppedAction[Any]:
+    def _define(self, name: str, actor: type | None, options: dict[str, Any]) -> SteppedAction[Any]:
         job = options.get("job")
         if job is not None and not hasattr(job, "apply_async"):
             raise TypeError("job= takes a Celery task")
@@ -307,11 +314,16 @@ class Stepped:
         with self.session_factory() as session:
             return session.scalar(
                 select(Action)
-                .where(Action.actor_type == type_name, Action.actor_id == identity,
-                       Action.name == name, Action.outbound.is_(True),
-                       Action.status == ActionStatus.PERFORMING.value)
-                .order_by(Action.id.desc()).limit(1)
-            )  # fmt: skip
+                .where(
+                    Action.actor_type == type_name,
+                    Action.actor_id == identity,
+                    Action.name == name,
+                    Action.outbound.is_(True),
+                    Action.status == ActionStatus.PERFORMING.value,
+                )
+                .order_by(Action.id.desc())
+                .limit(1)
+            )
 
     def complete_outbound(self, actor: Any, name: str, status: str = "succeeded") -> Action | None:
         """Complete the performing outbound action ``name`` on ``actor`` (or None)."""
@@ -327,8 +339,14 @@ class Stepped:
         action = self._performing_outbound(actor, name)
         if action is None:
             return None
-        job = Job("complete", name, COMPLETE, [action.id, status], display_args=[status],
-                  actor=[action.actor_type, action.actor_id])  # fmt: skip
+        job = Job(
+            "complete",
+            name,
+            COMPLETE,
+            [action.id, status],
+            display_args=[status],
+            actor=[action.actor_type, action.actor_id],
+        )
         return self.dispatcher.send_one(job)
 
     # -- exceptions ---------------------------------------------------------------------------
@@ -339,9 +357,13 @@ class Stepped:
             return False
         logger.error(
             "stepped handled %s in %s (action %s, step %s): %s",
-            type(exc).__name__, context.get("block"), context.get("action_id"),
-            context.get("step_index"), exc, exc_info=exc,
-        )  # fmt: skip
+            type(exc).__name__,
+            context.get("block"),
+            context.get("action_id"),
+            context.get("step_index"),
+            exc,
+            exc_info=exc,
+        )
         signals.exception_handled.send(sender=self, exception=exc, **context)
         return True
 

@@ -65,7 +65,9 @@ class Lanes:
 
     def join(self, key: str, action_id: int, checksum: str | None, ancestry: str) -> JoinResult:
         """Join ``key``'s lane atomically (idempotent for an action already in it)."""
-        reply = [_text(v) for v in self._join(self._keys(key), [action_id, checksum or "", ancestry])]
+        reply = [
+            _text(v) for v in self._join(self._keys(key), [action_id, checksum or "", ancestry])
+        ]
         if reply[0] == "deadlock":
             return JoinResult("deadlock", current_id=int(reply[1]))
         return JoinResult(reply[0], superseded=[int(v) for v in reply[1:]])

@@ -14,11 +14,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from uuid import uuid4
 
 from celery.result import AsyncResult
 from sqlalchemy import delete, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +37,12 @@ __all__ = ["Runtime", "StepContext"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 OPEN = (PENDING, PERFORMING)
+
+
+def _changed(session: Session, statement: Any) -> int:
+    """Execute an UPDATE/DELETE and return how many rows it changed."""
+    result = cast(CursorResult[Any], session.execute(statement))
+    return int(result.rowcount)
 
 
 def checksum_digest(value: Any) -> str:
@@ -130,13 +137,25 @@ class StartCall:
     request: str | None = None
 
     def message(self) -> list[Any]:
-        return [{"actor": self.actor, "name": self.name, "args": self.args,
-                 "link": self.link, "request": self.request}]  # fmt: skip
+        return [
+            {
+                "actor": self.actor,
+                "name": self.name,
+                "args": self.args,
+                "link": self.link,
+                "request": self.request,
+            }
+        ]
 
     @classmethod
     def from_message(cls, payload: dict[str, Any]) -> StartCall:
-        return cls(payload["actor"], payload["name"], list(payload.get("args") or []),
-                   payload.get("link"), payload.get("request"))  # fmt: skip
+        return cls(
+            payload["actor"],
+            payload["name"],
+            list(payload.get("args") or []),
+            payload.get("link"),
+            payload.get("request"),
+        )
 
 
 class _ShortCircuit(Exception):
@@ -197,9 +216,16 @@ class Runtime:
         call = self._root_call(name, actor, args)
         call.request = str(uuid4())
         definition = self.definition_for(call.actor[0], name)
-        job = Job("action", name, START, call.message(), display_args=call.args,
-                  actor=call.actor, queue=definition.resolved("action_queue"),
-                  task_id=call.request)  # fmt: skip
+        job = Job(
+            "action",
+            name,
+            START,
+            call.message(),
+            display_args=call.args,
+            actor=call.actor,
+            queue=definition.resolved("action_queue"),
+            task_id=call.request,
+        )
         return self.stepped.dispatcher.send_one(job)
 
     def _root_call(self, name: str, actor: Any, args: list[Any]) -> StartCall:
@@ -253,8 +279,11 @@ class Runtime:
             if action is None:
                 return
             status, key, checksum, ancestry = (
-                action.status, action.concurrency_key, action.checksum, action.ancestry,
-            )  # fmt: skip
+                action.status,
+                action.concurrency_key,
+                action.checksum,
+                action.ancestry,
+            )
         if status == PENDING:
             result = self.stepped.lanes.join(key, action_id, checksum, ancestry)
             if result.outcome == "perform":
@@ -268,10 +297,16 @@ class Runtime:
         self, definition: SteppedAction[Any], call: StartCall, root: bool, status: str
     ) -> Action:
         action = Action(
-            name=call.name, actor_type=call.actor[0], actor_id=call.actor[1],
-            arguments=call.args, status=status, root=root, outbound=definition.outbound,
-            concurrency_key=_tenancy(call), checksum_key=_tenancy(call),
-        )  # fmt: skip
+            name=call.name,
+            actor_type=call.actor[0],
+            actor_id=call.actor[1],
+            arguments=call.args,
+            status=status,
+            root=root,
+            outbound=definition.outbound,
+            concurrency_key=_tenancy(call),
+            checksum_key=_tenancy(call),
+        )
         action._stepped = self.stepped
         if ActionStatus(status).is_final:
             action.completed_at = self.now()
@@ -340,21 +375,29 @@ class Runtime:
         if current is None or checksum != action.checksum:
             return None
         with self._session() as s:
-            locked = s.execute(
+            locked = _changed(
+                s,
                 update(Action)
-                .where(Action.id == current, Action.status == PERFORMING,
-                       Action.checksum == action.checksum)
-                .values(updated_at=self.now())
-            ).rowcount  # fmt: skip
+                .where(
+                    Action.id == current,
+                    Action.status == PERFORMING,
+                    Action.checksum == action.checksum,
+                )
+                .values(updated_at=self.now()),
+            )
             if not locked:
                 return None
             if call.link is not None:
-                claimed = s.execute(
+                claimed = _changed(
+                    s,
                     update(ParentLink)
-                    .where(ParentLink.id == call.link, ParentLink.action_id.is_(None),
-                           ParentLink.state == "waiting")
-                    .values(action_id=current)
-                ).rowcount  # fmt: skip
+                    .where(
+                        ParentLink.id == call.link,
+                        ParentLink.action_id.is_(None),
+                        ParentLink.state == "waiting",
+                    )
+                    .values(action_id=current),
+                )
                 if not claimed:
                     s.rollback()
                     return self._detached(self._existing_for(call) or -1)
@@ -380,12 +423,16 @@ class Runtime:
                 s.rollback()
                 return None
             if call.link is not None:
-                claimed = s.execute(
+                claimed = _changed(
+                    s,
                     update(ParentLink)
-                    .where(ParentLink.id == call.link, ParentLink.action_id.is_(None),
-                           ParentLink.state == "waiting")
-                    .values(action_id=action.id)
-                ).rowcount  # fmt: skip
+                    .where(
+                        ParentLink.id == call.link,
+                        ParentLink.action_id.is_(None),
+                        ParentLink.state == "waiting",
+                    )
+                    .values(action_id=action.id),
+                )
                 if not claimed:
                     s.rollback()
                     return None
@@ -441,11 +488,12 @@ class Runtime:
         superseded: list[int] = []
         with self._session() as s:
             for old in old_ids:
-                done = s.execute(
+                done = _changed(
+                    s,
                     update(Action)
                     .where(Action.id == old, Action.status == PENDING)
-                    .values(status=ActionStatus.SUPERSEDED.value, completed_at=self.now())
-                ).rowcount
+                    .values(status=ActionStatus.SUPERSEDED.value, completed_at=self.now()),
+                )
                 if done:
                     superseded.append(old)
                     zeros.extend(self._transfer_links(s, old, newcomer_id))
@@ -466,11 +514,12 @@ class Runtime:
             select(ParentLink).where(ParentLink.action_id == old, ParentLink.state == "waiting")
         ).all()
         for link in links:
-            moved = s.execute(
+            moved = _changed(
+                s,
                 update(ParentLink)
                 .where(ParentLink.id == link.id, ParentLink.state == "waiting")
-                .values(state="transferred", outcome=ActionStatus.SUPERSEDED.value)
-            ).rowcount
+                .values(state="transferred", outcome=ActionStatus.SUPERSEDED.value),
+            )
             if not moved:
                 continue
             sibling = s.scalar(
@@ -485,9 +534,17 @@ class Runtime:
                 if zero:
                     zeros.append(zero)
                 continue
-            s.add(ParentLink(step_id=link.step_id, action_id=newcomer, kind="action",
-                             state="waiting", call=link.call, created_at=self.now(),
-                             updated_at=self.now()))  # fmt: skip
+            s.add(
+                ParentLink(
+                    step_id=link.step_id,
+                    action_id=newcomer,
+                    kind="action",
+                    state="waiting",
+                    call=link.call,
+                    created_at=self.now(),
+                    updated_at=self.now(),
+                )
+            )
         return zeros
 
     # -- performing -------------------------------------------------------------------
@@ -500,11 +557,12 @@ class Runtime:
     def begin(self, action_id: int) -> bool:
         """pending -> performing; erase the achievement; schedule the timeout."""
         with self._session() as s:
-            started = s.execute(
+            started = _changed(
+                s,
                 update(Action)
                 .where(Action.id == action_id, Action.status == PENDING)
-                .values(status=PERFORMING, started_at=self.now(), updated_at=self.now())
-            ).rowcount
+                .values(status=PERFORMING, started_at=self.now(), updated_at=self.now()),
+            )
             if not started:
                 return s.scalar(select(Action.status).where(Action.id == action_id)) == PERFORMING
             action = s.get_one(Action, action_id)
@@ -513,8 +571,18 @@ class Runtime:
             s.commit()
         signals.action_started.send(sender=self.stepped, action_id=action_id, name=name)
         if timeout is not None:
-            self._send([Job("timeout", name, TIMEOUT, [action_id], countdown=timeout,
-                            display_args=[action_id])])  # fmt: skip
+            self._send(
+                [
+                    Job(
+                        "timeout",
+                        name,
+                        TIMEOUT,
+                        [action_id],
+                        countdown=timeout,
+                        display_args=[action_id],
+                    )
+                ]
+            )
         return True
 
     def resume(self, action_id: int) -> None:
@@ -539,11 +607,11 @@ class Runtime:
                 definition = self.definition_for(action.actor_type, action.name)
                 bodies = definition.steps_for_run()
                 step = s.scalar(
-                    select(Step).where(Step.action_id == action_id,
-                                       Step.definition_index == index)
-                )  # fmt: skip
-                step_state = None if step is None else (step.id, step.status,
-                                                        step.pending_actions_count)  # fmt: skip
+                    select(Step).where(Step.action_id == action_id, Step.definition_index == index)
+                )
+                step_state = (
+                    None if step is None else (step.id, step.status, step.pending_actions_count)
+                )
                 outbound = action.outbound
             if index >= len(bodies):
                 if outbound:
@@ -581,8 +649,12 @@ class Runtime:
         ``"exists"`` (another delivery already ran it).
         """
         with self._session() as s:
-            step = Step(action_id=action_id, definition_index=index,
-                        status=StepStatus.PERFORMING.value, started_at=self.now())  # fmt: skip
+            step = Step(
+                action_id=action_id,
+                definition_index=index,
+                status=StepStatus.PERFORMING.value,
+                started_at=self.now(),
+            )
             s.add(step)
             try:
                 s.flush()
@@ -613,9 +685,15 @@ class Runtime:
 
     def _failed_step(self, action_id: int, index: int) -> str:
         with self._session() as s:
-            s.add(Step(action_id=action_id, definition_index=index,
-                       status=StepStatus.FAILED.value, started_at=self.now(),
-                       completed_at=self.now()))  # fmt: skip
+            s.add(
+                Step(
+                    action_id=action_id,
+                    definition_index=index,
+                    status=StepStatus.FAILED.value,
+                    started_at=self.now(),
+                    completed_at=self.now(),
+                )
+            )
             try:
                 s.commit()
             except IntegrityError:
@@ -634,12 +712,27 @@ class Runtime:
         links = []
         for intent in context.intents:
             if intent.kind == "job":
-                jobs.append(Job("job", str(action.job), str(action.job), [action.id],
-                                display_args=[action.id]))  # fmt: skip
+                jobs.append(
+                    Job(
+                        "job",
+                        str(action.job),
+                        str(action.job),
+                        [action.id],
+                        display_args=[action.id],
+                    )
+                )
                 continue
             call = intent.call if intent.kind == "action" else {"seconds": intent.seconds}
-            links.append(ParentLink(step_id=step.id, kind=intent.kind, state="waiting",
-                                    call=call, created_at=self.now(), updated_at=self.now()))  # fmt: skip
+            links.append(
+                ParentLink(
+                    step_id=step.id,
+                    kind=intent.kind,
+                    state="waiting",
+                    call=call,
+                    created_at=self.now(),
+                    updated_at=self.now(),
+                )
+            )
         s.add_all(links)
         step.pending_actions_count = len(links)
         if not links:
@@ -653,25 +746,36 @@ class Runtime:
             call = dict(link.call or {})
             if link.kind == "wait":
                 seconds = float(call.get("seconds", 0))
-                header.append(Job("wait", "wait", WAIT, [link.id], countdown=seconds,
-                                  display_args=[seconds]))  # fmt: skip
+                header.append(
+                    Job("wait", "wait", WAIT, [link.id], countdown=seconds, display_args=[seconds])
+                )
                 continue
             start = StartCall(call["actor"], call["name"], call["args"], link.id)
             definition = self.definition_for(start.actor[0], start.name)
-            header.append(Job("action", start.name, START, start.message(),
-                              display_args=start.args, actor=start.actor,
-                              queue=definition.resolved("action_queue")))  # fmt: skip
+            header.append(
+                Job(
+                    "action",
+                    start.name,
+                    START,
+                    start.message(),
+                    display_args=start.args,
+                    actor=start.actor,
+                    queue=definition.resolved("action_queue"),
+                )
+            )
         return StepChord(step_id, header).header
 
     def _redispatch(self, step_id: int) -> None:
         """A redelivered step: resend members that no delivery has claimed yet."""
         with self._session() as s:
             links = s.scalars(
-                select(ParentLink).where(ParentLink.step_id == step_id,
-                                         ParentLink.state == "waiting",
-                                         ParentLink.action_id.is_(None),
-                                         ParentLink.kind == "action")
-            ).all()  # fmt: skip
+                select(ParentLink).where(
+                    ParentLink.step_id == step_id,
+                    ParentLink.state == "waiting",
+                    ParentLink.action_id.is_(None),
+                    ParentLink.kind == "action",
+                )
+            ).all()
             for link in links:
                 s.expunge(link)
         if links and not self.stepped.dispatcher.local:
@@ -695,11 +799,12 @@ class Runtime:
     def _finish_link(self, s: Session, link_id: int, outcome: str, successful: bool) -> int | None:
         """Count one member's outcome, once; the step id if it was the last one."""
         step_id = s.scalar(select(ParentLink.step_id).where(ParentLink.id == link_id))
-        done = s.execute(
+        done = _changed(
+            s,
             update(ParentLink)
             .where(ParentLink.id == link_id, ParentLink.state == "waiting")
-            .values(state="done", outcome=outcome, updated_at=self.now())
-        ).rowcount
+            .values(state="done", outcome=outcome, updated_at=self.now()),
+        )
         if not done or step_id is None:
             return None
         return self._count_member(s, step_id, successful)
@@ -726,12 +831,16 @@ class Runtime:
                 select(Step.unsuccessful_actions_count).where(Step.id == step_id)
             )
             status = StepStatus.FAILED.value if unsuccessful else StepStatus.SUCCEEDED.value
-            closed = s.execute(
+            closed = _changed(
+                s,
                 update(Step)
-                .where(Step.id == step_id, Step.status == StepStatus.PERFORMING.value,
-                       Step.pending_actions_count <= 0)
-                .values(status=status, completed_at=self.now())
-            ).rowcount  # fmt: skip
+                .where(
+                    Step.id == step_id,
+                    Step.status == StepStatus.PERFORMING.value,
+                    Step.pending_actions_count <= 0,
+                )
+                .values(status=status, completed_at=self.now()),
+            )
             s.commit()
         if closed:
             signals.step_completed.send(sender=self.stepped, step_id=step_id, status=status)
@@ -745,11 +854,12 @@ class Runtime:
         Completing an action that is already final re-runs only the idempotent effects.
         """
         with self._session() as s:
-            done = s.execute(
+            done = _changed(
+                s,
                 update(Action)
                 .where(Action.id == action_id, Action.status.in_(OPEN))
-                .values(status=status, completed_at=self.now(), updated_at=self.now())
-            ).rowcount
+                .values(status=status, completed_at=self.now(), updated_at=self.now()),
+            )
             s.commit()
         if not done:
             return False, self.completion_effects(action_id)
@@ -792,10 +902,12 @@ class Runtime:
         session = s or self._session()
         try:
             session.execute(
-                update(Action).where(Action.id == action_id)
-                .values(after_callbacks_succeeded_count=succeeded,
-                        after_callbacks_failed_count=failed)
-            )  # fmt: skip
+                update(Action)
+                .where(Action.id == action_id)
+                .values(
+                    after_callbacks_succeeded_count=succeeded, after_callbacks_failed_count=failed
+                )
+            )
             if own:
                 session.commit()
         finally:
@@ -803,14 +915,14 @@ class Runtime:
                 session.close()
 
     def _achieve(self, s: Session, checksum_key: str, checksum: str) -> None:
-        updated = s.execute(
+        updated = _changed(
+            s,
             update(Achievement)
             .where(Achievement.checksum_key == checksum_key)
-            .values(checksum=checksum, created_at=self.now())
-        ).rowcount
+            .values(checksum=checksum, created_at=self.now()),
+        )
         if not updated:
-            s.add(Achievement(checksum_key=checksum_key, checksum=checksum,
-                              created_at=self.now()))  # fmt: skip
+            s.add(Achievement(checksum_key=checksum_key, checksum=checksum, created_at=self.now()))
 
     def completion_effects(self, action_id: int) -> list[int]:
         """Report a final action to its waiting parents and move its lane on (idempotent)."""
@@ -824,9 +936,10 @@ class Runtime:
             )
             status, key = action.status, action.concurrency_key
             link_ids = s.scalars(
-                select(ParentLink.id).where(ParentLink.action_id == action_id,
-                                            ParentLink.state == "waiting")
-            ).all()  # fmt: skip
+                select(ParentLink.id).where(
+                    ParentLink.action_id == action_id, ParentLink.state == "waiting"
+                )
+            ).all()
             zeros = [self._finish_link(s, link_id, status, successful) for link_id in link_ids]
             s.commit()
         if status != ActionStatus.SUPERSEDED.value:
@@ -842,12 +955,23 @@ class Runtime:
             return
         with self._session() as s:
             row = s.execute(
-                select(Action.name, Action.status, Action.arguments, Action.actor_type,
-                       Action.actor_id).where(Action.id == other)
-            ).first()  # fmt: skip
+                select(
+                    Action.name, Action.status, Action.arguments, Action.actor_type, Action.actor_id
+                ).where(Action.id == other)
+            ).first()
         if row is not None and row.status == PENDING:
-            self._send([Job("action", row.name, RESUME, [other], display_args=row.arguments,
-                            actor=[row.actor_type, row.actor_id])])  # fmt: skip
+            self._send(
+                [
+                    Job(
+                        "action",
+                        row.name,
+                        RESUME,
+                        [other],
+                        display_args=row.arguments,
+                        actor=[row.actor_type, row.actor_id],
+                    )
+                ]
+            )
 
     # -- outside events --------------------------------------------------------------------
 
@@ -870,8 +994,18 @@ class Runtime:
             return False
         remaining = (started + timedelta(seconds=limit) - self.now()).total_seconds()
         if remaining > 0:
-            self._send([Job("timeout", name, TIMEOUT, [action_id], countdown=remaining,
-                            display_args=[action_id])])  # fmt: skip
+            self._send(
+                [
+                    Job(
+                        "timeout",
+                        name,
+                        TIMEOUT,
+                        [action_id],
+                        countdown=remaining,
+                        display_args=[action_id],
+                    )
+                ]
+            )
             return False
         self.complete(action_id, ActionStatus.TIMED_OUT.value)
         return True
@@ -906,8 +1040,9 @@ class Runtime:
     def _report_or_raise(
         self, exc: BaseException, action_id: int | None, index: int | None, block: str
     ) -> None:
-        if not self.stepped.report_exception(exc, action_id=action_id, step_index=index,
-                                             block=block):  # fmt: skip
+        if not self.stepped.report_exception(
+            exc, action_id=action_id, step_index=index, block=block
+        ):
             raise exc
 
 

@@ -71,10 +71,9 @@ class JobQueue:
     def enqueued(self) -> list[EnqueuedJob]:
         """The jobs still pending, oldest first."""
         return [
-            EnqueuedJob(j.kind, j.name, list(j.display_args),
-                        tuple(j.actor) if j.actor else None)  # type: ignore[arg-type]
+            EnqueuedJob(j.kind, j.name, list(j.display_args), tuple(j.actor) if j.actor else None)  # type: ignore[arg-type]
             for j in self._jobs
-        ]  # fmt: skip
+        ]
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -220,17 +219,39 @@ def run_user_job(stepped: Stepped, job: Job) -> bool:
     task = stepped.app.tasks[job.task]
     tracer = build_tracer(task.name, task, eager=True, propagate=True, app=stepped.app)
     request = {
-        "id": job.task_id, "retries": job.retries, "is_eager": True, "logfile": None,
-        "loglevel": 0, "hostname": socket.gethostname(), "callbacks": None, "errbacks": None,
-        "headers": None, "ignore_result": False, "args": job.message, "kwargs": {},
-        "delivery_info": {"is_eager": True, "exchange": None, "routing_key": None,
-                          "priority": None},
-    }  # fmt: skip
+        "id": job.task_id,
+        "retries": job.retries,
+        "is_eager": True,
+        "logfile": None,
+        "loglevel": 0,
+        "hostname": socket.gethostname(),
+        "callbacks": None,
+        "errbacks": None,
+        "headers": None,
+        "ignore_result": False,
+        "args": job.message,
+        "kwargs": {},
+        "delivery_info": {
+            "is_eager": True,
+            "exchange": None,
+            "routing_key": None,
+            "priority": None,
+        },
+    }
     result = tracer(job.task_id, job.message, {}, request)
     retval = result.retval
     exception = getattr(retval, "exception", retval)
     if isinstance(exception, Retry):
-        again = Job(job.kind, job.name, job.task, job.message, job.countdown,
-                    job.display_args, job.actor, job.queue, retries=job.retries + 1)  # fmt: skip
+        again = Job(
+            job.kind,
+            job.name,
+            job.task,
+            job.message,
+            job.countdown,
+            job.display_args,
+            job.actor,
+            job.queue,
+            retries=job.retries + 1,
+        )
         stepped.dispatcher.send([again])
     return True

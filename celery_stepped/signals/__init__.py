@@ -26,9 +26,7 @@ __all__ = [
 ]
 
 action_started = Signal(name="stepped.action_started", providing_args={"action_id", "name"})
-action_completed = Signal(
-    name="stepped.action_completed", providing_args={"action_id", "status"}
-)
+action_completed = Signal(name="stepped.action_completed", providing_args={"action_id", "status"})
 step_started = Signal(name="stepped.step_started", providing_args={"action_id", "index"})
 step_completed = Signal(name="stepped.step_completed", providing_args={"step_id", "status"})
 exception_handled = Signal(
