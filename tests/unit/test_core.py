@@ -210,7 +210,7 @@ def test_definitions_follow_the_mro_and_can_be_replaced(stepped: Stepped) -> Non
     assert load_car(stepped, sports.id).log == "plain polish;"
 
     @app.stepped_action
-    def polish(car: SportsCar) -> None:  # noqa: F811 - a definition for the subclass
+    def polish(car: SportsCar) -> None:
         car.note("sports polish")
 
     polish.now(sports)
@@ -219,7 +219,7 @@ def test_definitions_follow_the_mro_and_can_be_replaced(stepped: Stepped) -> Non
     assert load_car(stepped, plain.id).log == "plain polish;"
 
     @app.stepped_action
-    def polish(car: Car) -> None:  # noqa: F811 - replaces the Car definition
+    def polish(car: Car) -> None:
         car.note("new polish")
 
     polish.now(plain)
@@ -491,9 +491,8 @@ def test_step_changes_commit_with_step_and_roll_back_on_error(stepped: Stepped, 
     assert made == 1  # only the successful run's row
 
     third_car = make_car(stepped)
-    with handle_stepped_action_exceptions(stepped, only=(KeyError,)):
-        with pytest.raises(RuntimeError):
-            risky.now(third_car, True)
+    with handle_stepped_action_exceptions(stepped, only=(KeyError,)), pytest.raises(RuntimeError):
+        risky.now(third_car, True)
     assert load_car(stepped, third_car.id).log == "first;"
 
 
