@@ -127,7 +127,7 @@ class Action(Base):
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
 
     steps: Mapped[list[Step]] = relationship(
-        back_populates="action", order_by="Step.definition_index", lazy="selectin"
+        back_populates="action", order_by="Step.definition_index"
     )
     parent_steps: Mapped[list[Step]] = relationship(
         secondary="stepped_parent_links",
