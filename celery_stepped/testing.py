@@ -238,10 +238,9 @@ def run_user_job(stepped: Stepped, job: Job) -> bool:
             "priority": None,
         },
     }
-    result = tracer(job.task_id, job.message, {}, request)
-    retval = result.retval
-    exception = getattr(retval, "exception", retval)
-    if isinstance(exception, Retry):
+    try:
+        tracer(job.task_id, job.message, {}, request)
+    except Retry:
         again = Job(
             job.kind,
             job.name,
