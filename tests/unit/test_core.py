@@ -49,7 +49,7 @@ def define_basics(app: Celery) -> dict[str, SteppedAction[Any]]:
     return {"drive": drive, "honk": honk}
 
 
-# -- configuration ------------------------------------------------------------------------
+# -- configuration --
 
 
 def test_missing_database_names_the_setting(redis_base: str) -> None:
@@ -129,7 +129,7 @@ def test_migrations_create_the_tables(stepped: Stepped, car: Car) -> None:
     assert relevant == []
 
 
-# -- defining -------------------------------------------------------------------------------
+# -- defining --
 
 
 def test_function_form_reads_name_and_actor(stepped: Stepped, car: Car) -> None:
@@ -271,7 +271,7 @@ def test_after_rejects_unknown_statuses(stepped: Stepped) -> None:
     assert honk.after_callbacks("timed_out") == [everything]
 
 
-# -- actors and arguments ------------------------------------------------------------------------
+# -- actors and arguments --
 
 
 class Robot:
@@ -347,7 +347,7 @@ def test_action_actor_loads_the_actor(stepped: Stepped, car: Car) -> None:
     assert action.actor.mileage == 3
 
 
-# -- running ---------------------------------------------------------------------------------------
+# -- running --
 
 
 def test_later_returns_async_result_and_signature_later(stepped: Stepped, car: Car) -> None:
@@ -608,7 +608,7 @@ def test_failure_travels_from_grandchild_to_root(stepped: Stepped, car: Car) -> 
     assert load_car(stepped, car.id).log == ""
 
 
-# -- after callbacks -------------------------------------------------------------------------------
+# -- after callbacks --
 
 
 def test_after_callbacks_run_per_status_and_count(stepped: Stepped, car: Car) -> None:

@@ -49,7 +49,7 @@ def define_outbound(stepped: Stepped, **options: Any) -> tuple[Any, Any]:
     return charge, checkout
 
 
-# -- outbound -------------------------------------------------------------------------------
+# -- outbound --
 
 
 def test_outbound_stays_performing_until_completed(stepped: Stepped, car: Car) -> None:
@@ -172,7 +172,7 @@ def define_tow(stepped: Stepped, retries_first: int = 0) -> tuple[Any, Any, list
 
 
 def test_job_backed_action_runs_its_task(stepped: Stepped, car: Car) -> None:
-    tow, tow_task, calls = define_tow(stepped)
+    tow, _tow_task, calls = define_tow(stepped)
     assert tow.outbound
     with stepped.capture() as jobs:
         action = tow.now(car, "garage")
@@ -202,7 +202,7 @@ def test_job_retry_keeps_action_performing(stepped: Stepped, car: Car) -> None:
     assert stepped.get_action(action.id).status == "succeeded"
 
 
-# -- waits --------------------------------------------------------------------------------------
+# -- waits --
 
 
 def test_wait_blocks_the_step_until_performed(stepped: Stepped, car: Car) -> None:
@@ -231,12 +231,12 @@ def test_wait_blocks_the_step_until_performed(stepped: Stepped, car: Car) -> Non
         StepContext(stepped, session, done, car).wait(-1)
 
 
-# -- timeouts ----------------------------------------------------------------------------------------
+# -- timeouts --
 
 
 @pytest.mark.parametrize("timeout", [5, 5.0, timedelta(seconds=5), lambda car: 5])
 def test_timeout_fires_only_after_the_deadline(stepped: Stepped, car: Car, timeout: Any) -> None:
-    charge, checkout = define_outbound(stepped, timeout=timeout)
+    _charge, checkout = define_outbound(stepped, timeout=timeout)
     real_clock = stepped.clock
     with stepped.capture() as jobs:
         root = checkout.now(car)
@@ -267,7 +267,7 @@ def test_completed_action_ignores_its_timeout(stepped: Stepped, car: Car) -> Non
 
 
 def test_timeouts_propagate_up_a_tree(stepped: Stepped, car: Car) -> None:
-    charge, checkout = define_outbound(stepped, timeout=timedelta(seconds=1))
+    _charge, checkout = define_outbound(stepped, timeout=timedelta(seconds=1))
     top = stepped.app.stepped_action("top", actor=Car)
 
     @top.step
@@ -284,7 +284,7 @@ def test_timeouts_propagate_up_a_tree(stepped: Stepped, car: Car) -> None:
     assert stepped.get_action(root.id).status == "failed"
 
 
-# -- exceptions and redelivery ------------------------------------------------------------------------
+# -- exceptions and redelivery --
 
 
 def test_unhandled_step_error_propagates_and_redelivery_does_not_double(
