@@ -12,6 +12,9 @@ PREFIX = "stepped"
 LANE_STATE = PREFIX + ":{{{key}}}:state"
 #: Sorted set of one lane's pending action ids, scored by the lane's sequence (FIFO).
 LANE_PENDING = PREFIX + ":{{{key}}}:pending"
+#: Lock of one lane (a redis-py ``Lock``: random token, expiry), held by a join while
+#: it supersedes the lane's pending actions in SQL and then removes them in Redis.
+LANE_LOCK = PREFIX + ":{{{key}}}:lock"
 #: SCAN pattern matching every lane's state hash.
 LANE_STATE_PATTERN = PREFIX + ":{*}:state"
 
@@ -24,6 +27,11 @@ def lane_state(key: str) -> str:
 def lane_pending(key: str) -> str:
     """Key of the lane's pending sorted set."""
     return LANE_PENDING.format(key=key)
+
+
+def lane_lock(key: str) -> str:
+    """Key of the lane's lock."""
+    return LANE_LOCK.format(key=key)
 
 
 def lane_key_from_state(redis_key: str) -> str:

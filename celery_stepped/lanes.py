@@ -3,19 +3,39 @@
 A lane is a Redis hash (current action, its checksum, a sequence) and a sorted set of
 pending action ids scored by that sequence. Every transition is one Lua script call,
 so it is atomic across any number of workers.
+
+Joining a lane that already holds a pending action spans Redis and SQL: the older
+pending actions must become ``superseded`` in SQL (their parent steps moved to the
+newcomer) and leave the sorted set. :meth:`Lanes.enter` does the SQL part first and
+then removes them with a compare-and-set script, so a crash in between never loses a
+superseded action (it stays in Redis, already superseded, until a join removes it or
+the lane promotes and releases it). A Redis lock per lane (random token, expiry)
+serialises these joins so they do not retry against each other; correctness does
+not depend on the lock, only throughput does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from . import keys
 
 __all__ = ["JoinResult", "Lane", "Lanes"]
+
+#: Seconds a lane lock lives unless released (a crashed holder frees it by expiry).
+LOCK_TIMEOUT = 30.0
+#: Seconds a join waits for a lane lock before it goes on without it.
+LOCK_WAIT = 30.0
+#: Seconds between two attempts to take a busy lane lock.
+LOCK_POLL = 0.002
 
 
 def _load_script(name: str) -> str:
@@ -39,9 +59,10 @@ class Lane:
 class JoinResult:
     """What joining a lane decided.
 
-    ``outcome`` is ``"perform"``, ``"queued"`` or ``"deadlock"``; ``superseded`` lists
-    the pending actions this join superseded; ``current_id`` is the lane's current
-    action for a deadlock.
+    ``outcome`` is ``"perform"``, ``"queued"``, ``"deadlock"`` or (from
+    :meth:`Lanes.join` only) ``"retry"``; ``superseded`` lists the pending actions
+    this join removed from the lane (for ``"retry"``: the pending actions to
+    supersede first); ``current_id`` is the lane's current action for a deadlock.
     """
 
     outcome: str
@@ -63,14 +84,78 @@ class Lanes:
     def _keys(key: str) -> list[str]:
         return [keys.lane_state(key), keys.lane_pending(key)]
 
-    def join(self, key: str, action_id: int, checksum: str | None, ancestry: str) -> JoinResult:
-        """Join ``key``'s lane atomically (idempotent for an action already in it)."""
-        reply = [
-            _text(v) for v in self._join(self._keys(key), [action_id, checksum or "", ancestry])
-        ]
+    def join(
+        self,
+        key: str,
+        action_id: int,
+        checksum: str | None,
+        ancestry: str,
+        superseded: Iterable[int] = (),
+    ) -> JoinResult:
+        """Join ``key``'s lane in one atomic step (idempotent for an action in it).
+
+        Pending actions are removed only when they are among ``superseded`` (already
+        superseded in SQL by the caller); otherwise nothing changes and the outcome
+        is ``"retry"`` with the lane's pending actions.
+        """
+        framed = "," + "".join(f"{i}," for i in superseded)
+        argv: list[Any] = [action_id, checksum or "", ancestry, framed]
+        reply = [_text(v) for v in self._join(self._keys(key), argv)]
         if reply[0] == "deadlock":
             return JoinResult("deadlock", current_id=int(reply[1]))
         return JoinResult(reply[0], superseded=[int(v) for v in reply[1:]])
+
+    def enter(
+        self,
+        key: str,
+        action_id: int,
+        checksum: str | None,
+        ancestry: str,
+        supersede: Callable[[list[int]], None],
+    ) -> JoinResult:
+        """Join ``key``'s lane, calling ``supersede(ids)`` before pending actions leave it.
+
+        ``supersede`` must mark those actions superseded in SQL and move their parent
+        steps to ``action_id`` (idempotently: an id may come again). It runs before
+        the script removes them, under the lane's lock, and again for any pending
+        action a concurrent join added meanwhile. A lane without pending actions
+        costs one script call and no lock.
+        """
+        result = self.join(key, action_id, checksum, ancestry)
+        if result.outcome != "retry":
+            return result
+        done: list[int] = []
+        with self._locked(key):
+            while result.outcome == "retry":
+                fresh = [i for i in result.superseded if i not in done]
+                if fresh:
+                    supersede(fresh)
+                    done.extend(fresh)
+                result = self.join(key, action_id, checksum, ancestry, done)
+        return result
+
+    def lock(self, key: str) -> Lock:
+        """The lock of ``key``'s lane: a random token per holder, expiring on its own."""
+        return self.redis.lock(
+            keys.lane_lock(key),
+            timeout=LOCK_TIMEOUT,
+            sleep=LOCK_POLL,
+            blocking_timeout=LOCK_WAIT,
+            thread_local=False,
+        )
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[bool]:
+        """Hold the lane lock if it can be had in time; go on without it otherwise."""
+        lock = self.lock(key)
+        held = bool(lock.acquire())
+        try:
+            yield held
+        finally:
+            if held:
+                # LockError: it expired (and another join may hold it now): not ours.
+                with suppress(LockError):
+                    lock.release()
 
     def release(self, key: str, action_id: int) -> tuple[str, int | None]:
         """Move the lane on after ``action_id`` completed.
@@ -142,4 +227,4 @@ class Lanes:
     def clear(self) -> None:
         """Delete every lane (tests and repair)."""
         for k in self.keys():
-            self.redis.delete(*self._keys(k))
+            self.redis.delete(*self._keys(k), keys.lane_lock(k))

@@ -278,16 +278,11 @@ class Runtime:
             action = s.get(Action, action_id)
             if action is None:
                 return
-            status, key, checksum, ancestry = (
-                action.status,
-                action.concurrency_key,
-                action.checksum,
-                action.ancestry,
-            )
+            status = action.status
+            s.expunge(action)
+        action._stepped = self.stepped
         if status == PENDING:
-            result = self.stepped.lanes.join(key, action_id, checksum, ancestry)
-            if result.outcome == "perform":
-                self.perform(action_id)
+            self._join(action)
         elif status == PERFORMING:
             self.handoff(self.run_steps(action_id))
         else:
@@ -375,6 +370,8 @@ class Runtime:
         if current is None or checksum != action.checksum:
             return None
         with self._session() as s:
+            if call.link is not None and f",{current}," in self._ancestry(s, call.link):
+                return None  # attaching to an ancestor would wait forever: join, deadlock
             locked = _changed(
                 s,
                 update(Action)
@@ -407,13 +404,7 @@ class Runtime:
     def _create(self, action: Action, call: StartCall) -> Action | None:
         with self._session() as s:
             if call.link is not None:
-                parent = s.execute(
-                    select(Action.id, Action.ancestry)
-                    .join(Step, Step.action_id == Action.id)
-                    .join(ParentLink, ParentLink.step_id == Step.id)
-                    .where(ParentLink.id == call.link)
-                ).one()
-                action.ancestry = f"{parent.ancestry}{parent.id},"
+                action.ancestry = self._ancestry(s, call.link)
             action.request_id = call.request
             action.created_at = action.updated_at = self.now()
             s.add(action)
@@ -441,15 +432,33 @@ class Runtime:
         action._stepped = self.stepped
         return action
 
-    def _join(self, action: Action, definition: SteppedAction[Any]) -> Action:
-        result = self.stepped.lanes.join(
-            action.concurrency_key, action.id, action.checksum, action.ancestry
+    @staticmethod
+    def _ancestry(s: Session, link_id: int) -> str:
+        """Ancestry of a child started through ``link_id``: one query at any depth."""
+        parent = s.execute(
+            select(Action.id, Action.ancestry)
+            .join(Step, Step.action_id == Action.id)
+            .join(ParentLink, ParentLink.step_id == Step.id)
+            .where(ParentLink.id == link_id)
+        ).one()
+        return f"{parent.ancestry}{parent.id},"
+
+    def _join(self, action: Action, definition: SteppedAction[Any] | None = None) -> Action:
+        """Enter the action's lane: perform, wait (superseding older ones) or deadlock.
+
+        Older pending actions are superseded in SQL before they leave the lane in
+        Redis (``Lanes.enter``), so a crash in between loses none of them.
+        """
+        result = self.stepped.lanes.enter(
+            action.concurrency_key,
+            action.id,
+            action.checksum,
+            action.ancestry,
+            lambda old: self.supersede(old, action.id),
         )
         if result.outcome == "deadlock":
             self._deadlock(action, result.current_id)
-        elif result.outcome == "queued":
-            self.supersede(result.superseded, action.id)
-        else:
+        elif result.outcome == "perform":
             self.perform(action.id)
         return action
 
@@ -553,6 +562,8 @@ class Runtime:
         """The lane let this action perform: start it and run its steps."""
         if self.begin(action_id):
             self.handoff(self.run_steps(action_id))
+        else:  # final before it began (superseded at the lane front): move the lane on
+            self.handoff(self.completion_effects(action_id))
 
     def begin(self, action_id: int) -> bool:
         """pending -> performing; erase the achievement; schedule the timeout."""
@@ -737,6 +748,8 @@ class Runtime:
         step.pending_actions_count = len(links)
         if not links:
             step.status, step.completed_at = StepStatus.SUCCEEDED.value, self.now()
+            if action.current_step_index == step.definition_index:
+                action.current_step_index = step.definition_index + 1
         s.flush()
         return links, jobs
 
@@ -860,19 +873,31 @@ class Runtime:
                 .where(Action.id == action_id, Action.status.in_(OPEN))
                 .values(status=status, completed_at=self.now(), updated_at=self.now()),
             )
+            row = s.execute(
+                select(Action.actor_type, Action.name, Action.checksum, Action.checksum_key).where(
+                    Action.id == action_id
+                )
+            ).one()
             s.commit()
         if not done:
             return False, self.completion_effects(action_id)
-        self._after_callbacks(action_id, status)
+        definition = self.definition_for(row.actor_type, row.name)
+        callbacks = definition.after_callbacks(status) if status in COMPLETION_STATUSES else []
+        achieve = status == ActionStatus.SUCCEEDED.value and row.checksum is not None
+        if callbacks or achieve:
+            self._after_callbacks(action_id, status, callbacks, row.checksum_key, row.checksum)
         signals.action_completed.send(sender=self.stepped, action_id=action_id, status=status)
         return True, self.completion_effects(action_id)
 
-    def _after_callbacks(self, action_id: int, status: str) -> None:
-        with self._session() as s:
-            action = s.get_one(Action, action_id)
-            definition = self.definition_for(action.actor_type, action.name)
-            callbacks = definition.after_callbacks(status) if status in COMPLETION_STATUSES else []
-            checksum, checksum_key = action.checksum, action.checksum_key
+    def _after_callbacks(
+        self,
+        action_id: int,
+        status: str,
+        callbacks: list[Callable[..., Any]],
+        checksum_key: str,
+        checksum: str | None,
+    ) -> None:
+        """Run each callback in its own transaction; count them; write the achievement."""
         succeeded = failed = 0
         for callback in callbacks:
             with self._session() as s:
@@ -942,8 +967,9 @@ class Runtime:
             ).all()
             zeros = [self._finish_link(s, link_id, status, successful) for link_id in link_ids]
             s.commit()
-        if status != ActionStatus.SUPERSEDED.value:
-            self.move_lane(key, action_id)
+        # Also when superseded: it may have reached the lane front before its superseder
+        # removed it (superseding writes SQL first), and then it must release the lane.
+        self.move_lane(key, action_id)
         return [z for z in zeros if z]
 
     def move_lane(self, key: str, action_id: int) -> None:
