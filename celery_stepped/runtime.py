@@ -137,6 +137,7 @@ class StartCall:
     request: str | None = None
 
     def message(self) -> list[Any]:
+        """The positional arguments of the ``stepped.start`` message."""
         return [
             {
                 "actor": self.actor,
@@ -149,6 +150,7 @@ class StartCall:
 
     @classmethod
     def from_message(cls, payload: dict[str, Any]) -> StartCall:
+        """Rebuild the call from a ``stepped.start`` payload."""
         return cls(
             payload["actor"],
             payload["name"],
@@ -173,6 +175,7 @@ class Runtime:
 
     @property
     def now(self) -> Callable[[], Any]:
+        """The Stepped clock."""
         return self.stepped.clock
 
     def _session(self) -> Session:
@@ -182,6 +185,7 @@ class Runtime:
         self.stepped.dispatcher.send(jobs)
 
     def definition_for(self, actor_type: str, name: str) -> SteppedAction[Any]:
+        """The definition of ``name`` for the actor type called ``actor_type``."""
         cls = self.stepped.actors.resolve(actor_type).cls
         return self.stepped.registry.find(cls, name)
 
