@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, overloa
 
 import redis as redis_lib
 from celery import Celery
+from celery import signals as celery_signals
 from celery.result import AsyncResult
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine
@@ -132,6 +133,11 @@ class Stepped:
         app.stepped = self
         app.stepped_action = self.action
         Stepped._current = self
+        celery_signals.worker_process_init.connect(self._after_fork, weak=False)
+
+    def _after_fork(self, **_: Any) -> None:
+        """In a fresh pool process: never reuse the parent's database connections."""
+        self.engine.dispose(close=False)
 
     @staticmethod
     def _engine_of(session_factory: Callable[[], Session]) -> Engine:
