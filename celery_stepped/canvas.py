@@ -39,6 +39,9 @@ START, RESUME, ADVANCE, WAIT, TIMEOUT, COMPLETE = (
 )
 
 _inline: contextvars.ContextVar[bool] = contextvars.ContextVar("stepped_inline", default=False)
+_recovering: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "stepped_recovering", default=False
+)
 
 
 @dataclass
@@ -89,13 +92,21 @@ class Dispatcher:
         return _inline.get()
 
     @staticmethod
+    def recovering() -> bool:
+        """True while a redelivered or retried message runs: its first run may have
+        died after committing part of its work, so finished work is followed up again."""
+        return _recovering.get()
+
+    @staticmethod
     @contextmanager
-    def worker_context() -> Iterator[None]:
+    def worker_context(recovering: bool = False) -> Iterator[None]:
         """Mark the code inside as running in a worker: joins advance inline."""
         token = _inline.set(True)
+        again = _recovering.set(recovering)
         try:
             yield
         finally:
+            _recovering.reset(again)
             _inline.reset(token)
 
     @property

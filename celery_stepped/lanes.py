@@ -35,7 +35,7 @@ LOCK_TIMEOUT = 30.0
 #: Seconds a join waits for a lane lock before it goes on without it.
 LOCK_WAIT = 30.0
 #: Seconds between two attempts to take a busy lane lock.
-LOCK_POLL = 0.002
+LOCK_POLL = 0.005
 
 
 def _load_script(name: str) -> str:
@@ -61,8 +61,9 @@ class JoinResult:
 
     ``outcome`` is ``"perform"``, ``"queued"``, ``"deadlock"`` or (from
     :meth:`Lanes.join` only) ``"retry"``; ``superseded`` lists the pending actions
-    this join removed from the lane (for ``"retry"``: the pending actions to
-    supersede first); ``current_id`` is the lane's current action for a deadlock.
+    this join removed from the lane (from :meth:`Lanes.enter`: those it had
+    superseded; for ``"retry"``: the pending actions to supersede first);
+    ``current_id`` is the lane's current action for a deadlock.
     """
 
     outcome: str
@@ -126,13 +127,15 @@ class Lanes:
             return result
         done: list[int] = []
         with self._locked(key):
+            # Look again now that no other join runs: the pending action may have changed.
+            result = self.join(key, action_id, checksum, ancestry)
             while result.outcome == "retry":
                 fresh = [i for i in result.superseded if i not in done]
                 if fresh:
                     supersede(fresh)
                     done.extend(fresh)
                 result = self.join(key, action_id, checksum, ancestry, done)
-        return result
+        return JoinResult(result.outcome, done, result.current_id)
 
     def lock(self, key: str) -> Lock:
         """The lock of ``key``'s lane: a random token per holder, expiring on its own."""

@@ -20,7 +20,7 @@ from uuid import uuid4
 from celery.result import AsyncResult
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from . import signals
@@ -200,6 +200,10 @@ class Runtime:
         else:
             self._send([StepChord(s, []).body for s in ids])
 
+    def _recovering(self) -> bool:
+        """True while a redelivered or retried message runs (see ``Dispatcher``)."""
+        return self.stepped.dispatcher.recovering()
+
     def _drain(self, step_ids: Sequence[int]) -> None:
         queue = deque(step_ids)
         while queue:
@@ -244,6 +248,8 @@ class Runtime:
         existing = self._existing_for(call)
         if existing is not None:
             self._resume_existing(existing)
+            if existing == -1 and call.link is not None:
+                self.handoff(self._follow_link(call.link))
             return self._detached(existing)
         definition = self.definition_for(call.actor[0], call.name)
         try:
@@ -453,13 +459,18 @@ class Runtime:
         Older pending actions are superseded in SQL before they leave the lane in
         Redis (``Lanes.enter``), so a crash in between loses none of them.
         """
+        superseded: list[int] = []
+        zeros: list[int] = []
+
+        def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
+            done, stuck = self._supersede_rows(old_ids, action.id)
+            superseded.extend(done)
+            zeros.extend(stuck)
+
         result = self.stepped.lanes.enter(
-            action.concurrency_key,
-            action.id,
-            action.checksum,
-            action.ancestry,
-            lambda old: self.supersede(old, action.id),
+            action.concurrency_key, action.id, action.checksum, action.ancestry, supersede
         )
+        self._after_supersede(superseded, zeros, action.id)
         if result.outcome == "deadlock":
             self._deadlock(action, result.current_id)
         elif result.outcome == "perform":
@@ -495,10 +506,14 @@ class Runtime:
 
     def supersede(self, old_ids: list[int], newcomer_id: int) -> None:
         """Mark pending actions superseded and move their waiting parents to the newcomer."""
-        if not old_ids:
-            return
+        self._after_supersede(*self._supersede_rows(old_ids, newcomer_id), newcomer_id)
+
+    def _supersede_rows(self, old_ids: list[int], newcomer_id: int) -> tuple[list[int], list[int]]:
+        """Superseding in one SQL transaction; returns (superseded ids, steps at zero)."""
         zeros: list[int] = []
         superseded: list[int] = []
+        if not old_ids:
+            return superseded, zeros
         with self._session() as s:
             for old in old_ids:
                 done = _changed(
@@ -511,6 +526,13 @@ class Runtime:
                     superseded.append(old)
                     zeros.extend(self._transfer_links(s, old, newcomer_id))
             s.commit()
+        return superseded, zeros
+
+    def _after_supersede(self, superseded: list[int], zeros: list[int], newcomer_id: int) -> None:
+        """Signals and follow-ups of superseding (run outside the lane lock)."""
+        if not superseded:
+            self.handoff(zeros)
+            return
         for old in superseded:
             signals.action_completed.send(
                 sender=self.stepped, action_id=old, status=ActionStatus.SUPERSEDED.value
@@ -522,42 +544,52 @@ class Runtime:
         self.handoff(zeros)
 
     def _transfer_links(self, s: Session, old: int, newcomer: int) -> list[int]:
+        """Make ``old``'s waiting parent steps wait on ``newcomer``; a few statements at any count.
+
+        The step that started ``old`` keeps that link as its record (``transferred``) and
+        gains a copy waiting on the newcomer; links already carried over from earlier
+        superseded actions move in place (one statement), so a lane superseded n times
+        with n parents holds O(n) link rows, not a copy of every parent per supersede.
+        A step that already waits on the newcomer gives the old slot up (``released``,
+        counted as done).
+        """
+        now, superseded = self.now(), ActionStatus.SUPERSEDED.value
+        waiting = (ParentLink.action_id == old, ParentLink.state == "waiting")
         zeros = []
-        links = s.scalars(
-            select(ParentLink).where(ParentLink.action_id == old, ParentLink.state == "waiting")
+        on_newcomer = select(ParentLink.step_id).where(
+            ParentLink.action_id == newcomer, ParentLink.state == "waiting"
+        )
+        released = s.execute(
+            select(ParentLink.id, ParentLink.step_id).where(
+                *waiting, ParentLink.step_id.in_(on_newcomer)
+            )
         ).all()
-        for link in links:
-            moved = _changed(
-                s,
-                update(ParentLink)
-                .where(ParentLink.id == link.id, ParentLink.state == "waiting")
-                .values(state="transferred", outcome=ActionStatus.SUPERSEDED.value),
-            )
-            if not moved:
-                continue
-            sibling = s.scalar(
-                select(ParentLink.id).where(
-                    ParentLink.step_id == link.step_id,
-                    ParentLink.action_id == newcomer,
-                    ParentLink.state == "waiting",
-                )
-            )
-            if sibling is not None:
-                zero = self._count_member(s, link.step_id, successful=True)
+        for link_id, step_id in released:
+            if _changed(s, _retire(link_id, "released", superseded, now)):
+                zero = self._count_member(s, step_id, successful=True)
                 if zero:
                     zeros.append(zero)
-                continue
-            s.add(
-                ParentLink(
-                    step_id=link.step_id,
-                    action_id=newcomer,
-                    kind="action",
-                    state="waiting",
-                    call=link.call,
-                    created_at=self.now(),
-                    updated_at=self.now(),
+        ancestry = s.scalar(select(Action.ancestry).where(Action.id == old)) or ","
+        starter = int(ancestry.rstrip(",").rsplit(",", 1)[-1]) if ancestry != "," else None
+        own = s.execute(
+            select(ParentLink.id, ParentLink.step_id, ParentLink.call)
+            .join(Step, Step.id == ParentLink.step_id)
+            .where(*waiting, Step.action_id == starter)
+        ).all()
+        for link_id, step_id, call in own:
+            if _changed(s, _retire(link_id, "transferred", superseded, now)):
+                s.add(
+                    ParentLink(
+                        step_id=step_id,
+                        action_id=newcomer,
+                        kind="action",
+                        state="waiting",
+                        call=call,
+                        created_at=now,
+                        updated_at=now,
+                    )
                 )
-            )
+        s.execute(update(ParentLink).where(*waiting).values(action_id=newcomer, updated_at=now))
         return zeros
 
     # -- performing -------------------------------------------------------------------
@@ -566,7 +598,11 @@ class Runtime:
         """The lane let this action perform: start it and run its steps."""
         if self.begin(action_id):
             self.handoff(self.run_steps(action_id))
-        else:  # final before it began (superseded at the lane front): move the lane on
+            return
+        with self._session() as s:
+            status = s.scalar(select(Action.status).where(Action.id == action_id))
+        if status == ActionStatus.SUPERSEDED.value:
+            # Superseded at the lane front before it could begin: release the lane.
             self.handoff(self.completion_effects(action_id))
 
     def begin(self, action_id: int) -> bool:
@@ -579,7 +615,18 @@ class Runtime:
                 .values(status=PERFORMING, started_at=self.now(), updated_at=self.now()),
             )
             if not started:
-                return s.scalar(select(Action.status).where(Action.id == action_id)) == PERFORMING
+                row = s.execute(
+                    select(Action.status, Action.name, Action.timeout_seconds).where(
+                        Action.id == action_id
+                    )
+                ).first()
+                if row is None or row.status != PERFORMING:
+                    return False
+                if row.timeout_seconds is not None and self._recovering():
+                    # The run that began it may have died before it scheduled the timeout;
+                    # an early check re-schedules itself for the time left.
+                    self._send([Job("timeout", row.name, TIMEOUT, [action_id], countdown=0)])
+                return True
             action = s.get_one(Action, action_id)
             s.execute(delete(Achievement).where(Achievement.checksum_key == action.checksum_key))
             name, timeout = action.name, action.timeout_seconds
@@ -616,8 +663,10 @@ class Runtime:
         while True:
             with self._session() as s:
                 action = s.get(Action, action_id)
-                if action is None or action.status != PERFORMING:
-                    return []
+                status = None if action is None else action.status
+                if action is None or status != PERFORMING:
+                    s.close()
+                    return self._recover_final(action_id, status)
                 index = action.current_step_index
                 definition = self.definition_for(action.actor_type, action.name)
                 bodies = definition.steps_for_run()
@@ -634,7 +683,7 @@ class Runtime:
                 return self.complete_action(action_id, ActionStatus.SUCCEEDED.value)[1]
             if step_state is None:
                 outcome = self.perform_step(action_id, index, bodies[index])
-                if outcome == "waiting":
+                if outcome in ("waiting", "exists"):  # exists: its runner carries on
                     return []
                 continue
             step_id, status, pending = step_state
@@ -648,6 +697,13 @@ class Runtime:
                 return self.complete_action(action_id, ActionStatus.FAILED.value)[1]
             self._bump(action_id, index)
 
+    def _recover_final(self, action_id: int, status: str | None) -> list[int]:
+        """A redelivery found the action final: redo its idempotent completion effects
+        (its first run may have died after completing it, before telling its parents)."""
+        if status is None or status in OPEN or not self._recovering():
+            return []
+        return self.completion_effects(action_id)
+
     def _bump(self, action_id: int, index: int) -> None:
         with self._session() as s:
             s.execute(
@@ -660,15 +716,35 @@ class Runtime:
     def perform_step(self, action_id: int, index: int, body: Callable[..., Any]) -> str:
         """Run one step body in one transaction; send its chord after commit.
 
+        The body runs before Stepped writes anything, so no write lock is held while it
+        runs (SQLite has one per database); its changes, the ``Step`` row and the
+        intents are then written in one short transaction. The row is unique per
+        (action, index): a second delivery that ran the body concurrently rolls its
+        changes back, and one that comes after the commit never runs the body.
+
         Returns ``"waiting"`` (members sent), ``"done"`` (step closed at once) or
         ``"exists"`` (another delivery already ran it).
         """
+        started = self.now()
         with self._session() as s:
+            action = s.get_one(Action, action_id)
+            actor = self.stepped.actors.load_ref(action.actor_type, action.actor_id, s)
+            args = self.stepped.actors.load(action.arguments, s)
+            context = StepContext(self.stepped, s, action, actor)
+            try:
+                body(context, actor, *args)
+                s.flush()  # the body's own writes: a constraint they break is the body's
+            except OperationalError:
+                raise  # the database (locked, deadlock, gone), not the body: run again
+            except Exception as exc:
+                s.rollback()
+                self._report_or_raise(exc, action_id, index, "step")
+                return self._failed_step(action_id, index, started)
             step = Step(
                 action_id=action_id,
                 definition_index=index,
                 status=StepStatus.PERFORMING.value,
-                started_at=self.now(),
+                started_at=started,
             )
             s.add(step)
             try:
@@ -676,16 +752,6 @@ class Runtime:
             except IntegrityError:
                 s.rollback()
                 return "exists"
-            action = s.get_one(Action, action_id)
-            actor = self.stepped.actors.load_ref(action.actor_type, action.actor_id, s)
-            args = self.stepped.actors.load(action.arguments, s)
-            context = StepContext(self.stepped, s, action, actor)
-            try:
-                body(context, actor, *args)
-            except Exception as exc:
-                s.rollback()
-                self._report_or_raise(exc, action_id, index, "step")
-                return self._failed_step(action_id, index)
             links, jobs = self._record_intents(s, step, context)
             s.commit()
             step_id, step_status = step.id, step.status
@@ -698,22 +764,25 @@ class Runtime:
             signals.step_completed.send(sender=self.stepped, step_id=step_id, status=step_status)
         return "done"
 
-    def _failed_step(self, action_id: int, index: int) -> str:
+    def _failed_step(self, action_id: int, index: int, started: Any) -> str:
         with self._session() as s:
-            s.add(
-                Step(
-                    action_id=action_id,
-                    definition_index=index,
-                    status=StepStatus.FAILED.value,
-                    started_at=self.now(),
-                    completed_at=self.now(),
-                )
+            step = Step(
+                action_id=action_id,
+                definition_index=index,
+                status=StepStatus.FAILED.value,
+                started_at=started,
+                completed_at=self.now(),
             )
+            s.add(step)
             try:
                 s.commit()
             except IntegrityError:
                 s.rollback()
                 return "exists"
+            step_id = step.id
+        signals.step_completed.send(
+            sender=self.stepped, step_id=step_id, status=StepStatus.FAILED.value
+        )
         return "done"
 
     def _record_intents(
@@ -831,7 +900,24 @@ class Runtime:
         with self._session() as s:
             zero = self._finish_link(s, link_id, "succeeded", True)
             s.commit()
-        self.handoff([zero] if zero else [])
+        self.handoff([zero] if zero else self._follow_link(link_id))
+
+    def _follow_link(self, link_id: int) -> list[int]:
+        """In a redelivery: the step of an already counted link, if its action performs."""
+        if not self._recovering():
+            return []
+        with self._session() as s:
+            step_id = s.scalar(
+                select(ParentLink.step_id)
+                .join(Step, Step.id == ParentLink.step_id)
+                .join(Action, Action.id == Step.action_id)
+                .where(
+                    ParentLink.id == link_id,
+                    ParentLink.state == "done",
+                    Action.status == PERFORMING,
+                )
+            )
+        return [] if step_id is None else [step_id]
 
     def advance_step(self, step_id: int) -> list[int]:
         """``stepped.advance``: close a step whose members all reported, run what's next."""
@@ -970,11 +1056,35 @@ class Runtime:
                 )
             ).all()
             zeros = [self._finish_link(s, link_id, status, successful) for link_id in link_ids]
+            if self._recovering():
+                zeros.extend(self._open_parent_steps(s, action_id))
             s.commit()
         # Also when superseded: it may have reached the lane front before its superseder
         # removed it (superseding writes SQL first), and then it must release the lane.
         self.move_lane(key, action_id)
-        return [z for z in zeros if z]
+        return list(dict.fromkeys(z for z in zeros if z))
+
+    @staticmethod
+    def _open_parent_steps(s: Session, action_id: int) -> list[int]:
+        """Steps this action already reported to whose action still performs.
+
+        A redelivered message follows them up (``advance_step`` is idempotent): the run
+        that died may have counted the last member and never advanced the step, or died
+        in a later step of the parent that it ran inline.
+        """
+        return list(
+            s.scalars(
+                select(ParentLink.step_id)
+                .join(Step, Step.id == ParentLink.step_id)
+                .join(Action, Action.id == Step.action_id)
+                .where(
+                    ParentLink.action_id == action_id,
+                    ParentLink.state == "done",
+                    Action.status == PERFORMING,
+                )
+                .order_by(ParentLink.step_id)
+            ).all()
+        )
 
     def move_lane(self, key: str, action_id: int) -> None:
         """Release ``action_id``'s place in its lane and start whoever is next."""
@@ -1002,6 +1112,10 @@ class Runtime:
                     )
                 ]
             )
+        elif row is not None and row.status == ActionStatus.SUPERSEDED.value:
+            # At the lane front but superseded (before its superseder removed it from
+            # the lane): it will never run, so release it too.
+            self.move_lane(key, other)
 
     # -- outside events --------------------------------------------------------------------
 
@@ -1018,6 +1132,10 @@ class Runtime:
         with self._session() as s:
             action = s.get(Action, action_id)
             if action is None or action.status != PERFORMING or action.timeout_seconds is None:
+                final = None if action is None else action.status
+                s.close()
+                if final == ActionStatus.TIMED_OUT.value:  # a redelivered timeout
+                    self.handoff(self._recover_final(action_id, final))
                 return False
             started, limit, name = action.started_at, action.timeout_seconds, action.name
         if started is None:
@@ -1074,6 +1192,15 @@ class Runtime:
             exc, action_id=action_id, step_index=index, block=block
         ):
             raise exc
+
+
+def _retire(link_id: int, state: str, outcome: str, now: Any) -> Any:
+    """UPDATE ending a waiting link without counting it (guarded: once)."""
+    return (
+        update(ParentLink)
+        .where(ParentLink.id == link_id, ParentLink.state == "waiting")
+        .values(state=state, outcome=outcome, updated_at=now)
+    )
 
 
 def _tenancy(call: StartCall) -> str:

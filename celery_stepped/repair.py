@@ -1,0 +1,334 @@
+"""Repair: rebuild lanes and in-flight steps from SQL after Redis lost its data.
+
+SQL is the truth (DESIGN.md, "The three stores"). :func:`repair` first rebuilds every
+lane from the open actions: the performing action is the lane's current one, the
+newest pending action its pending one, and older pending actions are superseded as
+the lane would have done (their parent steps move to the newest). It then re-sends
+whatever in-flight work needs a message, because the broker may have lost its
+messages with the same Redis:
+
+- a step whose members all reported but that is still performing: ``stepped.advance``;
+- a waiting parent link no action has claimed: ``stepped.start`` for that link;
+- a waiting timed wait: ``stepped.wait`` with the time it has left;
+- a performing action whose current step is not waiting on anything (its body never
+  ran, or the step closed and the action did not move on): ``stepped.resume``;
+- a pending action at the front of its lane: ``stepped.resume``;
+- a performing action with a timeout: ``stepped.timeout`` with the time it has left;
+- a final action that still has waiting parent links: ``stepped.resume`` (it reports).
+
+Every message is idempotent, so re-sending one whose original survived only costs a
+delivery. Without ``apply`` nothing changes and the report says what would be done.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from .canvas import RESUME, TIMEOUT, WAIT, Job, StepChord
+from .errors import SteppedError
+from .models import Action, ParentLink, Step
+from .statuses import ActionStatus, StepStatus
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .extension import Stepped
+
+__all__ = ["LaneRepair", "RepairReport", "Resend", "repair"]
+
+PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+
+
+@dataclass
+class LaneRepair:
+    """One lane as SQL says it must be, and how Redis differed."""
+
+    key: str
+    current_id: int | None
+    pending_id: int | None
+    superseded: list[int] = field(default_factory=list)
+    found_current_id: int | None = None
+    found_pending_ids: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the report."""
+        if self.current_id is None and self.pending_id is None:
+            return f"lane {self.key!r}: no open action in SQL, remove it from Redis"
+        found = _lane_text(self.found_current_id, self.found_pending_ids)
+        wanted = _lane_text(self.current_id, [] if self.pending_id is None else [self.pending_id])
+        line = f"lane {self.key!r}: {found} -> {wanted}"
+        if self.superseded:
+            ids = ", ".join(str(i) for i in self.superseded)
+            line += f"; supersede older pending action(s) {ids} by {self.pending_id}"
+        return line
+
+
+@dataclass
+class Resend:
+    """A message repair sends: ``task`` for ``target`` (an action, step or link id)."""
+
+    task: str
+    target: int
+    reason: str
+    countdown: float | None = None
+
+    def describe(self) -> str:
+        """One line for the report."""
+        delay = "" if self.countdown is None else f" in {self.countdown:.1f} s"
+        return f"send {self.task}({self.target}){delay}: {self.reason}"
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair` found and did (or, without ``apply``, would do)."""
+
+    applied: bool
+    lanes: list[LaneRepair] = field(default_factory=list)
+    resends: list[Resend] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def lines(self) -> list[str]:
+        """The report as text, one line per change (empty when nothing is to repair)."""
+        return [
+            *(lane.describe() for lane in self.lanes),
+            *(resend.describe() for resend in self.resends),
+            *(f"cannot repair: {problem}" for problem in self.problems),
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        return {
+            "applied": self.applied,
+            "lanes": [asdict(lane) for lane in self.lanes],
+            "resends": [asdict(resend) for resend in self.resends],
+            "problems": list(self.problems),
+            "lines": self.lines,
+        }
+
+
+def repair(stepped: Stepped, apply: bool = False) -> RepairReport:
+    """Rebuild lanes and re-send what in-flight steps need, from SQL alone.
+
+    Args:
+        stepped: the Stepped instance (its app must define every action in SQL).
+        apply: make the changes; without it only report them.
+
+    Returns:
+        The report; its ``lines`` describe each change.
+    """
+    report = RepairReport(applied=apply)
+    _repair_lanes(stepped, report, apply)
+    jobs: list[Job] = []
+    with stepped.session_factory() as s:
+        jobs += _unreported_steps(stepped, s, report)
+        jobs += _unclaimed_links(stepped, s, report)
+        jobs += _stalled_actions(stepped, s, report)
+        jobs += _timeouts(stepped, s, report)
+        jobs += _unreported_actions(s, report)
+    if apply:
+        stepped.dispatcher.send(jobs)
+    return report
+
+
+# -- lanes ------------------------------------------------------------------------------
+
+
+def _repair_lanes(stepped: Stepped, report: RepairReport, apply: bool) -> None:
+    with stepped.session_factory() as s:
+        rows = s.execute(
+            select(Action.id, Action.concurrency_key, Action.status, Action.checksum)
+            .where(Action.status.in_((PENDING, PERFORMING)))
+            .order_by(Action.id)
+        ).all()
+    by_key: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
+        by_key[row.concurrency_key].append(row)
+    for key in sorted(set(by_key) | set(stepped.lanes.keys())):
+        planned = _plan_lane(stepped, key, by_key.get(key, []), report)
+        if planned is None:
+            continue
+        report.lanes.append(planned)
+        if apply:
+            _apply_lane(stepped, planned, {r.id: r.checksum for r in by_key.get(key, [])})
+
+
+def _plan_lane(
+    stepped: Stepped, key: str, rows: list[Any], report: RepairReport
+) -> LaneRepair | None:
+    """The lane ``key`` as SQL says it must be; None when Redis already agrees."""
+    performing = [r.id for r in rows if r.status == PERFORMING]
+    pending = [r.id for r in rows if r.status == PENDING]
+    if len(performing) > 1:
+        report.problems.append(
+            f"lane {key!r} has {len(performing)} performing actions "
+            f"({', '.join(map(str, performing))}); keeping {performing[0]} as current"
+        )
+    current = performing[0] if performing else None
+    newest = pending[-1] if pending else None
+    older = pending[:-1]
+    if current is None and newest is not None:  # at the lane front: it performs next
+        current, newest = newest, None
+    lane = stepped.lanes.get(key)
+    found_current = lane.current_id if lane else None
+    found_pending = list(lane.pending_ids) if lane else []
+    wanted_pending = [] if newest is None else [newest]
+    if not older and found_current == current and found_pending == wanted_pending:
+        return None
+    return LaneRepair(key, current, newest, older, found_current, found_pending)
+
+
+def _apply_lane(stepped: Stepped, lane: LaneRepair, checksums: dict[int, str | None]) -> None:
+    if lane.superseded and lane.pending_id is not None:
+        stepped.runtime.supersede(lane.superseded, lane.pending_id)
+    current = None if lane.current_id is None else (lane.current_id, checksums[lane.current_id])
+    pending = None if lane.pending_id is None else (lane.pending_id, checksums[lane.pending_id])
+    stepped.lanes.restore(lane.key, current, pending)
+
+
+def _lane_text(current: int | None, pending: list[int]) -> str:
+    if current is None and not pending:
+        return "missing"
+    waiting = ", ".join(str(i) for i in pending) or "none"
+    return f"current {current if current is not None else 'none'}, pending {waiting}"
+
+
+# -- in-flight steps and actions --------------------------------------------------------
+
+
+def _unreported_steps(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
+    """Performing steps whose members all reported: the join's body never ran."""
+    ids = s.scalars(
+        select(Step.id)
+        .join(Action, Action.id == Step.action_id)
+        .where(
+            Step.status == StepStatus.PERFORMING.value,
+            Step.pending_actions_count <= 0,
+            Action.status == PERFORMING,
+        )
+        .order_by(Step.id)
+    ).all()
+    for step_id in ids:
+        report.resends.append(
+            Resend("stepped.advance", step_id, "every member reported, the step never advanced")
+        )
+    return [StepChord(step_id, []).body for step_id in ids]
+
+
+def _unclaimed_links(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
+    """Waiting members that no action claimed, and timed waits still running."""
+    links = s.scalars(
+        select(ParentLink)
+        .join(Step, Step.id == ParentLink.step_id)
+        .where(
+            ParentLink.state == "waiting",
+            ParentLink.action_id.is_(None),
+            Step.status == StepStatus.PERFORMING.value,
+        )
+        .order_by(ParentLink.id)
+    ).all()
+    jobs: list[Job] = []
+    for link in links:
+        if link.kind == "wait":
+            seconds = float((link.call or {}).get("seconds", 0))
+            due = link.created_at + timedelta(seconds=seconds)
+            left = max(0.0, (due - stepped.clock()).total_seconds())
+            report.resends.append(
+                Resend("stepped.wait", link.id, f"timed wait of step {link.step_id}", left)
+            )
+            jobs.append(Job("wait", "wait", WAIT, [link.id], countdown=left, display_args=[left]))
+            continue
+        try:
+            jobs += stepped.runtime._header(link.step_id, [link])
+        except SteppedError as exc:
+            report.problems.append(f"link {link.id} of step {link.step_id}: {exc}")
+            continue
+        name = (link.call or {}).get("name")
+        report.resends.append(
+            Resend("stepped.start", link.id, f"{name} for step {link.step_id} never started")
+        )
+    return jobs
+
+
+def _stalled_actions(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
+    """Performing actions whose current step waits on nothing, and pending lane fronts."""
+    jobs: list[Job] = []
+    actions = s.scalars(
+        select(Action).where(Action.status.in_((PENDING, PERFORMING))).order_by(Action.id)
+    ).all()
+    fronts = {lane.current_id for lane in report.lanes if lane.current_id is not None}
+    for action in actions:
+        if action.status == PENDING:
+            lane = stepped.lanes.get(action.concurrency_key)
+            at_front = action.id in fronts or (lane is not None and lane.current_id == action.id)
+            if at_front:
+                jobs.append(_resume(report, action, "pending at the front of its lane"))
+            continue
+        reason = _why_stalled(stepped, s, action, report)
+        if reason is not None:
+            jobs.append(_resume(report, action, reason))
+    return jobs
+
+
+def _why_stalled(stepped: Stepped, s: Session, action: Action, report: RepairReport) -> str | None:
+    index = action.current_step_index
+    try:
+        count = len(stepped.runtime.definition_for(action.actor_type, action.name).steps_for_run())
+    except SteppedError as exc:
+        report.problems.append(f"action {action.id} ({action.name}): {exc}")
+        return None
+    if index >= count:
+        return None if action.outbound else "every step done, the action never completed"
+    step = s.scalar(select(Step).where(Step.action_id == action.id, Step.definition_index == index))
+    if step is None:
+        return f"step {index + 1} never ran"
+    if step.status != StepStatus.PERFORMING.value:
+        return f"step {index + 1} {step.status}, the action never moved on"
+    return None  # waiting on members, or reported above as unadvanced
+
+
+def _resume(report: RepairReport, action: Action, reason: str) -> Job:
+    report.resends.append(Resend("stepped.resume", action.id, f"{action.name}: {reason}"))
+    return Job(
+        "action",
+        action.name,
+        RESUME,
+        [action.id],
+        display_args=list(action.arguments),
+        actor=[action.actor_type, action.actor_id],
+    )
+
+
+def _timeouts(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
+    """Performing actions with a timeout: schedule its check again."""
+    rows = s.execute(
+        select(Action.id, Action.name, Action.started_at, Action.timeout_seconds)
+        .where(Action.status == PERFORMING, Action.timeout_seconds.is_not(None))
+        .order_by(Action.id)
+    ).all()
+    jobs: list[Job] = []
+    for row in rows:
+        started = row.started_at or stepped.clock()
+        due = started + timedelta(seconds=float(row.timeout_seconds))
+        left = max(0.0, (due - stepped.clock()).total_seconds())
+        report.resends.append(Resend("stepped.timeout", row.id, f"{row.name}: its timeout", left))
+        jobs.append(Job("timeout", row.name, TIMEOUT, [row.id], countdown=left))
+    return jobs
+
+
+def _unreported_actions(s: Session, report: RepairReport) -> list[Job]:
+    """Final actions whose parents still wait on them: they never reported."""
+    actions = s.scalars(
+        select(Action)
+        .where(
+            Action.id.in_(select(ParentLink.action_id).where(ParentLink.state == "waiting")),
+            Action.status.not_in((PENDING, PERFORMING)),
+        )
+        .order_by(Action.id)
+    ).all()
+    return [_resume(report, a, f"{a.status} but a parent still waits on it") for a in actions]

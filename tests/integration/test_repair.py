@@ -1,0 +1,106 @@
+"""``stepped.repair``: Redis lost its data; SQL rebuilds the lanes and in-flight work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from celery_stepped.lanes import Lane
+from tests.integration import worker_app
+from tests.integration.conftest import Cluster
+
+
+def later(it: Cluster, name: str, car: Any, *args: Any) -> int:
+    """Start a root action through the broker and return its id once it exists."""
+    return it.root_of(it.stepped.registry.find(type(car), name).later(car, *args))
+
+
+def test_repair_rebuilds_flushed_lanes_and_the_tree_completes(it: Cluster) -> None:
+    car = it.make_car()
+    key = f"lane/{car.id}"
+    holder = later(it, "lane_parent", car, "a")
+    (a,) = it.wait_named("lane_job", 1, "performing")
+    waiter = later(it, "lane_parent", car, "b")
+    b = it.wait_named("lane_job", 2)[1]
+    it.wait_for("b to queue", lambda: it.stepped.lanes.get(key) == Lane(key, a.id, [b.id]))
+    it.quiet()
+    assert it.stepped.repair().lines == []  # healthy: nothing to do
+
+    it.stepped.redis.flushdb()  # Redis loses the lanes
+    assert it.stepped.lanes.count() == 0
+    dry = it.stepped.repair()
+    assert not dry.applied
+    # Every open action's lane: the two parents' and the shared lane of the lane jobs.
+    assert sorted(dry.lines) == sorted(
+        [
+            f"lane 'parent/{car.id}/a': missing -> current {holder}, pending none",
+            f"lane 'parent/{car.id}/b': missing -> current {waiter}, pending none",
+            f"lane {key!r}: missing -> current {a.id}, pending {b.id}",
+        ]
+    )
+    assert it.stepped.lanes.count() == 0  # a dry run changes nothing
+
+    report = it.stepped.repair(apply=True)
+    assert report.applied and report.lines == dry.lines
+    assert {lane["key"]: lane["current_id"] for lane in report.to_dict()["lanes"]}[key] == a.id
+    assert it.stepped.lanes.get(key) == Lane(key, a.id, [b.id])
+    assert it.stepped.repair().lines == []
+
+    # The repaired lane works: completing a promotes b, completing b ends both trees.
+    it.stepped.complete(a.id)
+    it.wait_status(b.id, "performing")
+    it.stepped.complete(b.id)
+    assert [it.wait_final(r).status for r in (holder, waiter)] == ["succeeded"] * 2
+    assert it.log_tokens(car.id) == ["lane-a", "lane-b"]
+    it.quiet()  # a lane is released just after its action's status is written
+    assert it.stepped.lanes.count() == 0
+    it.assert_signals_once()
+
+
+def test_repair_resends_what_a_flushed_broker_lost(it: Cluster) -> None:
+    it.stop_workers()  # nothing consumes: the messages sit in Redis, then vanish
+    car = it.make_car()
+    key = f"lane/{car.id}"
+    holder = it.stepped.registry.find(type(car), "lane_parent").now(car, "a")
+    second = it.stepped.registry.find(type(car), "lane_parent").now(car, "b")
+    third = it.stepped.registry.find(type(car), "lane_parent").now(car, "c")
+    tree = it.stepped.registry.find(type(car), "tree_root").now(car, 2)
+    assert tree.status == "performing"
+    broker = redis.Redis.from_url(it.env[worker_app.ENV_BROKER])
+    assert broker.llen("stepped") == 5  # three lane jobs and two mids never started
+    broker.flushdb()
+    it.stepped.redis.flushdb()
+
+    report = it.stepped.repair(apply=True)
+    starts = [r for r in report.resends if r.task == "stepped.start"]
+    assert len(starts) == 5
+    # The roots perform in lanes of their own; the lane jobs have no row yet.
+    assert {lane.key for lane in report.lanes} == {
+        f"parent/{car.id}/a",
+        f"parent/{car.id}/b",
+        f"parent/{car.id}/c",
+        f"Car/{car.id}/tree_root",
+    }
+    it.start_worker()
+    # The three lane jobs start in some order: one performs, one queues, the last to
+    # join supersedes the queued one.
+    it.wait_named("lane_job", 1, "superseded")
+
+    def settled() -> Lane | None:  # superseding writes SQL first, then the lane
+        lane = it.stepped.lanes.get(key)
+        statuses = {a.id: a.status for a in it.actions("lane_job")}
+        if lane is None or lane.current_id is None or len(lane.pending_ids) != 1:
+            return None
+        return lane if statuses[lane.pending_ids[0]] == "pending" else None
+
+    lane = it.wait_for("the lane to settle", settled)
+    it.stepped.complete(lane.current_id)
+    it.wait_status(lane.pending_ids[0], "performing")
+    it.stepped.complete(lane.pending_ids[0])
+    results = [it.wait_final(x.id).status for x in (holder, second, third, tree)]
+    assert results == ["succeeded"] * 4
+    statuses = sorted(x.status for x in it.actions("lane_job"))
+    assert statuses == ["succeeded", "succeeded", "superseded"]
+    it.quiet()
+    assert it.stepped.repair().lines == []
