@@ -183,18 +183,23 @@ class WorkerProcess:
             log_path,
         ]
         env = {**os.environ, **self.env}
+        console = open(log_path + ".console", "wb")  # noqa: SIM115 - closed below
         self.process = subprocess.Popen(
             args,
             env=env,
             cwd=self.cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        console.close()
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"celery worker exited early; log: {self.read_log()[-4000:]}")
+                raise RuntimeError(
+                    f"celery worker exited early; log: {self.read_log()[-4000:]}"
+                    f"\nconsole: {self.read_console()[-4000:]}"
+                )
             if " ready." in self.read_log():
                 return self
             time.sleep(0.1)
@@ -202,6 +207,14 @@ class WorkerProcess:
         raise RuntimeError(
             f"celery worker not ready in {ready_timeout}s: {self.read_log()[-4000:]}"
         )
+
+    def read_console(self) -> str:
+        """What the worker printed outside its log (import errors, crashes)."""
+        path = f"{self.logfile}.console"
+        if not self.logfile or not os.path.exists(path):
+            return ""
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
 
     def read_log(self) -> str:
         """The worker's log so far."""
