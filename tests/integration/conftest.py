@@ -62,6 +62,7 @@ class Cluster:
             self.env[worker_app.ENV_PROBE],
             duplicate=duplicate,
         )
+        self.broker = redis.Redis.from_url(self.env[worker_app.ENV_BROKER])
         self.started = 0
         self.workers: list[WorkerProcess] = []
 
@@ -163,6 +164,10 @@ class Cluster:
                 raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
             time.sleep(0.05)
 
+    def later(self, name: str, car: Car, *args: Any) -> int:
+        """Start a root action through the broker; its id once the worker created it."""
+        return self.root_of(self.stepped.registry.find(type(car), name).later(car, *args))
+
     def root_of(self, result: AsyncResult) -> int:
         """The id of the root action a ``later()`` call created."""
 
@@ -190,6 +195,18 @@ class Cluster:
 
         return self.wait_for(f"action {action_id} to be {status}", reached, timeout)
 
+    def wait_ready(self, action_id: int) -> Action:
+        """Wait until an outbound action ran all its steps and waits to be completed
+        (``performing`` alone may mean its first step has not run yet)."""
+
+        def ready() -> Action | None:
+            action = self.stepped.get_action(action_id)
+            steps = self.stepped.runtime.definition_for(action.actor_type, action.name)
+            done = action.current_step_index >= len(steps.steps_for_run())
+            return action if action.status == "performing" and done else None
+
+        return self.wait_for(f"outbound action {action_id} to be ready", ready)
+
     def wait_named(self, name: str, count: int = 1, status: str | None = None) -> list[Action]:
         """Wait until ``count`` actions named ``name`` exist (with ``status``)."""
 
@@ -202,11 +219,10 @@ class Cluster:
     def quiet(self, seconds: float = 0.3) -> None:
         """Wait until no message is queued or being worked on (acks_late: a message
         stays unacknowledged while it runs, or while a worker holds it for its ETA)."""
-        broker = redis.Redis.from_url(self.env[worker_app.ENV_BROKER])
 
         def idle() -> bool:
-            queued = any(broker.llen(q) for q in ("stepped", "celery"))
-            return not queued and not broker.hlen("unacked")
+            queued = any(self.broker.llen(q) for q in ("stepped", "celery"))
+            return not queued and not self.broker.hlen("unacked")
 
         self.wait_for("the workers to go idle", idle)
         time.sleep(seconds)
@@ -255,6 +271,7 @@ def make_cluster(
         cluster.stop_workers()
         cluster.stepped.redis.close()
         cluster.probe.redis.close()
+        cluster.broker.close()
         cluster.stepped.engine.dispose()
 
     request.addfinalizer(finish)

@@ -6,10 +6,9 @@ short write transactions); with ``STEPPED_DATABASE_URL`` they share PostgreSQL.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
+from tests.integration import worker_app
 from tests.integration.conftest import Cluster, make_cluster
 
 
@@ -21,14 +20,21 @@ def cluster(
     return make_cluster(request, tmp_path_factory, redis_base, workers=2)
 
 
-def later(it: Cluster, name: str, car: Any, *args: Any) -> int:
-    """Start a root action through the broker and return its id once it exists."""
-    return it.root_of(it.stepped.registry.find(type(car), name).later(car, *args))
+def test_the_workers_share_one_database_file_in_wal_mode(it: Cluster) -> None:
+    engine = it.stepped.engine
+    if engine.dialect.name != "sqlite":
+        assert engine.dialect.name == "postgresql"
+        return
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+    assert len(it.workers) == 2
+    assert all(w.env[worker_app.ENV_DATABASE] == str(engine.url) for w in it.workers)
 
 
 def test_500_children_finishing_at_once_advance_their_step_exactly_once(it: Cluster) -> None:
     car = it.make_car()
-    root = it.wait_final(later(it, "fan_root", car, 500), timeout=240)
+    root = it.wait_final(it.later("fan_root", car, 500), timeout=240)
     assert root.status == "succeeded"
     first = root.steps[0]
     assert (first.status, first.pending_actions_count, first.unsuccessful_actions_count) == (
@@ -56,7 +62,7 @@ def test_500_children_finishing_at_once_advance_their_step_exactly_once(it: Clus
 def test_no_write_lock_is_held_while_a_step_body_runs(it: Cluster) -> None:
     car = it.make_car()
     it.probe.release("root-2")
-    root = later(it, "blocking_root", car, 20)
+    root = it.later("blocking_root", car, 20)
     it.wait_for("the blocker's body to block", lambda: it.probe.entered("body"))
     # While that body waits, the other processes write: 20 children start, run their
     # bodies, complete and report to the root step.

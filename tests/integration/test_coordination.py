@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import select
 
 from celery_stepped.lanes import Lane
 from celery_stepped.models import Achievement, ParentLink
 from tests.integration.conftest import Cluster
-
-
-def later(it: Cluster, name: str, car: Any, *args: Any) -> int:
-    """Start a root action through the broker and return its id once it exists."""
-    return it.root_of(it.stepped.registry.find(type(car), name).later(car, *args))
 
 
 def links(it: Cluster, step_id: int) -> list[tuple[int | None, str]]:
@@ -34,12 +27,13 @@ def first_step(it: Cluster, action_id: int) -> int | None:
 def test_superseding_in_a_lane_while_parents_wait(it: Cluster) -> None:
     car = it.make_car()
     key = f"lane/{car.id}"
-    holder = later(it, "lane_parent", car, "a")
+    holder = it.later("lane_parent", car, "a")
     (a,) = it.wait_named("lane_job", 1, "performing")
-    first = later(it, "lane_parent", car, "b")
+    it.wait_ready(a.id)
+    first = it.later("lane_parent", car, "b")
     b = it.wait_named("lane_job", 2)[1]
     it.wait_for("b to queue", lambda: it.stepped.lanes.get(key) == Lane(key, a.id, [b.id]))
-    second = later(it, "lane_parent", car, "c")
+    second = it.later("lane_parent", car, "c")
     it.wait_named("lane_job", 3)
     c = it.actions("lane_job")[2]
     it.wait_status(b.id, "superseded")
@@ -52,7 +46,7 @@ def test_superseding_in_a_lane_while_parents_wait(it: Cluster) -> None:
     assert first_step.pending_actions_count == 1
 
     assert it.stepped.complete(a.id) is not None  # from the test process
-    it.wait_status(c.id, "performing")
+    it.wait_ready(c.id)
     assert it.stepped.lanes.get(key) == Lane(key, c.id, [])
     assert it.wait_final(holder).status == "succeeded"
     for parent in (first, second):
@@ -69,9 +63,10 @@ def test_superseding_in_a_lane_while_parents_wait(it: Cluster) -> None:
 
 def test_two_parents_share_an_action_by_checksum(it: Cluster) -> None:
     car = it.make_car()
-    first = later(it, "shared_parent", car, 1, "first")
+    first = it.later("shared_parent", car, 1, "first")
     (shared,) = it.wait_named("shared_job", 1, "performing")
-    second = later(it, "shared_parent", car, 1, "second")
+    it.wait_ready(shared.id)
+    second = it.later("shared_parent", car, 1, "second")
     it.wait_for("the second parent to attach", lambda: links(it, first_step(it, second)))
     assert len(it.actions("shared_job")) == 1
     steps = [it.stepped.get_action(p).steps[0] for p in (first, second)]
@@ -84,7 +79,7 @@ def test_two_parents_share_an_action_by_checksum(it: Cluster) -> None:
         assert s.scalar(select(Achievement.checksum_key)) == f"Car/{car.id}/shared_job"
 
     # Achieved: a third parent's child is skipped without a row, and it succeeds.
-    third = it.wait_final(later(it, "shared_parent", car, 1, "third"))
+    third = it.wait_final(it.later("shared_parent", car, 1, "third"))
     assert third.status == "succeeded"
     assert len(it.actions("shared_job")) == 1
     assert links(it, third.steps[0].id) == [(None, "done")]
@@ -94,8 +89,9 @@ def test_two_parents_share_an_action_by_checksum(it: Cluster) -> None:
 
 def test_outbound_and_job_backed_children_and_a_wait(it: Cluster) -> None:
     car = it.make_car()
-    root = later(it, "outbound_root", car)
+    root = it.later("outbound_root", car)
     (child,) = it.wait_named("outbound_child", 1, "performing")
+    it.wait_ready(child.id)
     it.wait_status(it.wait_named("towing", 1)[0].id, "succeeded")
     it.quiet(0.5)
     assert it.stepped.get_action(root).status == "performing"

@@ -9,8 +9,6 @@ child is counted once, each committed body's effect shows once.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from sqlalchemy import select
 
@@ -26,14 +24,9 @@ def cluster(
     return make_cluster(request, tmp_path_factory, redis_base, duplicate=True)
 
 
-def later(it: Cluster, name: str, car: Any, *args: Any) -> int:
-    """Start a root action through the broker and return its id once it exists."""
-    return it.root_of(it.stepped.registry.find(type(car), name).later(car, *args))
-
-
 def test_a_tree_whose_messages_all_arrive_twice(it: Cluster) -> None:
     car = it.make_car()
-    root = it.wait_final(later(it, "tree_root", car, 3))
+    root = it.wait_final(it.later("tree_root", car, 3))
     assert root.status == "succeeded"
     assert len(it.actions("tree_root")) == 1  # the root's start came twice too
     assert len(it.actions("tree_mid")) == 3 and len(it.actions("tree_leaf")) == 6
@@ -47,7 +40,7 @@ def test_a_tree_whose_messages_all_arrive_twice(it: Cluster) -> None:
 
 def test_a_fan_out_whose_messages_all_arrive_twice(it: Cluster) -> None:
     car = it.make_car()
-    root = it.wait_final(later(it, "fan_root", car, 100))
+    root = it.wait_final(it.later("fan_root", car, 100))
     assert root.status == "succeeded"
     assert it.car(car.id).honks == 100
     assert len(it.actions("fan_leaf")) == 100
@@ -59,10 +52,10 @@ def test_a_fan_out_whose_messages_all_arrive_twice(it: Cluster) -> None:
 
 def test_failures_timeouts_waits_and_outbound_completion_arrive_twice(it: Cluster) -> None:
     car = it.make_car()
-    failed = later(it, "fail_root", car)
-    timed = later(it, "timeout_root", car)
-    outbound = later(it, "outbound_root", car)
-    it.wait_named("outbound_child", 1, "performing")
+    failed = it.later("fail_root", car)
+    timed = it.later("timeout_root", car)
+    outbound = it.later("outbound_root", car)
+    it.wait_ready(it.wait_named("outbound_child", 1, "performing")[0].id)
     it.stepped.registry.find(type(car), "outbound_child").complete_later(car)
     assert it.wait_final(failed).status == "failed"
     assert it.wait_final(timed).status == "failed"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -36,15 +35,10 @@ def cluster(
     )
 
 
-def later(it: Cluster, name: str, car: Any, *args: Any) -> int:
-    """Start a root action through the broker and return its id once it exists."""
-    return it.root_of(it.stepped.registry.find(type(car), name).later(car, *args))
-
-
 def test_killed_workers_redeliver_and_every_effect_applies_once(it: Cluster) -> None:
     car = it.make_car()
     first_worker = it.workers[0]
-    root = later(it, "blocking_root", car, 3)
+    root = it.later("blocking_root", car, 3)
 
     # 1. The blocker's second step body blocks; kill -9 its whole worker.
     pid = it.wait_for("the blocker's second body", lambda: it.probe.entered("body"))

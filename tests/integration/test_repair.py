@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import redis
-
 from celery_stepped.lanes import Lane
-from tests.integration import worker_app
 from tests.integration.conftest import Cluster
-
-
-def later(it: Cluster, name: str, car: Any, *args: Any) -> int:
-    """Start a root action through the broker and return its id once it exists."""
-    return it.root_of(it.stepped.registry.find(type(car), name).later(car, *args))
 
 
 def test_repair_rebuilds_flushed_lanes_and_the_tree_completes(it: Cluster) -> None:
     car = it.make_car()
     key = f"lane/{car.id}"
-    holder = later(it, "lane_parent", car, "a")
+    holder = it.later("lane_parent", car, "a")
     (a,) = it.wait_named("lane_job", 1, "performing")
-    waiter = later(it, "lane_parent", car, "b")
+    it.wait_ready(a.id)
+    waiter = it.later("lane_parent", car, "b")
     b = it.wait_named("lane_job", 2)[1]
     it.wait_for("b to queue", lambda: it.stepped.lanes.get(key) == Lane(key, a.id, [b.id]))
     it.quiet()
@@ -49,7 +40,7 @@ def test_repair_rebuilds_flushed_lanes_and_the_tree_completes(it: Cluster) -> No
 
     # The repaired lane works: completing a promotes b, completing b ends both trees.
     it.stepped.complete(a.id)
-    it.wait_status(b.id, "performing")
+    it.wait_ready(b.id)
     it.stepped.complete(b.id)
     assert [it.wait_final(r).status for r in (holder, waiter)] == ["succeeded"] * 2
     assert it.log_tokens(car.id) == ["lane-a", "lane-b"]
@@ -67,7 +58,7 @@ def test_repair_resends_what_a_flushed_broker_lost(it: Cluster) -> None:
     third = it.stepped.registry.find(type(car), "lane_parent").now(car, "c")
     tree = it.stepped.registry.find(type(car), "tree_root").now(car, 2)
     assert tree.status == "performing"
-    broker = redis.Redis.from_url(it.env[worker_app.ENV_BROKER])
+    broker = it.broker
     assert broker.llen("stepped") == 5  # three lane jobs and two mids never started
     broker.flushdb()
     it.stepped.redis.flushdb()
@@ -95,8 +86,9 @@ def test_repair_resends_what_a_flushed_broker_lost(it: Cluster) -> None:
         return lane if statuses[lane.pending_ids[0]] == "pending" else None
 
     lane = it.wait_for("the lane to settle", settled)
+    it.wait_ready(lane.current_id)
     it.stepped.complete(lane.current_id)
-    it.wait_status(lane.pending_ids[0], "performing")
+    it.wait_ready(lane.pending_ids[0])
     it.stepped.complete(lane.pending_ids[0])
     results = [it.wait_final(x.id).status for x in (holder, second, third, tree)]
     assert results == ["succeeded"] * 4
@@ -104,3 +96,51 @@ def test_repair_resends_what_a_flushed_broker_lost(it: Cluster) -> None:
     assert statuses == ["succeeded", "succeeded", "superseded"]
     it.quiet()
     assert it.stepped.repair().lines == []
+
+
+def test_repair_reissues_advances_and_resumes_that_were_lost(it: Cluster) -> None:
+    it.stop_workers()
+    car = it.make_car()
+    find = it.stepped.registry.find
+    with it.stepped.capture() as jobs:  # set up in this process: a, b and a shared job
+        holder = find(type(car), "lane_parent").now(car, "a")
+        jobs.perform_all()
+        waiter = find(type(car), "lane_parent").now(car, "b")
+        jobs.perform_all()
+        sharer = find(type(car), "shared_parent").now(car, 7, "x")
+        jobs.perform_all()
+    a, b = it.actions("lane_job")
+    (shared,) = it.actions("shared_job")
+    assert (a.status, b.status, shared.status) == ("performing", "pending", "performing")
+
+    # Completed from outside, with no worker: the advances and b's resume are sent to
+    # the broker, which then loses them.
+    it.stepped.complete(shared.id)
+    it.stepped.complete(a.id)
+    broker = it.broker
+    assert broker.llen("stepped") == 3
+    broker.flushdb()
+    holder_step, sharer_step = (it.stepped.get_action(x.id).steps[0].id for x in (holder, sharer))
+    resends = {(r.task, r.target) for r in it.stepped.repair().resends}
+    assert resends == {
+        ("stepped.advance", holder_step),
+        ("stepped.advance", sharer_step),
+        ("stepped.resume", b.id),
+    }
+    # A resume that died right after b began: performing, but its step never ran.
+    it.stepped.runtime.begin(b.id)
+    report = it.stepped.repair()
+    assert ("stepped.resume", b.id) in {(r.task, r.target) for r in report.resends}
+    assert f"send stepped.resume({b.id}): lane_job: step 1 never ran" in report.lines
+
+    it.stepped.repair(apply=True)
+    it.start_worker()
+    assert it.wait_final(holder.id).status == "succeeded"
+    assert it.wait_final(sharer.id).status == "succeeded"
+    it.wait_ready(b.id)
+    it.stepped.complete(b.id)
+    assert it.wait_final(waiter.id).status == "succeeded"
+    assert sorted(it.log_tokens(car.id)) == ["lane-a", "lane-b", "shared-7"]
+    it.quiet()
+    assert it.stepped.repair().lines == []
+    it.assert_signals_once()

@@ -8,14 +8,9 @@ from celery_stepped.models import Action, ParentLink, Step
 from tests.integration.conftest import Cluster
 
 
-def later(it: Cluster, name: str, car: object, *args: object) -> int:
-    """Start a root action through the broker and return its id once it exists."""
-    return it.root_of(it.stepped.registry.find(type(car), name).later(car, *args))
-
-
 def test_three_level_tree(it: Cluster) -> None:
     car = it.make_car()
-    root = it.wait_final(later(it, "tree_root", car, 3))
+    root = it.wait_final(it.later("tree_root", car, 3))
     assert root.status == "succeeded"
     tokens = it.log_tokens(car.id)
     assert sorted(t for t in tokens if t.startswith("l")) == [
@@ -35,8 +30,9 @@ def test_three_level_tree(it: Cluster) -> None:
 
 def test_internal_messages_are_json_although_the_app_default_is_pickle(it: Cluster) -> None:
     assert it.app.conf.task_serializer == "pickle"
+    assert it.app.conf.result_backend is None  # Stepped's join needs no result backend
     car = it.make_car()
-    assert it.wait_final(later(it, "tree_root", car, 1)).status == "succeeded"
+    assert it.wait_final(it.later("tree_root", car, 1)).status == "succeeded"
     it.quiet()
     # root start, a mid, two leaves; the worker accepts JSON only.
     content_types = it.probe.content_types()
@@ -46,7 +42,7 @@ def test_internal_messages_are_json_although_the_app_default_is_pickle(it: Clust
 
 def test_fan_out_of_200_children(it: Cluster) -> None:
     car = it.make_car()
-    root = it.wait_final(later(it, "fan_root", car, 200))
+    root = it.wait_final(it.later("fan_root", car, 200))
     assert root.status == "succeeded"
     stored = it.car(car.id)
     assert stored.honks == 200
@@ -69,7 +65,7 @@ def test_fan_out_of_200_children(it: Cluster) -> None:
 
 def test_a_failure_deep_in_the_tree_fails_every_ancestor(it: Cluster) -> None:
     car = it.make_car()
-    root = it.wait_final(later(it, "fail_root", car))
+    root = it.wait_final(it.later("fail_root", car))
     assert root.status == "failed"
     mids = {a.arguments[0]: a for a in it.actions("fail_mid")}
     assert (mids[0].status, mids[1].status) == ("succeeded", "failed")
@@ -92,7 +88,7 @@ def test_a_failure_deep_in_the_tree_fails_every_ancestor(it: Cluster) -> None:
 
 def test_a_timeout_fails_the_parent_step(it: Cluster) -> None:
     car = it.make_car()
-    root = it.wait_final(later(it, "timeout_root", car))
+    root = it.wait_final(it.later("timeout_root", car))
     assert root.status == "failed"
     (stuck,) = it.actions("stuck")
     assert stuck.status == "timed_out"
@@ -108,7 +104,7 @@ def test_a_timeout_fails_the_parent_step(it: Cluster) -> None:
 
 def test_no_step_is_left_open(it: Cluster) -> None:
     car = it.make_car()
-    it.wait_final(later(it, "tree_root", car, 2))
+    it.wait_final(it.later("tree_root", car, 2))
     it.quiet()
     with it.stepped.session() as s:
         open_steps = s.scalars(select(Step).where(Step.status == "performing")).all()

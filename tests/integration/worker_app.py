@@ -38,8 +38,6 @@ ENV_VISIBILITY = "STEPPED_TEST_VISIBILITY_TIMEOUT"
 #: "1": publish every internal message twice (the duplicate delivery tests).
 ENV_DUPLICATE = "STEPPED_TEST_DUPLICATE"
 
-FANOUT_BATCH = "fan"
-
 
 class Probe:
     """Counters and flags in Redis, shared by the test process and every worker."""
