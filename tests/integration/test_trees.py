@@ -102,6 +102,19 @@ def test_a_timeout_fails_the_parent_step(it: Cluster) -> None:
     it.assert_signals_once()
 
 
+def test_a_one_second_wait_holds_its_step(it: Cluster) -> None:
+    car = it.make_car()
+    root = it.wait_final(it.later("nap", car))
+    assert root.status == "succeeded"
+    waited, woke = root.steps
+    assert waited.started_at is not None and waited.completed_at is not None
+    assert (waited.completed_at - waited.started_at).total_seconds() >= 1
+    assert woke.started_at is not None and woke.started_at >= waited.completed_at
+    assert it.log_tokens(car.id) == ["woke"]
+    it.quiet()
+    it.assert_signals_once()
+
+
 def test_no_step_is_left_open(it: Cluster) -> None:
     car = it.make_car()
     it.wait_final(it.later("tree_root", car, 2))

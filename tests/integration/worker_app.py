@@ -225,6 +225,17 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
     def outbound_in(step: Any, car: Car) -> None:
         append(step, car, "outbound-done")
 
+    # -- a one-second wait -------------------------------------------------------------------
+    nap = app.stepped_action("nap", actor=Car)
+
+    @nap.step
+    def nap_wait(step: Any, car: Car) -> None:
+        step.wait(1)
+
+    @nap.step
+    def nap_woke(step: Any, car: Car) -> None:
+        append(step, car, "woke")
+
     # -- a timeout ---------------------------------------------------------------------------
     stuck = app.stepped_action("stuck", actor=Car, outbound=True, timeout=1)
 
