@@ -608,13 +608,13 @@ class Runtime:
     def begin(self, action_id: int) -> bool:
         """pending -> performing; erase the achievement; schedule the timeout."""
         with self._session() as s:
-            started = _changed(
-                s,
+            began = s.execute(
                 update(Action)
                 .where(Action.id == action_id, Action.status == PENDING)
-                .values(status=PERFORMING, started_at=self.now(), updated_at=self.now()),
-            )
-            if not started:
+                .values(status=PERFORMING, started_at=self.now(), updated_at=self.now())
+                .returning(Action.name, Action.timeout_seconds, Action.checksum_key)
+            ).first()
+            if began is None:
                 row = s.execute(
                     select(Action.status, Action.name, Action.timeout_seconds).where(
                         Action.id == action_id
@@ -627,9 +627,8 @@ class Runtime:
                     # an early check re-schedules itself for the time left.
                     self._send([Job("timeout", row.name, TIMEOUT, [action_id], countdown=0)])
                 return True
-            action = s.get_one(Action, action_id)
-            s.execute(delete(Achievement).where(Achievement.checksum_key == action.checksum_key))
-            name, timeout = action.name, action.timeout_seconds
+            name, timeout, checksum_key = began
+            s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
             s.commit()
         signals.action_started.send(sender=self.stepped, action_id=action_id, name=name)
         if timeout is not None:
@@ -682,10 +681,18 @@ class Runtime:
                     return []
                 return self.complete_action(action_id, ActionStatus.SUCCEEDED.value)[1]
             if step_state is None:
-                outcome = self.perform_step(action_id, index, bodies[index])
-                if outcome in ("waiting", "exists"):  # exists: its runner carries on
-                    return []
-                continue
+                outcome, closed_as = self.perform_step(action_id, index, bodies[index])
+                while outcome == "done":  # closed at once: go on without reading again
+                    if closed_as == StepStatus.FAILED.value:
+                        return self.complete_action(action_id, ActionStatus.FAILED.value)[1]
+                    index += 1
+                    if index >= len(bodies):
+                        if outbound:
+                            return []
+                        return self.complete_action(action_id, ActionStatus.SUCCEEDED.value)[1]
+                    outcome, closed_as = self.perform_step(action_id, index, bodies[index])
+                # waiting: its members carry on; exists: its runner does; stopped: final
+                return []
             step_id, status, pending = step_state
             if status == StepStatus.PERFORMING.value:
                 if pending > 0:
@@ -713,7 +720,9 @@ class Runtime:
             )
             s.commit()
 
-    def perform_step(self, action_id: int, index: int, body: Callable[..., Any]) -> str:
+    def perform_step(
+        self, action_id: int, index: int, body: Callable[..., Any]
+    ) -> tuple[str, str | None]:
         """Run one step body in one transaction; send its chord after commit.
 
         The body runs before Stepped writes anything, so no write lock is held while it
@@ -722,12 +731,16 @@ class Runtime:
         (action, index): a second delivery that ran the body concurrently rolls its
         changes back, and one that comes after the commit never runs the body.
 
-        Returns ``"waiting"`` (members sent), ``"done"`` (step closed at once) or
-        ``"exists"`` (another delivery already ran it).
+        Returns ``(outcome, status)``: ``("waiting", None)`` (members sent), ``("done",
+        status)`` (the step closed at once as ``status``), ``("exists", None)`` (another
+        delivery already ran it) or ``("stopped", None)`` (the action is no longer
+        performing).
         """
         started = self.now()
         with self._session() as s:
             action = s.get_one(Action, action_id)
+            if action.status != PERFORMING:
+                return "stopped", None
             actor = self.stepped.actors.load_ref(action.actor_type, action.actor_id, s)
             args = self.stepped.actors.load(action.arguments, s)
             context = StepContext(self.stepped, s, action, actor)
@@ -739,19 +752,14 @@ class Runtime:
             except Exception as exc:
                 s.rollback()
                 self._report_or_raise(exc, action_id, index, "step")
-                return self._failed_step(action_id, index, started)
-            step = Step(
-                action_id=action_id,
-                definition_index=index,
-                status=StepStatus.PERFORMING.value,
-                started_at=started,
-            )
+                return self._failed_step(action_id, index, started), StepStatus.FAILED.value
+            step = self._new_step(action_id, index, started, context)
             s.add(step)
             try:
                 s.flush()
             except IntegrityError:
                 s.rollback()
-                return "exists"
+                return "exists", None
             links, jobs = self._record_intents(s, step, context)
             s.commit()
             step_id, step_status = step.id, step.status
@@ -759,10 +767,25 @@ class Runtime:
         self._send(jobs)
         if links:
             self._send(self._header(step_id, links))
-            return "waiting"
-        if step_status != StepStatus.PERFORMING.value:
-            signals.step_completed.send(sender=self.stepped, step_id=step_id, status=step_status)
-        return "done"
+            return "waiting", None
+        signals.step_completed.send(sender=self.stepped, step_id=step_id, status=step_status)
+        return "done", step_status
+
+    def _new_step(self, action_id: int, index: int, started: Any, context: StepContext) -> Step:
+        """The Step row as the body left it: failed, closed at once, or waiting on members."""
+        members = sum(1 for intent in context.intents if intent.kind != "job")
+        if context.status == StepStatus.FAILED.value:
+            status, members = StepStatus.FAILED.value, 0
+        else:
+            status = StepStatus.PERFORMING.value if members else StepStatus.SUCCEEDED.value
+        return Step(
+            action_id=action_id,
+            definition_index=index,
+            status=status,
+            pending_actions_count=members,
+            started_at=started,
+            completed_at=None if members else self.now(),
+        )
 
     def _failed_step(self, action_id: int, index: int, started: Any) -> str:
         with self._session() as s:
@@ -790,8 +813,7 @@ class Runtime:
     ) -> tuple[list[ParentLink], list[Job]]:
         action = context.action
         jobs: list[Job] = []
-        if context.status == StepStatus.FAILED.value:
-            step.status, step.completed_at = StepStatus.FAILED.value, self.now()
+        if step.status == StepStatus.FAILED.value:
             return [], jobs
         links = []
         for intent in context.intents:
@@ -818,11 +840,8 @@ class Runtime:
                 )
             )
         s.add_all(links)
-        step.pending_actions_count = len(links)
-        if not links:
-            step.status, step.completed_at = StepStatus.SUCCEEDED.value, self.now()
-            if action.current_step_index == step.definition_index:
-                action.current_step_index = step.definition_index + 1
+        if not links and action.current_step_index == step.definition_index:
+            action.current_step_index = step.definition_index + 1
         s.flush()
         return links, jobs
 
@@ -964,18 +983,35 @@ class Runtime:
                 .values(status=status, completed_at=self.now(), updated_at=self.now()),
             )
             row = s.execute(
-                select(Action.actor_type, Action.name, Action.checksum, Action.checksum_key).where(
-                    Action.id == action_id
-                )
+                select(
+                    Action.actor_type,
+                    Action.name,
+                    Action.checksum,
+                    Action.checksum_key,
+                    Action.concurrency_key,
+                ).where(Action.id == action_id)
             ).one()
+            callbacks: list[Callable[..., Any]] = []
+            achieve = False
+            if done:
+                definition = self.definition_for(row.actor_type, row.name)
+                if status in COMPLETION_STATUSES:
+                    callbacks = definition.after_callbacks(status)
+                achieve = status == ActionStatus.SUCCEEDED.value and row.checksum is not None
+            if done and not callbacks and not achieve:
+                # Nothing runs in between: tell the parents in the same transaction.
+                successful = status == ActionStatus.SUCCEEDED.value
+                zeros = self._report_parents(s, action_id, status, successful)
+                s.commit()
+                signals.action_completed.send(
+                    sender=self.stepped, action_id=action_id, status=status
+                )
+                self.move_lane(row.concurrency_key, action_id)
+                return True, zeros
             s.commit()
         if not done:
             return False, self.completion_effects(action_id)
-        definition = self.definition_for(row.actor_type, row.name)
-        callbacks = definition.after_callbacks(status) if status in COMPLETION_STATUSES else []
-        achieve = status == ActionStatus.SUCCEEDED.value and row.checksum is not None
-        if callbacks or achieve:
-            self._after_callbacks(action_id, status, callbacks, row.checksum_key, row.checksum)
+        self._after_callbacks(action_id, status, callbacks, row.checksum_key, row.checksum)
         signals.action_completed.send(sender=self.stepped, action_id=action_id, status=status)
         return True, self.completion_effects(action_id)
 
@@ -1050,12 +1086,7 @@ class Runtime:
                 and not action.after_callbacks_failed_count
             )
             status, key = action.status, action.concurrency_key
-            link_ids = s.scalars(
-                select(ParentLink.id).where(
-                    ParentLink.action_id == action_id, ParentLink.state == "waiting"
-                )
-            ).all()
-            zeros = [self._finish_link(s, link_id, status, successful) for link_id in link_ids]
+            zeros = self._report_parents(s, action_id, status, successful)
             if self._recovering():
                 zeros.extend(self._open_parent_steps(s, action_id))
             s.commit()
@@ -1063,6 +1094,18 @@ class Runtime:
         # removed it (superseding writes SQL first), and then it must release the lane.
         self.move_lane(key, action_id)
         return list(dict.fromkeys(z for z in zeros if z))
+
+    def _report_parents(
+        self, s: Session, action_id: int, status: str, successful: bool
+    ) -> list[int]:
+        """Count the outcome for every step still waiting on the action (once each)."""
+        link_ids = s.scalars(
+            select(ParentLink.id).where(
+                ParentLink.action_id == action_id, ParentLink.state == "waiting"
+            )
+        ).all()
+        zeros = [self._finish_link(s, link_id, status, successful) for link_id in link_ids]
+        return [z for z in zeros if z]
 
     @staticmethod
     def _open_parent_steps(s: Session, action_id: int) -> list[int]:
