@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Stepped"]
 
 logger = logging.getLogger("celery_stepped")
+_instances: weakref.WeakSet[Stepped] = weakref.WeakSet()
 P = ParamSpec("P")
 
 
@@ -61,6 +63,15 @@ def make_engine(database_url: str) -> Engine:
         _configure_sqlite(engine)
         return engine
     return create_engine(database_url, pool_pre_ping=True)
+
+
+def _dispose_after_fork(**_: Any) -> None:
+    """In a fresh pool process: never reuse the parent's database connections."""
+    for instance in list(_instances):
+        instance.engine.dispose(close=False)
+
+
+celery_signals.worker_process_init.connect(_dispose_after_fork, weak=False)
 
 
 class Stepped:
@@ -133,11 +144,7 @@ class Stepped:
         app.stepped = self
         app.stepped_action = self.action
         Stepped._current = self
-        celery_signals.worker_process_init.connect(self._after_fork, weak=False)
-
-    def _after_fork(self, **_: Any) -> None:
-        """In a fresh pool process: never reuse the parent's database connections."""
-        self.engine.dispose(close=False)
+        _instances.add(self)
 
     @staticmethod
     def _engine_of(session_factory: Callable[[], Session]) -> Engine:

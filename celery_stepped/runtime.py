@@ -625,25 +625,14 @@ class Runtime:
                 if row.timeout_seconds is not None and self._recovering():
                     # The run that began it may have died before it scheduled the timeout;
                     # an early check re-schedules itself for the time left.
-                    self._send([Job("timeout", row.name, TIMEOUT, [action_id], countdown=0)])
+                    self._send([_timeout_job(action_id, row.name, 0)])
                 return True
             name, timeout, checksum_key = began
             s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
             s.commit()
         signals.action_started.send(sender=self.stepped, action_id=action_id, name=name)
         if timeout is not None:
-            self._send(
-                [
-                    Job(
-                        "timeout",
-                        name,
-                        TIMEOUT,
-                        [action_id],
-                        countdown=timeout,
-                        display_args=[action_id],
-                    )
-                ]
-            )
+            self._send([_timeout_job(action_id, name, timeout)])
         return True
 
     def resume(self, action_id: int) -> None:
@@ -1185,18 +1174,7 @@ class Runtime:
             return False
         remaining = (started + timedelta(seconds=limit) - self.now()).total_seconds()
         if remaining > 0:
-            self._send(
-                [
-                    Job(
-                        "timeout",
-                        name,
-                        TIMEOUT,
-                        [action_id],
-                        countdown=remaining,
-                        display_args=[action_id],
-                    )
-                ]
-            )
+            self._send([_timeout_job(action_id, name, remaining)])
             return False
         self.complete(action_id, ActionStatus.TIMED_OUT.value)
         return True
@@ -1235,6 +1213,11 @@ class Runtime:
             exc, action_id=action_id, step_index=index, block=block
         ):
             raise exc
+
+
+def _timeout_job(action_id: int, name: str, countdown: float) -> Job:
+    """The ``stepped.timeout`` message of an action, due in ``countdown`` seconds."""
+    return Job("timeout", name, TIMEOUT, [action_id], countdown=countdown, display_args=[action_id])
 
 
 def _retire(link_id: int, state: str, outcome: str, now: Any) -> Any:
