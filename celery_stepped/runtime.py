@@ -915,16 +915,7 @@ class Runtime:
         if not self._recovering():
             return []
         with self._session() as s:
-            step_id = s.scalar(
-                select(ParentLink.step_id)
-                .join(Step, Step.id == ParentLink.step_id)
-                .join(Action, Action.id == Step.action_id)
-                .where(
-                    ParentLink.id == link_id,
-                    ParentLink.state == "done",
-                    Action.status == PERFORMING,
-                )
-            )
+            step_id = s.scalar(_counted_links_of_performing(ParentLink.id == link_id))
         return [] if step_id is None else [step_id]
 
     def advance_step(self, step_id: int) -> list[int]:
@@ -1104,19 +1095,8 @@ class Runtime:
         that died may have counted the last member and never advanced the step, or died
         in a later step of the parent that it ran inline.
         """
-        return list(
-            s.scalars(
-                select(ParentLink.step_id)
-                .join(Step, Step.id == ParentLink.step_id)
-                .join(Action, Action.id == Step.action_id)
-                .where(
-                    ParentLink.action_id == action_id,
-                    ParentLink.state == "done",
-                    Action.status == PERFORMING,
-                )
-                .order_by(ParentLink.step_id)
-            ).all()
-        )
+        query = _counted_links_of_performing(ParentLink.action_id == action_id)
+        return list(s.scalars(query.order_by(ParentLink.step_id)).all())
 
     def move_lane(self, key: str, action_id: int) -> None:
         """Release ``action_id``'s place in its lane and start whoever is next."""
@@ -1213,6 +1193,16 @@ class Runtime:
             exc, action_id=action_id, step_index=index, block=block
         ):
             raise exc
+
+
+def _counted_links_of_performing(*where: Any) -> Any:
+    """SELECT the steps of already counted links whose action still performs."""
+    return (
+        select(ParentLink.step_id)
+        .join(Step, Step.id == ParentLink.step_id)
+        .join(Action, Action.id == Step.action_id)
+        .where(ParentLink.state == "done", Action.status == PERFORMING, *where)
+    )
 
 
 def _timeout_job(action_id: int, name: str, countdown: float) -> Job:
