@@ -1002,10 +1002,14 @@ class Runtime:
         callbacks: list[Callable[..., Any]],
         checksum_key: str,
         checksum: str | None,
+        start: int = 0,
     ) -> None:
-        """Run each callback in its own transaction; count them; write the achievement."""
-        succeeded = failed = 0
-        for callback in callbacks:
+        """Run callbacks from ``start`` on, each in its own transaction; write the achievement.
+
+        A callback's changes and its count commit together, so a redelivery after a crash
+        resumes at ``start`` = the callbacks already counted and runs none twice.
+        """
+        for callback in callbacks[start:]:
             with self._session() as s:
                 action = s.get_one(Action, action_id)
                 action._stepped = self.stepped
@@ -1013,37 +1017,56 @@ class Runtime:
                 args = self.stepped.actors.load(action.arguments, s)
                 try:
                     callback(action, actor, *args)
+                    self._count_callback(s, action_id, "after_callbacks_succeeded_count")
                     s.commit()
-                    succeeded += 1
                 except Exception as exc:
                     s.rollback()
-                    failed += 1
-                    self._count_callbacks(action_id, succeeded, failed)
+                    with self._session() as counting:
+                        self._count_callback(counting, action_id, "after_callbacks_failed_count")
+                        counting.commit()
                     self._report_or_raise(exc, action_id, None, f"after_{status}")
+        if status != ActionStatus.SUCCEEDED.value or checksum is None:
+            return
         with self._session() as s:
-            self._count_callbacks(action_id, succeeded, failed, s)
-            if status == ActionStatus.SUCCEEDED.value and checksum is not None and not failed:
-                self._achieve(s, checksum_key, checksum)
-            s.commit()
-
-    def _count_callbacks(
-        self, action_id: int, succeeded: int, failed: int, s: Session | None = None
-    ) -> None:
-        own = s is None
-        session = s or self._session()
-        try:
-            session.execute(
-                update(Action)
-                .where(Action.id == action_id)
-                .values(
-                    after_callbacks_succeeded_count=succeeded, after_callbacks_failed_count=failed
-                )
+            failed = s.scalar(
+                select(Action.after_callbacks_failed_count).where(Action.id == action_id)
             )
-            if own:
-                session.commit()
-        finally:
-            if own:
-                session.close()
+            if not failed:
+                self._achieve(s, checksum_key, checksum)
+                s.commit()
+
+    @staticmethod
+    def _count_callback(s: Session, action_id: int, column: str) -> None:
+        counter = getattr(Action, column)
+        s.execute(
+            update(Action)
+            .where(Action.id == action_id)
+            .values({column: counter + 1})
+            .execution_options(synchronize_session=False)
+        )
+
+    def _resume_callbacks(self, action_id: int) -> None:
+        """A redelivery: run the after callbacks a crashed first run never got to."""
+        with self._session() as s:
+            row = s.execute(
+                select(
+                    Action.status,
+                    Action.actor_type,
+                    Action.name,
+                    Action.checksum,
+                    Action.checksum_key,
+                    Action.after_callbacks_succeeded_count,
+                    Action.after_callbacks_failed_count,
+                ).where(Action.id == action_id)
+            ).first()
+        if row is None or row.status not in COMPLETION_STATUSES:
+            return
+        callbacks = self.definition_for(row.actor_type, row.name).after_callbacks(row.status)
+        counted = row.after_callbacks_succeeded_count + row.after_callbacks_failed_count
+        if counted < len(callbacks):
+            self._after_callbacks(
+                action_id, row.status, callbacks, row.checksum_key, row.checksum, start=counted
+            )
 
     def _achieve(self, s: Session, checksum_key: str, checksum: str) -> None:
         updated = _changed(
@@ -1057,6 +1080,8 @@ class Runtime:
 
     def completion_effects(self, action_id: int) -> list[int]:
         """Report a final action to its waiting parents and move its lane on (idempotent)."""
+        if self._recovering():
+            self._resume_callbacks(action_id)
         with self._session() as s:
             action = s.get(Action, action_id)
             if action is None or action.status in OPEN:

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from celery_stepped import ActionStatus, Step, Stepped, signals
 from celery_stepped.canvas import Job
@@ -375,3 +375,56 @@ def test_handled_key_block_errors_fail_without_rows(stepped: Stepped) -> None:
     assert actions_named(stepped, "keyed") == []
     with handle_stepped_action_exceptions(stepped, only=(KeyError,)), pytest.raises(LookupError):
         keyed.now(car)
+
+
+def test_redelivery_runs_the_after_callbacks_a_crash_skipped(stepped: Stepped, car: Car) -> None:
+    from celery_stepped.canvas import Dispatcher
+    from celery_stepped.models import Achievement
+
+    app = stepped.app
+    ran: list[str] = []
+    sign = app.stepped_action("sign", actor=Car, outbound=True, checksum=lambda car: "v1")
+
+    @sign.step
+    def ask(step: Step, car: Car) -> None:
+        pass
+
+    @sign.succeeded
+    def first(action: Action, car: Car) -> None:
+        ran.append("first")
+        car.note("first")
+
+    @sign.succeeded
+    def second(action: Action, car: Car) -> None:
+        ran.append("second")
+        car.note("second")
+
+    deal = app.stepped_action("deal", actor=Car)
+
+    @deal.step
+    def go(step: Step, car: Car) -> None:
+        step.do(sign)
+
+    with stepped.capture():
+        root = deal.now(car)
+        perform_stepped_actions(stepped)
+        (child,) = actions_named(stepped, "sign")
+        # The first run committed the final status and the first callback, then died.
+        with stepped.session() as session:
+            session.execute(
+                update(Action)
+                .where(Action.id == child.id)
+                .values(status="succeeded", after_callbacks_succeeded_count=1)
+            )
+        ran.append("first")
+        for _ in range(2):  # delivered again, twice
+            with Dispatcher.worker_context(recovering=True):
+                stepped.runtime.handoff(stepped.runtime.complete_action(child.id, "succeeded")[1])
+        perform_stepped_actions(stepped)
+    assert ran == ["first", "second"]  # the missing callback ran once, the first not again
+    done = stepped.get_action(child.id)
+    assert (done.after_callbacks_succeeded_count, done.after_callbacks_failed_count) == (2, 0)
+    assert load_car(stepped, car.id).log == "second;"
+    with stepped.session() as session:
+        assert session.scalar(select(Achievement.checksum_key)) == done.checksum_key
+    assert stepped.get_action(root.id).status == "succeeded"
