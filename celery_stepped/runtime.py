@@ -650,26 +650,33 @@ class Runtime:
         """Run steps until one waits; return parent steps whose last member reported."""
         while True:
             with self._session() as s:
-                action = s.get(Action, action_id)
-                status = None if action is None else action.status
-                if action is None or status != PERFORMING:
-                    s.close()
-                    return self._recover_final(action_id, status)
-                index = action.current_step_index
-                definition = self.definition_for(action.actor_type, action.name)
-                bodies = definition.steps_for_run()
-                step = s.scalar(
-                    select(Step).where(Step.action_id == action_id, Step.definition_index == index)
-                )
-                step_state = (
-                    None if step is None else (step.id, step.status, step.pending_actions_count)
-                )
-                outbound = action.outbound
+                row = s.execute(
+                    select(
+                        Action.status,
+                        Action.actor_type,
+                        Action.name,
+                        Action.outbound,
+                        Action.current_step_index,
+                        Step.id,
+                        Step.status,
+                        Step.pending_actions_count,
+                    )
+                    .outerjoin(
+                        Step,
+                        (Step.action_id == Action.id)
+                        & (Step.definition_index == Action.current_step_index),
+                    )
+                    .where(Action.id == action_id)
+                ).first()
+            if row is None or row[0] != PERFORMING:
+                return self._recover_final(action_id, None if row is None else row[0])
+            _, actor_type, name, outbound, index, step_id, step_status, pending = row
+            bodies = self.definition_for(actor_type, name).steps_for_run()
             if index >= len(bodies):
                 if outbound:
                     return []
                 return self.complete_action(action_id, ActionStatus.SUCCEEDED.value)[1]
-            if step_state is None:
+            if step_id is None:
                 outcome, closed_as = self.perform_step(action_id, index, bodies[index])
                 while outcome == "done":  # closed at once: go on without reading again
                     if closed_as == StepStatus.FAILED.value:
@@ -682,14 +689,13 @@ class Runtime:
                     outcome, closed_as = self.perform_step(action_id, index, bodies[index])
                 # waiting: its members carry on; exists: its runner does; stopped: final
                 return []
-            step_id, status, pending = step_state
-            if status == StepStatus.PERFORMING.value:
+            if step_status == StepStatus.PERFORMING.value:
                 if pending > 0:
                     self._redispatch(step_id)
                     return []
                 self._close_step(step_id)
                 continue
-            if status == StepStatus.FAILED.value:
+            if step_status == StepStatus.FAILED.value:
                 return self.complete_action(action_id, ActionStatus.FAILED.value)[1]
             self._bump(action_id, index)
 
