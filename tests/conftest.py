@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from celery_stepped import Stepped
 from celery_stepped.embedded import EmbeddedRedis
-from celery_stepped.models import Base
+from celery_stepped.models import Action, Base
 from tests.models import Car, TestBase
 
 LANES_DB, BROKER_DB, BACKEND_DB = 1, 2, 3
@@ -98,6 +98,17 @@ def make_car(stepped: Stepped, cls: type[Car] = Car, **values: object) -> Car:
         session.refresh(car)
         session.expunge(car)
     return car
+
+
+def stored_actions(stepped: Stepped, name: str | None = None) -> list[Action]:
+    """Every stored action (of ``name``), oldest first, detached."""
+    with stepped.session() as session:
+        query = select(Action).order_by(Action.id)
+        if name is not None:
+            query = query.where(Action.name == name)
+        rows = list(session.scalars(query).all())
+        session.expunge_all()
+    return rows
 
 
 def load_car(stepped: Stepped, car_id: int) -> Car:

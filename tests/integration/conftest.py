@@ -23,7 +23,14 @@ from sqlalchemy import delete, select
 from celery_stepped.embedded import WorkerProcess
 from celery_stepped.models import Achievement, Action, ParentLink, Step
 from celery_stepped.statuses import FINAL_STATUSES
-from tests.conftest import BROKER_DB, LANES_DB, reset_database
+from tests.conftest import (
+    BROKER_DB,
+    LANES_DB,
+    load_car,
+    make_car,
+    reset_database,
+    stored_actions,
+)
 from tests.integration import worker_app
 from tests.models import Car
 
@@ -117,21 +124,11 @@ class Cluster:
 
     def make_car(self, **values: Any) -> Car:
         """Insert a car and return it detached."""
-        with self.stepped.session() as s:
-            car = Car(**values)
-            s.add(car)
-            s.flush()
-            s.refresh(car)
-            s.expunge(car)
-        return car
+        return make_car(self.stepped, **values)
 
     def car(self, car_id: int) -> Car:
         """The car as stored now."""
-        with self.stepped.session() as s:
-            car = s.get(Car, car_id)
-            assert car is not None
-            s.expunge(car)
-            return car
+        return load_car(self.stepped, car_id)
 
     def log_tokens(self, car_id: int) -> list[str]:
         """The tokens step bodies appended to the car's log, in order."""
@@ -139,13 +136,7 @@ class Cluster:
 
     def actions(self, name: str | None = None) -> list[Action]:
         """Every action (of ``name``), oldest first, detached."""
-        with self.stepped.session() as s:
-            query = select(Action).order_by(Action.id)
-            if name is not None:
-                query = query.where(Action.name == name)
-            rows = list(s.scalars(query).all())
-            s.expunge_all()
-        return rows
+        return stored_actions(self.stepped, name)
 
     def steps_of(self, action_id: int) -> list[Step]:
         """The action's steps, detached."""

@@ -24,20 +24,13 @@ from celery_stepped import (
 from celery_stepped.models import Achievement, Action, ParentLink
 from celery_stepped.models import Step as StepRow
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
-from tests.conftest import load_car, make_car
+from tests.conftest import load_car, make_car, stored_actions
 from tests.models import Car, SportsCar
 
 
 def count_rows(stepped: Stepped, model: type = Action) -> int:
     with stepped.session() as session:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
-
-
-def all_actions(stepped: Stepped) -> list[Action]:
-    with stepped.session() as session:
-        rows = list(session.scalars(select(Action).order_by(Action.id)))
-        session.expunge_all()
-        return rows
 
 
 def define_basics(app: Celery) -> dict[str, SteppedAction[Any]]:
@@ -363,7 +356,7 @@ def test_later_returns_async_result_and_signature_later(stepped: Stepped, car: C
         assert count_rows(stepped) == 0
         assert jobs.perform() == 2
     assert load_car(stepped, car.id).mileage == 10
-    assert [a.status for a in all_actions(stepped)] == ["succeeded", "succeeded"]
+    assert [a.status for a in stored_actions(stepped)] == ["succeeded", "succeeded"]
 
 
 def test_now_returns_detached_action_with_steps(stepped: Stepped, car: Car) -> None:
@@ -583,7 +576,7 @@ def test_leaf_concurrency_keys_are_per_argument(stepped: Stepped, car: Car) -> N
     assert done.status == "succeeded"
     stored = load_car(stepped, car.id)
     assert stored.mileage == 6 and stored.log == "finished;"
-    keys = sorted(a.concurrency_key for a in all_actions(stepped) if a.name == "leaf")
+    keys = sorted(a.concurrency_key for a in stored_actions(stepped) if a.name == "leaf")
     assert keys == [f"leaf/{n}" for n in (0, 1, 10, 11, 12, 2)]
 
 
@@ -594,7 +587,7 @@ def test_failure_travels_from_grandchild_to_root(stepped: Stepped, car: Car) -> 
         action = root.now(car)
         perform_stepped_actions(stepped)
     by_name: dict[str, list[Action]] = {}
-    for row in all_actions(stepped):
+    for row in stored_actions(stepped):
         by_name.setdefault(row.name, []).append(row)
     leaf_status = {a.arguments[0]: a.status for a in by_name["leaf"]}
     assert leaf_status[11] == "failed"
@@ -672,7 +665,7 @@ def test_after_callback_errors_keep_status_and_fail_parent(stepped: Stepped, car
             perform_stepped_actions(stepped)
     finally:
         signals.exception_handled.disconnect(on_handled)
-    (child_row,) = [a for a in all_actions(stepped) if a.name == "child"]
+    (child_row,) = [a for a in stored_actions(stepped) if a.name == "child"]
     assert child_row.status == "succeeded"
     assert (child_row.after_callbacks_succeeded_count, child_row.after_callbacks_failed_count) == (
         1,

@@ -23,7 +23,7 @@ from celery_stepped.testing import (
     handle_stepped_action_exceptions,
     perform_stepped_actions,
 )
-from tests.conftest import load_car, make_car
+from tests.conftest import load_car, make_car, stored_actions
 from tests.models import Car
 
 SHOP = "Car/maintenance"
@@ -35,16 +35,6 @@ SHOP = "Car/maintenance"
 def redis_keys(stepped: Stepped) -> list[str]:
     """Every key celery_stepped holds in Redis."""
     return sorted(k.decode() for k in stepped.redis.keys("stepped:*"))
-
-
-def action_rows(stepped: Stepped, name: str | None = None) -> list[Action]:
-    with stepped.session() as s:
-        query = select(Action).order_by(Action.id)
-        if name is not None:
-            query = query.where(Action.name == name)
-        found = list(s.scalars(query).all())
-        s.expunge_all()
-    return found
 
 
 def status(stepped: Stepped, action_id: int | None) -> str:
@@ -341,12 +331,12 @@ def test_a_newcomer_supersedes_older_pending_actions_and_takes_over_their_parent
         held = shop.hold.now(car)
         first_parent = shop.service.now(car, 1)
         jobs.perform_all()
-        (first,) = [a for a in action_rows(stepped, "paint")]
+        (first,) = [a for a in stored_actions(stepped, "paint")]
         assert first.status == "pending"
 
         second_parent = shop.service.now(car, 2)
         jobs.perform_all()
-        first_now, second = action_rows(stepped, "paint")
+        first_now, second = stored_actions(stepped, "paint")
         assert first_now.status == "superseded"
         assert first_now.completed_at is not None
         assert second.status == "pending"
@@ -384,7 +374,7 @@ def test_a_newcomer_supersedes_older_pending_actions_and_takes_over_their_parent
     assert status(stepped, third.id) == "succeeded"
     assert status(stepped, first_parent.id) == "succeeded"
     assert status(stepped, second_parent.id) == "succeeded"
-    assert [a.status for a in action_rows(stepped, "paint")] == [
+    assert [a.status for a in stored_actions(stepped, "paint")] == [
         "superseded",
         "superseded",
         "succeeded",
@@ -413,7 +403,7 @@ def test_superseding_a_child_nested_several_levels_deep(stepped: Stepped, car: C
         held = shop.hold.now(car)
         root = nest.now(car, 4)
         jobs.perform_all()
-        (deep_paint,) = action_rows(stepped, "paint")
+        (deep_paint,) = stored_actions(stepped, "paint")
         assert deep_paint.status == "pending"
         assert deep_paint.ancestry.count(",") == 6  # five ancestors
         newcomer = shop.paint.now(car, "top")
@@ -430,7 +420,7 @@ def test_superseding_a_child_nested_several_levels_deep(stepped: Stepped, car: C
     assert status(stepped, held.id) == "succeeded"
     assert status(stepped, newcomer.id) == "succeeded"
     assert status(stepped, root.id) == "succeeded"
-    assert [a.status for a in action_rows(stepped, "nest")] == ["succeeded"] * 5
+    assert [a.status for a in stored_actions(stepped, "nest")] == ["succeeded"] * 5
     assert load_car(stepped, car.id).log == "hold;nest0;nest1;nest2;nest3;nest4;"
     assert load_car(stepped, car.id).honks == 1
     assert redis_keys(stepped) == []
@@ -449,7 +439,7 @@ def test_superseding_a_sibling_releases_its_slot(stepped: Stepped, car: Car) -> 
         held = shop.hold.now(car)
         parent = twice.now(car)
         jobs.perform_all()
-        first, second = action_rows(stepped, "paint")
+        first, second = stored_actions(stepped, "paint")
         assert (first.status, second.status) == ("superseded", "pending")
         step = stepped.get_action(parent.id).steps[0]
         assert step.pending_actions_count == 1
@@ -472,7 +462,7 @@ def test_a_failing_superseder_fails_the_parents_it_took_over(stepped: Stepped, c
         parent = shop.service.now(car, 1)
         jobs.perform_all()
         newcomer = shop.hold.now(car)  # outbound: we fail it from outside
-        assert [a.status for a in action_rows(stepped, "paint")] == ["superseded"]
+        assert [a.status for a in stored_actions(stepped, "paint")] == ["superseded"]
         stepped.complete(held.id)
         jobs.perform_all()
         assert status(stepped, newcomer.id) == "performing"
@@ -521,7 +511,7 @@ def test_identical_checksum_performing_in_the_lane_shares_the_action(
         assert again.id == performing.id and again.status == "performing"
         first, second = trip.now(car, 1), trip.now(car, 2)
         jobs.perform_all()
-        assert [a.id for a in action_rows(stepped, "visit")] == [performing.id]
+        assert [a.id for a in stored_actions(stepped, "visit")] == [performing.id]
         for parent in (first, second):
             step = stepped.get_action(parent.id).steps[0]
             assert [a.id for a in step.actions] == [performing.id]
@@ -598,7 +588,7 @@ def test_an_achieved_child_is_skipped_and_counts_as_success(stepped: Stepped, ca
         parent = trip.now(car)
         perform_stepped_actions(stepped)
     assert status(stepped, parent.id) == "succeeded"
-    assert len(action_rows(stepped, "visit")) == 1
+    assert len(stored_actions(stepped, "visit")) == 1
     assert load_car(stepped, car.id).log == "paris;"
 
 
@@ -698,7 +688,7 @@ def test_sharing_never_attaches_to_an_action_that_already_completed(
         assert stepped.lanes.current_checksum(key) == (performing.id, checksum_digest("paris"))
         parent = trip.now(car)
         jobs.perform_all()
-        visits = action_rows(stepped, "visit")
+        visits = stored_actions(stepped, "visit")
         assert [v.status for v in visits] == ["succeeded", "pending"]
         assert stepped.lanes.get(key) == Lane(key, performing.id, [visits[1].id])
         # the second half: the lane moves on, the newcomer performs
@@ -752,14 +742,14 @@ def test_a_descendant_joining_its_ancestors_lane_is_deadlocked(stepped: Stepped,
     finally:
         signals.exception_handled.disconnect(on_handled)
 
-    (polished,) = action_rows(stepped, "polish")
+    (polished,) = stored_actions(stepped, "polish")
     assert polished.status == "deadlocked"
     assert polished.completed_at is not None and polished.started_at is None
     assert [type(e) for e in handled] == [Deadlock]
     done = stepped.get_action(root.id)
     assert done.status == "failed"
     assert [s.status for s in done.steps] == ["failed"]
-    assert [a.status for a in action_rows(stepped, "nest")] == ["failed"]
+    assert [a.status for a in stored_actions(stepped, "nest")] == ["failed"]
     assert load_car(stepped, car.id).log == ""
     assert redis_keys(stepped) == []
 
@@ -773,11 +763,11 @@ def test_a_deadlock_raises_unless_handled(stepped: Stepped, car: Car) -> None:
             pytest.raises(Deadlock, match="ancestor"),
         ):
             perform_stepped_actions(stepped)
-    (polished,) = action_rows(stepped, "polish")
+    (polished,) = stored_actions(stepped, "polish")
     assert polished.status == "deadlocked"
     # the parent step failed before the exception propagated
     assert status(stepped, root.id) == "failed"
-    assert [a.status for a in action_rows(stepped, "nest")] == ["failed"] * 3
+    assert [a.status for a in stored_actions(stepped, "nest")] == ["failed"] * 3
     assert redis_keys(stepped) == []
 
 
@@ -796,7 +786,7 @@ def test_an_identical_checksum_on_an_ancestor_is_a_deadlock_not_a_share(
         root = sync.now(car, 1)
         perform_stepped_actions(stepped)
 
-    first, child = action_rows(stepped, "sync")
+    first, child = stored_actions(stepped, "sync")
     assert first.id == root.id and first.status == "failed"
     assert child.status == "deadlocked"
     assert redis_keys(stepped) == []
@@ -848,7 +838,7 @@ def decision_cost(stepped: Stepped, depth: int) -> dict[str, int]:
                 jobs.perform()
             finally:
                 del runtime._deadlock
-    polished = action_rows(stepped, "polish")[-1]
+    polished = stored_actions(stepped, "polish")[-1]
     assert polished.status == "deadlocked"
     assert polished.ancestry.count(",") == depth + 3  # tidy and depth + 1 nest levels
     return decided
@@ -967,7 +957,7 @@ def test_a_redelivered_start_recovers_from_a_crash_while_superseding(
         held = shop.hold.now(car)
         first_parent = shop.service.now(car, 1)
         jobs.perform_all()
-        (first,) = action_rows(stepped, "paint")
+        (first,) = stored_actions(stepped, "paint")
         second_parent = shop.service.now(car, 2)
         (start,) = jobs._take("action")
         crash_after_sql_supersede(stepped, monkeypatch, reached_redis)
@@ -976,7 +966,7 @@ def test_a_redelivered_start_recovers_from_a_crash_while_superseding(
 
         # SQL: the old one is superseded and its parent waits on the newcomer; Redis:
         # the old one still holds its place (or the newcomer took it already).
-        first, second = action_rows(stepped, "paint")
+        first, second = stored_actions(stepped, "paint")
         assert (first.status, second.status) == ("superseded", "pending")
         step = stepped.get_action(first_parent.id).steps[0]
         waiting = [
@@ -989,10 +979,10 @@ def test_a_redelivered_start_recovers_from_a_crash_while_superseding(
 
         stepped.dispatcher.run(start)  # the broker delivers the message again
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [second.id])
-        assert len(action_rows(stepped, "paint")) == 2
+        assert len(stored_actions(stepped, "paint")) == 2
         perform_stepped_actions(stepped, complete_outbound=succeed_outbound)
 
-    assert [a.status for a in action_rows(stepped, "paint")] == ["superseded", "succeeded"]
+    assert [a.status for a in stored_actions(stepped, "paint")] == ["superseded", "succeeded"]
     assert status(stepped, first_parent.id) == "succeeded"
     assert status(stepped, second_parent.id) == "succeeded"
     assert load_car(stepped, car.id).honks == 1
@@ -1012,7 +1002,7 @@ def test_a_superseded_action_reaching_the_lane_front_before_the_redelivery_moves
         crash_after_sql_supersede(stepped, monkeypatch)
         with pytest.raises(Crash):
             stepped.dispatcher.run(start)
-        first, second = action_rows(stepped, "paint")
+        first, second = stored_actions(stepped, "paint")
 
         # the lane moves on before the message comes back: the superseded action
         # reaches the front and is released at once, nothing runs
@@ -1039,7 +1029,7 @@ def test_an_action_superseded_while_promoted_releases_the_lane(stepped: Stepped,
         held = shop.hold.now(car)
         parent = shop.service.now(car, 1)
         jobs.perform_all()
-        (old,) = action_rows(stepped, "paint")
+        (old,) = stored_actions(stepped, "paint")
         stepped.complete(held.id)  # promotes old; its resume message is in flight
         assert stepped.lanes.get(SHOP) == Lane(SHOP, old.id, [])
         newcomer = shop.hold.now(car)  # queued behind old, which is still pending in SQL

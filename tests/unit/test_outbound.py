@@ -12,15 +12,8 @@ from celery_stepped import ActionStatus, Step, Stepped, signals
 from celery_stepped.canvas import Job
 from celery_stepped.models import Action, ParentLink
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
-from tests.conftest import load_car, make_car
+from tests.conftest import load_car, make_car, stored_actions
 from tests.models import Car
-
-
-def actions_named(stepped: Stepped, name: str) -> list[Action]:
-    with stepped.session() as session:
-        rows = list(session.scalars(select(Action).where(Action.name == name).order_by(Action.id)))
-        session.expunge_all()
-        return rows
 
 
 def define_outbound(stepped: Stepped, **options: Any) -> tuple[Any, Any]:
@@ -57,7 +50,7 @@ def test_outbound_stays_performing_until_completed(stepped: Stepped, car: Car) -
     with stepped.capture() as jobs:
         root = checkout.now(car)
         perform_stepped_actions(stepped)
-        (child,) = actions_named(stepped, "charge")
+        (child,) = stored_actions(stepped, "charge")
         assert child.status == "performing" and child.outbound
         assert stepped.get_action(root.id).status == "performing"
         assert stepped.lanes.get(child.concurrency_key).current_id == child.id
@@ -99,7 +92,7 @@ def test_complete_later_and_stepped_complete(stepped: Stepped, car: Car) -> None
         ]
         perform_stepped_actions(stepped)
     assert stepped.get_action(root.id).status == "succeeded"
-    (child,) = actions_named(stepped, "charge")
+    (child,) = stored_actions(stepped, "charge")
     assert stepped.complete(child.id, "failed") is None  # already final
     with pytest.raises(ValueError, match="status"):
         stepped.complete(child.id, "superseded")
@@ -241,7 +234,7 @@ def test_timeout_fires_only_after_the_deadline(stepped: Stepped, car: Car, timeo
     with stepped.capture() as jobs:
         root = checkout.now(car)
         jobs.perform(only="action")
-        (child,) = actions_named(stepped, "charge")
+        (child,) = stored_actions(stepped, "charge")
         assert child.timeout_seconds == 5.0
         assert [(j.kind, j.name) for j in jobs.enqueued] == [("timeout", "charge")]
         assert jobs._jobs[0].countdown == 5.0
@@ -280,7 +273,7 @@ def test_timeouts_propagate_up_a_tree(stepped: Stepped, car: Car) -> None:
         perform_stepped_actions(stepped)
         stepped.clock = lambda: real_clock() + timedelta(seconds=2)
         perform_stepped_actions(stepped)
-    assert [a.status for a in actions_named(stepped, "checkout")] == ["failed"]
+    assert [a.status for a in stored_actions(stepped, "checkout")] == ["failed"]
     assert stepped.get_action(root.id).status == "failed"
 
 
@@ -309,7 +302,7 @@ def test_unhandled_step_error_propagates_and_redelivery_does_not_double(
         (start,) = jobs._jobs
         with pytest.raises(ConnectionError):
             jobs.perform()
-        (action,) = actions_named(stepped, "fragile")
+        (action,) = stored_actions(stepped, "fragile")
         assert action.status == "performing"
         assert load_car(stepped, car.id).log == ""  # the whole step rolled back
         for _ in range(3):  # Celery delivers the message again (and again)
@@ -322,10 +315,10 @@ def test_unhandled_step_error_propagates_and_redelivery_does_not_double(
         jobs._jobs.clear()
     assert load_car(stepped, car.id).log == "body;"
     assert load_car(stepped, car.id).honks == 2
-    assert len(actions_named(stepped, "honk")) == 2
+    assert len(stored_actions(stepped, "honk")) == 2
     done = stepped.get_action(action.id)
     assert done.status == "succeeded"
-    assert len(actions_named(stepped, "fragile")) == 1
+    assert len(stored_actions(stepped, "fragile")) == 1
 
 
 def test_duplicate_wait_and_advance_messages_count_once(stepped: Stepped, car: Car) -> None:
@@ -372,7 +365,7 @@ def test_handled_key_block_errors_fail_without_rows(stepped: Stepped) -> None:
 
     action = keyed.now(car)
     assert action.status == "failed" and action.id is None
-    assert actions_named(stepped, "keyed") == []
+    assert stored_actions(stepped, "keyed") == []
     with handle_stepped_action_exceptions(stepped, only=(KeyError,)), pytest.raises(LookupError):
         keyed.now(car)
 
@@ -408,7 +401,7 @@ def test_redelivery_runs_the_after_callbacks_a_crash_skipped(stepped: Stepped, c
     with stepped.capture():
         root = deal.now(car)
         perform_stepped_actions(stepped)
-        (child,) = actions_named(stepped, "sign")
+        (child,) = stored_actions(stepped, "sign")
         # The first run committed the final status and the first callback, then died.
         with stepped.session() as session:
             session.execute(
