@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -520,7 +521,11 @@ class Runtime:
                     s,
                     update(Action)
                     .where(Action.id == old, Action.status == PENDING)
-                    .values(status=ActionStatus.SUPERSEDED.value, completed_at=self.now()),
+                    .values(
+                        status=ActionStatus.SUPERSEDED.value,
+                        completed_at=self.now(),
+                        superseded_by_id=newcomer_id,
+                    ),
                 )
                 if done:
                     superseded.append(old)
@@ -747,7 +752,8 @@ class Runtime:
             except Exception as exc:
                 s.rollback()
                 self._report_or_raise(exc, action_id, index, "step")
-                return self._failed_step(action_id, index, started), StepStatus.FAILED.value
+                outcome = self._failed_step(action_id, index, started, error_record(exc))
+                return outcome, StepStatus.FAILED.value
             step = self._new_step(action_id, index, started, context)
             s.add(step)
             try:
@@ -782,7 +788,7 @@ class Runtime:
             completed_at=None if members else self.now(),
         )
 
-    def _failed_step(self, action_id: int, index: int, started: Any) -> str:
+    def _failed_step(self, action_id: int, index: int, started: Any, error: dict[str, Any]) -> str:
         with self._session() as s:
             step = Step(
                 action_id=action_id,
@@ -790,6 +796,7 @@ class Runtime:
                 status=StepStatus.FAILED.value,
                 started_at=started,
                 completed_at=self.now(),
+                error=error,
             )
             s.add(step)
             try:
@@ -1224,6 +1231,12 @@ class Runtime:
             exc, action_id=action_id, step_index=index, block=block
         ):
             raise exc
+
+
+def error_record(exc: BaseException, frames: int = 5) -> dict[str, Any]:
+    """What a row keeps of an exception: class, message and the last traceback frames."""
+    tail = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-frames)
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": "".join(tail)}
 
 
 def _counted_links_of_performing(*where: Any) -> Any:

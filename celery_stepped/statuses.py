@@ -35,3 +35,24 @@ class StepStatus(StrEnum):
 FINAL_STATUSES: frozenset[str] = frozenset(s.value for s in ActionStatus if s.is_final)
 #: Statuses an outside caller may complete an action with, and the after-callback keys.
 COMPLETION_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled", "timed_out")
+
+
+class LinkState(StrEnum):
+    """State of a :class:`~celery_stepped.models.ParentLink` (one member of a step's join)."""
+
+    #: The step waits on this member.
+    WAITING = "waiting"
+    #: The member's outcome was counted, once.
+    DONE = "done"
+    #: Its action was superseded; the step now waits on the superseder (a copy link).
+    TRANSFERRED = "transferred"
+    #: The slot was given up without an outcome (the step already waits on the superseder).
+    RELEASED = "released"
+
+
+class LinkKind(StrEnum):
+    """What a step's join member is."""
+
+    ACTION = "action"
+    WAIT = "wait"
+    TASK = "task"

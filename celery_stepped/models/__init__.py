@@ -31,7 +31,7 @@ from ..statuses import FINAL_STATUSES, ActionStatus, StepStatus
 if TYPE_CHECKING:
     from ..extension import Stepped
 
-__all__ = ["Achievement", "Action", "Base", "ParentLink", "Step"]
+__all__ = ["Achievement", "Action", "Base", "OutboxEntry", "ParentLink", "Step"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -125,6 +125,10 @@ class Action(Base):
     ancestry: Mapped[str] = mapped_column(Text, default=",")
     #: Idempotency key of the message that created a root action (its task id).
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    #: Why the action failed when no step says so: ``{"type", "message", "traceback"}``.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The action that superseded this one (``status == "superseded"``).
+    superseded_by_id: Mapped[int | None] = mapped_column(Integer)
 
     steps: Mapped[list[Step]] = relationship(
         back_populates="action", order_by="Step.definition_index"
@@ -192,6 +196,8 @@ class Step(Base):
     unsuccessful_actions_count: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column()
     completed_at: Mapped[datetime | None] = mapped_column()
+    #: The exception that failed the body: ``{"type", "message", "traceback"}``.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     action: Mapped[Action] = relationship(back_populates="steps")
     actions: Mapped[list[Action]] = relationship(
@@ -210,6 +216,20 @@ class Step(Base):
 
     def __repr__(self) -> str:
         return f"<Step {self.id} action={self.action_id} #{self.definition_index} {self.status}>"
+
+
+class OutboxEntry(Base):
+    """A message a transition decided, written in the transition's transaction.
+
+    Sent after the commit and deleted once sent; an entry a crash left behind is sent
+    again by the next sweep (every message is idempotent).
+    """
+
+    __tablename__ = "stepped_outbox"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Achievement(Base):
