@@ -5,7 +5,8 @@ See API.md for the contract; the public names are exported here.
 
 from __future__ import annotations
 
-from .definition import SteppedAction, SteppedSignature
+from .canvas import SteppedSignature
+from .definition import SteppedAction
 from .errors import (
     ActionNotFound,
     ActorNotFound,
@@ -16,10 +17,11 @@ from .errors import (
 )
 from .extension import Stepped
 from .lanes import Lane
-from .runtime import StepContext
 from .statuses import ActionStatus, StepStatus
+from .step import Step
 
-Step = StepContext
+#: The former name of :class:`Step`.
+StepContext = Step
 
 __all__ = [
     "ActionNotFound",

@@ -109,7 +109,7 @@ def _definition_facts(
 ) -> tuple[list[str] | None, bool]:
     """Step names of a definition and whether it has a checksum (None: not defined here)."""
     try:
-        definition = stepped.runtime.definition_for(actor_type, name)
+        definition = stepped.definition_for(actor_type, name)
     except (SteppedError, LookupError, TypeError):
         return None, False
     names = [getattr(b, "__name__", "step").lstrip("_") for b in definition.steps_for_run()]

@@ -10,21 +10,20 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol
 
 from celery import Task
-from celery.canvas import Signature
 
+from .canvas import SteppedSignature
 from .statuses import COMPLETION_STATUSES
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
 
-    from .extension import Stepped
     from .models import Action
-    from .runtime import StepContext
+    from .step import Step
 
-__all__ = ["SteppedAction", "SteppedSignature"]
+__all__ = ["Definitions", "Runner", "SteppedAction", "function_step"]
 
 P = ParamSpec("P")
 StepFn = Callable[..., Any]
@@ -59,18 +58,36 @@ def _first_param_class(fn: Callable[..., Any], skip_step: bool) -> type | None:
     return annotation if isinstance(annotation, type) else None
 
 
-class SteppedSignature(Signature):
-    """A Celery signature of a stepped action: ``drive.s(car, 5).later()``."""
+class Runner(Protocol):
+    """What a definition calls to run its actions (the engine's client side)."""
 
-    def later(self, **options: Any) -> AsyncResult:
-        """Enqueue the start of the root action this signature describes."""
-        action = self.type
-        return action.later(*self.args, **options)
+    def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:
+        """Start a root action in this process."""
 
-    def now(self) -> Action:
-        """Run the action's synchronous part in this process."""
-        action = self.type
-        return action.now(*self.args)
+    def start_later(self, name: str, actor: Any, args: list[Any]) -> AsyncResult:
+        """Enqueue the start of a root action."""
+
+    def complete_outbound(self, actor: Any, name: str, status: str) -> Action | None:
+        """Complete the performing outbound action ``name`` on ``actor``."""
+
+    def complete_outbound_later(self, actor: Any, name: str, status: str) -> AsyncResult | None:
+        """Enqueue completing the performing outbound action ``name`` on ``actor``."""
+
+    def load_arguments(self, value: Any) -> Any:
+        """Arguments with actor references loaded."""
+
+
+class Definitions(Protocol):
+    """Where definitions are registered (the :class:`~celery_stepped.registry.Registry`)."""
+
+    def add(self, definition: SteppedAction[Any]) -> None:
+        """Register (or replace) a definition."""
+
+    def remove(self, definition: SteppedAction[Any]) -> None:
+        """Forget a definition."""
+
+    def own(self, actor_class: type, name: str) -> SteppedAction[Any] | None:
+        """The definition registered on exactly ``actor_class``, if any."""
 
 
 class SteppedAction(Task, Generic[P]):
@@ -88,7 +105,8 @@ class SteppedAction(Task, Generic[P]):
 
     def __init__(
         self,
-        stepped: Stepped,
+        runner: Runner,
+        definitions: Definitions,
         action_name: str,
         *,
         actor: type | None = None,
@@ -109,7 +127,8 @@ class SteppedAction(Task, Generic[P]):
             raise TypeError("timeout must be seconds, a timedelta or a callable(actor)")
         if checksum is not None and not callable(checksum):
             raise TypeError("checksum must be a callable (actor, *args)")
-        self.stepped = stepped
+        self.runner = runner
+        self.definitions = definitions
         self.action_name = action_name
         self.name = f"stepped.action.{action_name}"
         self.actor_class = actor
@@ -129,8 +148,22 @@ class SteppedAction(Task, Generic[P]):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task body directly; used on a function, it adopts it as a step."""
         if len(args) == 1 and not kwargs and inspect.isfunction(args[0]) and not self._steps:
-            return self.stepped.adopt_function(self, args[0])
+            return self.adopt(args[0])
         return super().__call__(*args, **kwargs)
+
+    def adopt(self, fn: Callable[..., Any]) -> SteppedAction[P]:
+        """``@app.stepped_action("name")`` used as a decorator: ``fn`` is the first step.
+
+        A definition without an actor class takes the one ``fn`` declares.
+        """
+        self.step(function_step(fn))
+        if self.actor_class is None:
+            owner = actor_class_of(fn)
+            if owner is not None:
+                self.definitions.remove(self)
+                self.actor_class = owner
+                self.definitions.add(self)
+        return self
 
     # -- parts ---------------------------------------------------------------------
 
@@ -205,7 +238,19 @@ class SteppedAction(Task, Generic[P]):
 
     def for_actor(self, actor_class: type) -> SteppedAction[P]:
         """The definition as extended for ``actor_class`` only."""
-        return self.stepped.registry.extend(self, actor_class)
+        existing = self.definitions.own(actor_class, self.action_name)
+        if existing is not None and existing.parent is self:
+            return existing
+        if self.actor_class is not None and not issubclass(actor_class, self.actor_class):
+            raise TypeError(
+                f"{actor_class.__name__} is not a subclass of {self.actor_class.__name__}"
+            )
+        extended: SteppedAction[P] = SteppedAction(
+            self.runner, self.definitions, self.action_name, actor=actor_class, parent=self
+        )
+        extended.outbound = self.outbound
+        self.definitions.add(extended)
+        return extended
 
     # -- resolved parts --------------------------------------------------------------
 
@@ -243,20 +288,20 @@ class SteppedAction(Task, Generic[P]):
     def now(self, actor: Any, *args: P.args, **kwargs: P.kwargs) -> Action:
         """Start the action in this process and return it (see API.md section 4)."""
         _no_kwargs(kwargs)
-        return self.stepped.runtime.start_now(self.action_name, actor, list(args))
+        return self.runner.start_now(self.action_name, actor, list(args))
 
     def later(self, actor: Any, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """Enqueue the start of a root action; returns the Celery ``AsyncResult``."""
         _no_kwargs(kwargs)
-        return self.stepped.runtime.start_later(self.action_name, actor, list(args))
+        return self.runner.start_later(self.action_name, actor, list(args))
 
     def complete_now(self, actor: Any, status: str = "succeeded") -> Action | None:
         """Complete the performing outbound action of this name on ``actor``."""
-        return self.stepped.complete_outbound(actor, self.action_name, status)
+        return self.runner.complete_outbound(actor, self.action_name, status)
 
     def complete_later(self, actor: Any, status: str = "succeeded") -> AsyncResult | None:
         """Enqueue completing the performing outbound action of this name on ``actor``."""
-        return self.stepped.complete_outbound_later(actor, self.action_name, status)
+        return self.runner.complete_outbound_later(actor, self.action_name, status)
 
     def signature(self, args: Any = None, *starargs: Any, **starkwargs: Any) -> SteppedSignature:
         """A :class:`SteppedSignature` for this action."""
@@ -268,9 +313,9 @@ class SteppedAction(Task, Generic[P]):
     def run(self, actor: Any, *args: Any) -> Any:
         """Celery entry point: a direct call or ``delay`` starts the action now."""
         if isinstance(actor, dict):
-            actor = self.stepped.actors.load(actor)
-            args = tuple(self.stepped.actors.load(list(args)))
-        action = self.stepped.runtime.start_now(self.action_name, actor, list(args))
+            actor = self.runner.load_arguments(actor)
+            args = tuple(self.runner.load_arguments(list(args)))
+        action = self.runner.start_now(self.action_name, actor, list(args))
         return action.id
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
@@ -280,7 +325,7 @@ class SteppedAction(Task, Generic[P]):
             _no_kwargs(kwargs)
         if not args:
             raise TypeError(f"{self.action_name} needs an actor as its first argument")
-        return self.stepped.runtime.start_later(self.action_name, args[0], args[1:])
+        return self.runner.start_later(self.action_name, args[0], args[1:])
 
     def __repr__(self) -> str:
         owner = self.actor_class.__name__ if self.actor_class else "any actor"
@@ -295,7 +340,7 @@ def _no_kwargs(kwargs: dict[str, Any]) -> None:
 
 
 def _method_step(name: str) -> StepFn:
-    def call_actor_method(step: StepContext, actor: Any, *args: Any) -> None:
+    def call_actor_method(step: Step, actor: Any, *args: Any) -> None:
         method = getattr(actor, name, None)
         if not callable(method):
             raise AttributeError(
@@ -307,7 +352,7 @@ def _method_step(name: str) -> StepFn:
     return call_actor_method
 
 
-def _job_step(step: StepContext, actor: Any, *args: Any) -> None:
+def _job_step(step: Step, actor: Any, *args: Any) -> None:
     step.enqueue_job()
 
 
@@ -316,7 +361,7 @@ def function_step(fn: Callable[..., Any]) -> StepFn:
     if _accepts_step(fn):
         return fn
 
-    def body(step: StepContext, actor: Any, *args: Any) -> Any:
+    def body(step: Step, actor: Any, *args: Any) -> Any:
         return fn(actor, *args)
 
     body.__name__ = getattr(fn, "__name__", "step")

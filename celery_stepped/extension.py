@@ -1,77 +1,56 @@
-"""``Stepped``: the extension object that binds Celery, SQL and Redis together."""
+"""``Stepped``: reads the configuration and wires the parts together.
+
+Nothing else happens here: every part receives its collaborators in its constructor
+(see ARCHITECTURE.md for the layers), and ``Stepped``'s own methods delegate.
+"""
 
 from __future__ import annotations
 
-import logging
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, overload
+from typing import Any
 
 import redis as redis_lib
 from celery import Celery
-from celery import signals as celery_signals
 from celery.result import AsyncResult
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, selectinload, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import Engine as SqlEngine
+from sqlalchemy.orm import Session
 
-from . import signals
 from .actors import ActorRegistry
-from .canvas import COMPLETE, Dispatcher, Job
-from .definition import SteppedAction, actor_class_of, function_step
-from .errors import ActionNotFound, ConfigurationError
+from .client import Client, check_status
+from .completing import Completer
+from .database import Database
+from .defining import Definer
+from .definition import SteppedAction
+from .engine import Engine
+from .errors import ConfigurationError
+from .events import Events
 from .lanes import Lanes
-from .models import Action, Base, Step, utcnow
+from .messages import Message
+from .models import Action, Base, utcnow
+from .outbox import BrokerOutbox, EagerOutbox, JobQueue, Outboxes
+from .performing import Performer
 from .registry import Registry
-from .runtime import Runtime
-from .statuses import COMPLETION_STATUSES, ActionStatus
-
-if TYPE_CHECKING:
-    from .testing import JobQueue
+from .repair import Repair, RepairReport
+from .starting import Starter
+from .superseding import LaneEntry
+from .tasks import register_tasks
 
 __all__ = ["Stepped"]
 
-logger = logging.getLogger("celery_stepped")
-_instances: weakref.WeakSet[Stepped] = weakref.WeakSet()
-P = ParamSpec("P")
 
-
-def _configure_sqlite(engine: Engine) -> None:
-    """WAL, a busy timeout and NORMAL sync: several worker processes on one file."""
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        if engine.url.database not in (None, "", ":memory:"):
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-
-def make_engine(database_url: str) -> Engine:
-    """An engine for ``database_url``, tuned for SQLite when it is one."""
-    if database_url.startswith("sqlite"):
-        memory = database_url in ("sqlite://", "sqlite:///:memory:")
-        kwargs: dict[str, Any] = {"connect_args": {"timeout": 30, "check_same_thread": False}}
-        if memory:
-            kwargs["poolclass"] = StaticPool
-        engine = create_engine(database_url, **kwargs)
-        _configure_sqlite(engine)
-        return engine
-    return create_engine(database_url, pool_pre_ping=True)
-
-
-def _dispose_after_fork(**_: Any) -> None:
-    """In a fresh pool process: never reuse the parent's database connections."""
-    for instance in list(_instances):
-        instance.engine.dispose(close=False)
-
-
-celery_signals.worker_process_init.connect(_dispose_after_fork, weak=False)
+def _required(database_url: Any, has_database: bool, redis_url: Any, redis: Any) -> None:
+    if not has_database and not database_url:
+        raise ConfigurationError(
+            "Stepped needs a database: pass database_url=, engine= or session_factory=, "
+            "or set app.conf.stepped_database_url"
+        )
+    if redis is None and not redis_url:
+        raise ConfigurationError(
+            "Stepped needs Redis for its lanes: pass redis_url= or redis=, "
+            "or set app.conf.stepped_redis_url"
+        )
 
 
 class Stepped:
@@ -91,14 +70,12 @@ class Stepped:
         ConfigurationError: a database or Redis setting is missing.
     """
 
-    _current: ClassVar[Stepped | None] = None
-
     def __init__(
         self,
         app: Celery,
         *,
         database_url: str | None = None,
-        engine: Engine | None = None,
+        engine: SqlEngine | None = None,
         session_factory: Callable[[], Session] | None = None,
         redis_url: str | None = None,
         redis: redis_lib.Redis | None = None,
@@ -106,152 +83,75 @@ class Stepped:
         handle_exceptions: tuple[type[BaseException], ...] | None = None,
     ) -> None:
         conf = app.conf
-        self.app = app
         database_url = database_url or conf.get("stepped_database_url")
         redis_url = redis_url or conf.get("stepped_redis_url")
-        if engine is None and session_factory is None and not database_url:
-            raise ConfigurationError(
-                "Stepped needs a database: pass database_url=, engine= or session_factory=, "
-                "or set app.conf.stepped_database_url"
-            )
-        if redis is None and not redis_url:
-            raise ConfigurationError(
-                "Stepped needs Redis for its lanes: pass redis_url= or redis=, "
-                "or set app.conf.stepped_redis_url"
-            )
+        has_database = engine is not None or session_factory is not None
+        _required(database_url, has_database, redis_url, redis)
+        self.app = app
         self.queue: str = queue or conf.get("stepped_queue") or "stepped"
-        handled = handle_exceptions
-        if handled is None:
-            handled = conf.get("stepped_handle_exceptions") or (Exception,)
-        self.handle_exceptions: tuple[type[BaseException], ...] = tuple(handled)
-        if session_factory is None:
-            engine = engine or make_engine(str(database_url))
-            session_factory = sessionmaker(engine, expire_on_commit=False)
-        self.session_factory: Callable[[], Session] = session_factory
-        self.engine: Engine = engine or self._engine_of(session_factory)
-        if self.engine.dialect.name == "sqlite" and engine is not None and database_url is None:
-            _configure_sqlite(self.engine)
+        handled = handle_exceptions or conf.get("stepped_handle_exceptions") or (Exception,)
+        self.database = Database(database_url, engine, session_factory)
+        self.session_factory: Callable[[], Session] = self.database.session_factory
+        self.engine: SqlEngine = self.database.engine
         self.redis: redis_lib.Redis = redis or redis_lib.Redis.from_url(str(redis_url))
         self.clock: Callable[[], datetime] = utcnow
-        self.lanes = Lanes(self.redis)
-        self.registry = Registry()
-        self.actors = ActorRegistry(self.session_factory)
-        self.runtime = Runtime(self)
-        self.dispatcher = Dispatcher(self)
-        from .tasks import register_tasks
-
-        self.tasks = register_tasks(self)
+        self.events = Events(self, tuple(handled))
+        self._wire()
         app.stepped = self
         app.stepped_action = self.action
-        Stepped._current = self
-        _instances.add(self)
 
-    @staticmethod
-    def _engine_of(session_factory: Callable[[], Session]) -> Engine:
-        with session_factory() as session:
-            bind = session.get_bind()
-        if not isinstance(bind, Engine):
-            bind = bind.engine
-        return bind
-
-    @classmethod
-    def current(cls) -> Stepped:
-        """The most recently created instance (used by ``Action.actor``)."""
-        if cls._current is None:
-            raise ConfigurationError("no Stepped instance has been created")
-        return cls._current
-
-    # -- defining -------------------------------------------------------------------------
-
-    @overload
-    def action(self, name_or_fn: Callable[Concatenate[Any, P], Any]) -> SteppedAction[P]: ...
-
-    @overload
-    def action(
-        self,
-        name_or_fn: str | None = None,
-        *,
-        actor: type | None = None,
-        outbound: bool = False,
-        timeout: Any = None,
-        job: Any = None,
-        concurrency_key: Any = None,
-        checksum: Callable[..., Any] | None = None,
-        checksum_key: Any = None,
-        queue: str | None = None,
-    ) -> Any: ...
-
-    def action(
-        self,
-        name_or_fn: Any = None,
-        *,
-        actor: type | None = None,
-        outbound: bool = False,
-        timeout: Any = None,
-        job: Any = None,
-        concurrency_key: Any = None,
-        checksum: Callable[..., Any] | None = None,
-        checksum_key: Any = None,
-        queue: str | None = None,
-    ) -> Any:
-        """Define an action (``app.stepped_action``): bare decorator, decorator factory,
-        or ``app.stepped_action("name", actor=Car)`` returning the definition."""
-        options = dict(
-            outbound=outbound,
-            timeout=timeout,
-            job=job,
-            concurrency_key=concurrency_key,
-            checksum=checksum,
-            checksum_key=checksum_key,
-            queue=queue,
+    def _wire(self) -> None:
+        """Build the parts, each with its collaborators."""
+        sessions, clock = self.session_factory, self._now
+        self.lanes = Lanes(self.redis)
+        self.registry = Registry()
+        self.actors = ActorRegistry(sessions)
+        self.outboxes = Outboxes(
+            self.app, BrokerOutbox(self.app, self.queue), EagerOutbox(self._run_message)
         )
-        if callable(name_or_fn) and not isinstance(name_or_fn, str):
-            return self._define_function(name_or_fn, None, actor, options)
-        if isinstance(name_or_fn, str) and (actor is not None or _any_option(options)):
-            return self._define(name_or_fn, actor, options)
-        if isinstance(name_or_fn, str):
-            return self._define(name_or_fn, None, options)
+        lookup, events = self.definition_for, self.events
+        self.core = Engine(
+            sessions,
+            Starter(sessions, self.actors, self.lanes, lookup, events, clock),
+            LaneEntry(sessions, self.lanes, events, clock),
+            Performer(sessions, self.actors, lookup, self.registry.find, events, clock),
+            Completer(sessions, self.actors, self.lanes, lookup, events, clock),
+            self.outboxes,
+            lookup,
+            events,
+            clock,
+        )
+        self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
+        self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
+        self.action = Definer(self.app, self.registry, self.client).action
+        self.repairer = Repair(
+            sessions,
+            self.lanes,
+            self.core.entry,
+            self.core.performer,
+            lookup,
+            self.outboxes,
+            clock,
+        )
 
-        def decorate(fn: Callable[..., Any]) -> SteppedAction[Any]:
-            return self._define_function(fn, name_or_fn, actor, options)
+    def _now(self) -> datetime:
+        return self.clock()
 
-        return decorate
+    def _run_message(self, message: Message) -> bool:
+        return self.core.run_message(message)
 
-    def _define_function(
-        self,
-        fn: Callable[..., Any],
-        name: str | None,
-        actor: type | None,
-        options: dict[str, Any],
-    ) -> SteppedAction[Any]:
-        definition = self._define(name or fn.__name__, actor or actor_class_of(fn), options)
-        definition.step(function_step(fn))
-        definition.__doc__ = fn.__doc__
-        return definition
+    @property
+    def handle_exceptions(self) -> tuple[type[BaseException], ...]:
+        """Exception classes turned into failure, read at run time."""
+        return self.events.handle_exceptions
 
-    def adopt_function(
-        self, definition: SteppedAction[Any], fn: Callable[..., Any]
-    ) -> SteppedAction[Any]:
-        """``@app.stepped_action("name")`` used as a decorator: ``fn`` is the first step."""
-        definition.step(function_step(fn))
-        if definition.actor_class is None:
-            owner = actor_class_of(fn)
-            if owner is not None:
-                self.registry.remove(definition)
-                definition.actor_class = owner
-                self.registry.add(definition)
-        return definition
+    @handle_exceptions.setter
+    def handle_exceptions(self, value: tuple[type[BaseException], ...]) -> None:
+        self.events.handle_exceptions = tuple(value)
 
-    def _define(self, name: str, actor: type | None, options: dict[str, Any]) -> SteppedAction[Any]:
-        job = options.get("job")
-        if job is not None and not hasattr(job, "apply_async"):
-            raise TypeError("job= takes a Celery task")
-        cls = type(f"SteppedAction_{name}", (SteppedAction,), {"__module__": __name__})
-        definition: SteppedAction[Any] = cls(self, name, actor=actor, **options)
-        self.registry.add(definition)
-        if definition.name not in self.app.tasks:
-            self.app.register_task(definition)
-        return definition
+    def definition_for(self, actor_type: str, name: str) -> SteppedAction[Any]:
+        """The definition of ``name`` for the actor type called ``actor_type``."""
+        return self.registry.find(self.actors.resolve(actor_type).cls, name)
 
     def register_actor(
         self,
@@ -266,18 +166,9 @@ class Stepped:
 
     # -- database ---------------------------------------------------------------------------
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self) -> AbstractContextManager[Session]:
         """A session on the Stepped engine: commit on success, rollback on error."""
-        session = self.session_factory()
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        return self.database.session()
 
     def create_all(self) -> None:
         """Create the Stepped tables (quick start; production uses ``migrate``)."""
@@ -295,22 +186,9 @@ class Stepped:
 
     def get_action(self, action_id: int) -> Action:
         """The action, detached, with its steps (and their children) loaded."""
-        with self.session_factory() as session:
-            action = session.scalar(
-                select(Action)
-                .where(Action.id == int(action_id))
-                .options(
-                    selectinload(Action.steps).selectinload(Step.actions),
-                    selectinload(Action.parent_steps),
-                )
-            )
-            if action is None:
-                raise ActionNotFound(f"no action with id {action_id}")
-            session.expunge_all()
-        action._stepped = self
-        return action
+        return self.client.get_action(action_id)
 
-    # -- completing -------------------------------------------------------------------------
+    # -- completing and operating -------------------------------------------------------
 
     def complete(self, action_or_id: Action | int, status: str = "succeeded") -> Action | None:
         """Complete one action (outbound, job-backed or any open one).
@@ -320,93 +198,23 @@ class Stepped:
         action_id = action_or_id.id if isinstance(action_or_id, Action) else action_or_id
         if action_id is None:
             raise ValueError("that action was never persisted")
-        return self.runtime.complete(int(action_id), str(status))
-
-    def _performing_outbound(self, actor: Any, name: str) -> Action | None:
-        type_name, identity = self.actors.identify(actor)
-        with self.session_factory() as session:
-            return session.scalar(
-                select(Action)
-                .where(
-                    Action.actor_type == type_name,
-                    Action.actor_id == identity,
-                    Action.name == name,
-                    Action.outbound.is_(True),
-                    Action.status == ActionStatus.PERFORMING.value,
-                )
-                .order_by(Action.id.desc())
-                .limit(1)
-            )
-
-    def complete_outbound(self, actor: Any, name: str, status: str = "succeeded") -> Action | None:
-        """Complete the performing outbound action ``name`` on ``actor`` (or None)."""
-        _check_status(status)
-        action = self._performing_outbound(actor, name)
-        return None if action is None else self.complete(action.id, status)
+        check_status(str(status))
+        return self.client.complete(int(action_id), str(status))
 
     def complete_outbound_later(
         self, actor: Any, name: str, status: str = "succeeded"
     ) -> AsyncResult | None:
         """Enqueue completing the performing outbound action ``name`` on ``actor``."""
-        _check_status(status)
-        action = self._performing_outbound(actor, name)
-        if action is None:
-            return None
-        job = Job(
-            "complete",
-            name,
-            COMPLETE,
-            [action.id, status],
-            display_args=[status],
-            actor=[action.actor_type, action.actor_id],
-        )
-        return self.dispatcher.send_one(job)
-
-    # -- exceptions ---------------------------------------------------------------------------
+        return self.client.complete_outbound_later(actor, name, status)
 
     def report_exception(self, exc: BaseException, **context: Any) -> bool:
         """Log and signal ``exc`` if its class is handled; True when handled."""
-        if not isinstance(exc, tuple(self.handle_exceptions)):
-            return False
-        logger.error(
-            "stepped handled %s in %s (action %s, step %s): %s",
-            type(exc).__name__,
-            context.get("block"),
-            context.get("action_id"),
-            context.get("step_index"),
-            exc,
-            exc_info=exc,
-        )
-        signals.exception_handled.send(sender=self, exception=exc, **context)
-        return True
-
-    # -- testing --------------------------------------------------------------------------------
+        return self.events.handled(exc, **context)
 
     def capture(self) -> AbstractContextManager[JobQueue]:
-        """Hold every job Stepped would send in an in-process ``JobQueue``."""
-        from .testing import capture
+        """Hold every message Stepped would send in an in-process ``JobQueue``."""
+        return self.outboxes.capture(JobQueue(self._run_message, self.actors.identify))
 
-        return capture(self)
-
-    def run_user_job(self, job: Job) -> bool:
-        """Run a job-backed action's Celery task in this process (capture, eager)."""
-        from .testing import run_user_job
-
-        return run_user_job(self, job)
-
-    # -- operations -----------------------------------------------------------------------------
-
-    def repair(self, apply: bool = False) -> Any:
+    def repair(self, apply: bool = False) -> RepairReport:
         """Rebuild lanes and pending step completions from SQL (see ``stepped repair``)."""
-        from .repair import repair
-
-        return repair(self, apply=apply)
-
-
-def _any_option(options: dict[str, Any]) -> bool:
-    return any(v not in (None, False) for v in options.values())
-
-
-def _check_status(status: str) -> None:
-    if status not in COMPLETION_STATUSES:
-        raise ValueError(f"status must be one of {', '.join(COMPLETION_STATUSES)}")
+        return self.repairer.run(apply=apply)

@@ -49,22 +49,6 @@ class Registry:
         """True when some actor class defines ``name``."""
         return any(n == name for _, n in self._definitions)
 
-    def extend(self, definition: SteppedAction[Any], actor_class: type) -> SteppedAction[Any]:
-        """The definition as extended for ``actor_class`` (created on first use)."""
-        existing = self._definitions.get((actor_class, definition.action_name))
-        if existing is not None and existing.parent is definition:
-            return existing
-        if definition.actor_class is not None and not issubclass(
-            actor_class, definition.actor_class
-        ):
-            raise TypeError(
-                f"{actor_class.__name__} is not a subclass of {definition.actor_class.__name__}"
-            )
-        from .definition import SteppedAction
-
-        extended: SteppedAction[Any] = SteppedAction(
-            definition.stepped, definition.action_name, actor=actor_class, parent=definition
-        )
-        extended.outbound = definition.outbound
-        self.add(extended)
-        return extended
+    def own(self, actor_class: type, name: str) -> SteppedAction[Any] | None:
+        """The definition registered on exactly ``actor_class``, if any."""
+        return self._definitions.get((actor_class, name))

@@ -23,23 +23,28 @@ delivery. Without ``apply`` nothing changes and the report says what would be do
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from .canvas import RESUME, TIMEOUT, WAIT, Job, StepChord
+from .effects import Effects
 from .errors import SteppedError
+from .lanes import Lanes
+from .messages import Message, advance_message, resume_message, timeout_message, wait_message
 from .models import Action, ParentLink, Step
-from .statuses import ActionStatus, StepStatus
+from .outbox import Outboxes
+from .performing import Performer
+from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
+from .superseding import LaneEntry
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from .definition import SteppedAction
 
-    from .extension import Stepped
-
-__all__ = ["LaneRepair", "RepairReport", "Resend", "repair"]
+__all__ = ["LaneRepair", "Repair", "RepairReport", "Resend"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 
@@ -112,96 +117,208 @@ class RepairReport:
         }
 
 
-def repair(stepped: Stepped, apply: bool = False) -> RepairReport:
-    """Rebuild lanes and re-send what in-flight steps need, from SQL alone.
+class Repair:
+    """Repair of one Stepped instance (``stepped.repair()``, ``stepped repair``)."""
 
-    Args:
-        stepped: the Stepped instance (its app must define every action in SQL).
-        apply: make the changes; without it only report them.
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        lanes: Lanes,
+        entry: LaneEntry,
+        performer: Performer,
+        lookup: Callable[[str, str], SteppedAction[Any]],
+        outboxes: Outboxes,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.session_factory = session_factory
+        self.lanes = lanes
+        self.entry = entry
+        self.performer = performer
+        self.lookup = lookup
+        self.outboxes = outboxes
+        self.clock = clock
 
-    Returns:
-        The report; its ``lines`` describe each change.
-    """
-    report = RepairReport(applied=apply)
-    _repair_lanes(stepped, report, apply)
-    jobs: list[Job] = []
-    with stepped.session_factory() as s:
-        jobs += _unreported_steps(stepped, s, report)
-        jobs += _unclaimed_links(stepped, s, report)
-        jobs += _stalled_actions(stepped, s, report)
-        jobs += _timeouts(stepped, s, report)
-        jobs += _unreported_actions(s, report)
-    if apply:
-        stepped.dispatcher.send(jobs)
-    return report
+    def run(self, apply: bool = False) -> RepairReport:
+        """Rebuild lanes and re-send what in-flight steps need, from SQL alone.
 
+        Args:
+            apply: make the changes; without it only report them.
 
-# -- lanes ------------------------------------------------------------------------------
+        Returns:
+            The report; its ``lines`` describe each change.
+        """
+        report = RepairReport(applied=apply)
+        messages = self._repair_lanes(report, apply)
+        with self.session_factory() as s:
+            messages += _unreported_steps(s, report)
+            messages += self._unclaimed_links(s, report)
+            messages += self._stalled_actions(s, report)
+            messages += self._timeouts(s, report)
+            messages += _unreported_actions(s, report)
+        if apply:
+            self.outboxes.send(messages)
+        return report
 
+    # -- lanes --------------------------------------------------------------------------
 
-def _repair_lanes(stepped: Stepped, report: RepairReport, apply: bool) -> None:
-    with stepped.session_factory() as s:
+    def _repair_lanes(self, report: RepairReport, apply: bool) -> list[Message]:
+        with self.session_factory() as s:
+            rows = s.execute(
+                select(Action.id, Action.concurrency_key, Action.status, Action.checksum)
+                .where(Action.status.in_((PENDING, PERFORMING)))
+                .order_by(Action.id)
+            ).all()
+        by_key: dict[str, list[Any]] = defaultdict(list)
+        for row in rows:
+            by_key[row.concurrency_key].append(row)
+        messages: list[Message] = []
+        for key in sorted(set(by_key) | set(self.lanes.keys())):
+            planned = self._plan_lane(key, by_key.get(key, []), report)
+            if planned is None:
+                continue
+            report.lanes.append(planned)
+            if apply:
+                checksums = {r.id: r.checksum for r in by_key.get(key, [])}
+                messages += self._apply_lane(planned, checksums)
+        return messages
+
+    def _plan_lane(self, key: str, rows: list[Any], report: RepairReport) -> LaneRepair | None:
+        """The lane ``key`` as SQL says it must be; None when Redis already agrees."""
+        performing = [r.id for r in rows if r.status == PERFORMING]
+        pending = [r.id for r in rows if r.status == PENDING]
+        if len(performing) > 1:
+            report.problems.append(
+                f"lane {key!r} has {len(performing)} performing actions "
+                f"({', '.join(map(str, performing))}); keeping {performing[0]} as current"
+            )
+        current = performing[0] if performing else None
+        newest = pending[-1] if pending else None
+        older = pending[:-1]
+        if current is None and newest is not None:  # at the lane front: it performs next
+            current, newest = newest, None
+        lane = self.lanes.get(key)
+        found_current = lane.current_id if lane else None
+        found_pending = list(lane.pending_ids) if lane else []
+        wanted_pending = [] if newest is None else [newest]
+        if not older and found_current == current and found_pending == wanted_pending:
+            return None
+        return LaneRepair(key, current, newest, older, found_current, found_pending)
+
+    def _apply_lane(self, lane: LaneRepair, checksums: dict[int, str | None]) -> list[Message]:
+        effects = Effects()
+        if lane.superseded and lane.pending_id is not None:
+            effects = self.entry.supersede(lane.superseded, lane.pending_id)
+        current = None if lane.current_id is None else (lane.current_id, checksums[lane.current_id])
+        pending = None if lane.pending_id is None else (lane.pending_id, checksums[lane.pending_id])
+        self.lanes.restore(lane.key, current, pending)
+        finished = self._resumes(effects.finished, "superseder already final")
+        return [advance_message(step_id) for step_id in effects.ready_steps] + finished
+
+    def _resumes(self, action_ids: list[int], reason: str) -> list[Message]:
+        if not action_ids:
+            return []
+        with self.session_factory() as s:
+            actions = s.scalars(select(Action).where(Action.id.in_(action_ids))).all()
+            return [_resume(RepairReport(applied=True), a, reason) for a in actions]
+
+    # -- in-flight steps and actions ----------------------------------------------------
+
+    def _unclaimed_links(self, s: Session, report: RepairReport) -> list[Message]:
+        """Waiting members that no action claimed, and timed waits still running."""
+        links = s.scalars(
+            select(ParentLink)
+            .join(Step, Step.id == ParentLink.step_id)
+            .where(
+                ParentLink.state == LinkState.WAITING.value,
+                ParentLink.action_id.is_(None),
+                Step.status == StepStatus.PERFORMING.value,
+            )
+            .order_by(ParentLink.id)
+        ).all()
+        messages: list[Message] = []
+        for link in links:
+            if link.kind == LinkKind.WAIT:
+                messages.append(self._wait_left(link, report))
+                continue
+            try:
+                messages += self.performer.member_messages([link])
+            except SteppedError as exc:
+                report.problems.append(f"link {link.id} of step {link.step_id}: {exc}")
+                continue
+            name = (link.call or {}).get("name")
+            report.resends.append(
+                Resend("stepped.start", link.id, f"{name} for step {link.step_id} never started")
+            )
+        return messages
+
+    def _wait_left(self, link: ParentLink, report: RepairReport) -> Message:
+        seconds = float((link.call or {}).get("seconds", 0))
+        due = link.created_at + timedelta(seconds=seconds)
+        left = max(0.0, (due - self.clock()).total_seconds())
+        report.resends.append(
+            Resend("stepped.wait", link.id, f"timed wait of step {link.step_id}", left)
+        )
+        return wait_message(link.id, left)
+
+    def _stalled_actions(self, s: Session, report: RepairReport) -> list[Message]:
+        """Performing actions whose current step waits on nothing, and pending lane fronts."""
+        messages: list[Message] = []
+        actions = s.scalars(
+            select(Action).where(Action.status.in_((PENDING, PERFORMING))).order_by(Action.id)
+        ).all()
+        fronts = {lane.current_id for lane in report.lanes if lane.current_id is not None}
+        for action in actions:
+            if action.status == PENDING:
+                lane = self.lanes.get(action.concurrency_key)
+                at_front = action.id in fronts or (
+                    lane is not None and lane.current_id == action.id
+                )
+                if at_front:
+                    messages.append(_resume(report, action, "pending at the front of its lane"))
+                continue
+            reason = self._why_stalled(s, action, report)
+            if reason is not None:
+                messages.append(_resume(report, action, reason))
+        return messages
+
+    def _why_stalled(self, s: Session, action: Action, report: RepairReport) -> str | None:
+        index = action.current_step_index
+        try:
+            count = len(self.lookup(action.actor_type, action.name).steps_for_run())
+        except SteppedError as exc:
+            report.problems.append(f"action {action.id} ({action.name}): {exc}")
+            return None
+        if index >= count:
+            return None if action.outbound else "every step done, the action never completed"
+        step = s.scalar(
+            select(Step).where(Step.action_id == action.id, Step.definition_index == index)
+        )
+        if step is None:
+            return f"step {index + 1} never ran"
+        if step.status != StepStatus.PERFORMING.value:
+            return f"step {index + 1} {step.status}, the action never moved on"
+        return None  # waiting on members, or reported above as unadvanced
+
+    def _timeouts(self, s: Session, report: RepairReport) -> list[Message]:
+        """Performing actions with a timeout: schedule its check again."""
         rows = s.execute(
-            select(Action.id, Action.concurrency_key, Action.status, Action.checksum)
-            .where(Action.status.in_((PENDING, PERFORMING)))
+            select(Action.id, Action.name, Action.started_at, Action.timeout_seconds)
+            .where(Action.status == PERFORMING, Action.timeout_seconds.is_not(None))
             .order_by(Action.id)
         ).all()
-    by_key: dict[str, list[Any]] = defaultdict(list)
-    for row in rows:
-        by_key[row.concurrency_key].append(row)
-    for key in sorted(set(by_key) | set(stepped.lanes.keys())):
-        planned = _plan_lane(stepped, key, by_key.get(key, []), report)
-        if planned is None:
-            continue
-        report.lanes.append(planned)
-        if apply:
-            _apply_lane(stepped, planned, {r.id: r.checksum for r in by_key.get(key, [])})
+        messages: list[Message] = []
+        for row in rows:
+            started = row.started_at or self.clock()
+            due = started + timedelta(seconds=float(row.timeout_seconds))
+            left = max(0.0, (due - self.clock()).total_seconds())
+            report.resends.append(
+                Resend("stepped.timeout", row.id, f"{row.name}: its timeout", left)
+            )
+            messages.append(timeout_message(row.id, row.name, left))
+        return messages
 
 
-def _plan_lane(
-    stepped: Stepped, key: str, rows: list[Any], report: RepairReport
-) -> LaneRepair | None:
-    """The lane ``key`` as SQL says it must be; None when Redis already agrees."""
-    performing = [r.id for r in rows if r.status == PERFORMING]
-    pending = [r.id for r in rows if r.status == PENDING]
-    if len(performing) > 1:
-        report.problems.append(
-            f"lane {key!r} has {len(performing)} performing actions "
-            f"({', '.join(map(str, performing))}); keeping {performing[0]} as current"
-        )
-    current = performing[0] if performing else None
-    newest = pending[-1] if pending else None
-    older = pending[:-1]
-    if current is None and newest is not None:  # at the lane front: it performs next
-        current, newest = newest, None
-    lane = stepped.lanes.get(key)
-    found_current = lane.current_id if lane else None
-    found_pending = list(lane.pending_ids) if lane else []
-    wanted_pending = [] if newest is None else [newest]
-    if not older and found_current == current and found_pending == wanted_pending:
-        return None
-    return LaneRepair(key, current, newest, older, found_current, found_pending)
-
-
-def _apply_lane(stepped: Stepped, lane: LaneRepair, checksums: dict[int, str | None]) -> None:
-    if lane.superseded and lane.pending_id is not None:
-        stepped.runtime.supersede(lane.superseded, lane.pending_id)
-    current = None if lane.current_id is None else (lane.current_id, checksums[lane.current_id])
-    pending = None if lane.pending_id is None else (lane.pending_id, checksums[lane.pending_id])
-    stepped.lanes.restore(lane.key, current, pending)
-
-
-def _lane_text(current: int | None, pending: list[int]) -> str:
-    if current is None and not pending:
-        return "missing"
-    waiting = ", ".join(str(i) for i in pending) or "none"
-    return f"current {current if current is not None else 'none'}, pending {waiting}"
-
-
-# -- in-flight steps and actions --------------------------------------------------------
-
-
-def _unreported_steps(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
+def _unreported_steps(s: Session, report: RepairReport) -> list[Message]:
     """Performing steps whose members all reported: the join's body never ran."""
     ids = s.scalars(
         select(Step.id)
@@ -217,118 +334,33 @@ def _unreported_steps(stepped: Stepped, s: Session, report: RepairReport) -> lis
         report.resends.append(
             Resend("stepped.advance", step_id, "every member reported, the step never advanced")
         )
-    return [StepChord(step_id, []).body for step_id in ids]
+    return [advance_message(step_id) for step_id in ids]
 
 
-def _unclaimed_links(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
-    """Waiting members that no action claimed, and timed waits still running."""
-    links = s.scalars(
-        select(ParentLink)
-        .join(Step, Step.id == ParentLink.step_id)
-        .where(
-            ParentLink.state == "waiting",
-            ParentLink.action_id.is_(None),
-            Step.status == StepStatus.PERFORMING.value,
-        )
-        .order_by(ParentLink.id)
-    ).all()
-    jobs: list[Job] = []
-    for link in links:
-        if link.kind == "wait":
-            seconds = float((link.call or {}).get("seconds", 0))
-            due = link.created_at + timedelta(seconds=seconds)
-            left = max(0.0, (due - stepped.clock()).total_seconds())
-            report.resends.append(
-                Resend("stepped.wait", link.id, f"timed wait of step {link.step_id}", left)
-            )
-            jobs.append(Job("wait", "wait", WAIT, [link.id], countdown=left, display_args=[left]))
-            continue
-        try:
-            jobs += stepped.runtime._header(link.step_id, [link])
-        except SteppedError as exc:
-            report.problems.append(f"link {link.id} of step {link.step_id}: {exc}")
-            continue
-        name = (link.call or {}).get("name")
-        report.resends.append(
-            Resend("stepped.start", link.id, f"{name} for step {link.step_id} never started")
-        )
-    return jobs
-
-
-def _stalled_actions(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
-    """Performing actions whose current step waits on nothing, and pending lane fronts."""
-    jobs: list[Job] = []
-    actions = s.scalars(
-        select(Action).where(Action.status.in_((PENDING, PERFORMING))).order_by(Action.id)
-    ).all()
-    fronts = {lane.current_id for lane in report.lanes if lane.current_id is not None}
-    for action in actions:
-        if action.status == PENDING:
-            lane = stepped.lanes.get(action.concurrency_key)
-            at_front = action.id in fronts or (lane is not None and lane.current_id == action.id)
-            if at_front:
-                jobs.append(_resume(report, action, "pending at the front of its lane"))
-            continue
-        reason = _why_stalled(stepped, s, action, report)
-        if reason is not None:
-            jobs.append(_resume(report, action, reason))
-    return jobs
-
-
-def _why_stalled(stepped: Stepped, s: Session, action: Action, report: RepairReport) -> str | None:
-    index = action.current_step_index
-    try:
-        count = len(stepped.runtime.definition_for(action.actor_type, action.name).steps_for_run())
-    except SteppedError as exc:
-        report.problems.append(f"action {action.id} ({action.name}): {exc}")
-        return None
-    if index >= count:
-        return None if action.outbound else "every step done, the action never completed"
-    step = s.scalar(select(Step).where(Step.action_id == action.id, Step.definition_index == index))
-    if step is None:
-        return f"step {index + 1} never ran"
-    if step.status != StepStatus.PERFORMING.value:
-        return f"step {index + 1} {step.status}, the action never moved on"
-    return None  # waiting on members, or reported above as unadvanced
-
-
-def _resume(report: RepairReport, action: Action, reason: str) -> Job:
+def _resume(report: RepairReport, action: Action, reason: str) -> Message:
     report.resends.append(Resend("stepped.resume", action.id, f"{action.name}: {reason}"))
-    return Job(
-        "action",
-        action.name,
-        RESUME,
-        [action.id],
-        display_args=list(action.arguments),
-        actor=[action.actor_type, action.actor_id],
+    return resume_message(
+        action.id, action.name, list(action.arguments), [action.actor_type, action.actor_id]
     )
 
 
-def _timeouts(stepped: Stepped, s: Session, report: RepairReport) -> list[Job]:
-    """Performing actions with a timeout: schedule its check again."""
-    rows = s.execute(
-        select(Action.id, Action.name, Action.started_at, Action.timeout_seconds)
-        .where(Action.status == PERFORMING, Action.timeout_seconds.is_not(None))
-        .order_by(Action.id)
-    ).all()
-    jobs: list[Job] = []
-    for row in rows:
-        started = row.started_at or stepped.clock()
-        due = started + timedelta(seconds=float(row.timeout_seconds))
-        left = max(0.0, (due - stepped.clock()).total_seconds())
-        report.resends.append(Resend("stepped.timeout", row.id, f"{row.name}: its timeout", left))
-        jobs.append(Job("timeout", row.name, TIMEOUT, [row.id], countdown=left))
-    return jobs
-
-
-def _unreported_actions(s: Session, report: RepairReport) -> list[Job]:
+def _unreported_actions(s: Session, report: RepairReport) -> list[Message]:
     """Final actions whose parents still wait on them: they never reported."""
     actions = s.scalars(
         select(Action)
         .where(
-            Action.id.in_(select(ParentLink.action_id).where(ParentLink.state == "waiting")),
+            Action.id.in_(
+                select(ParentLink.action_id).where(ParentLink.state == LinkState.WAITING.value)
+            ),
             Action.status.not_in((PENDING, PERFORMING)),
         )
         .order_by(Action.id)
     ).all()
     return [_resume(report, a, f"{a.status} but a parent still waits on it") for a in actions]
+
+
+def _lane_text(current: int | None, pending: list[int]) -> str:
+    if current is None and not pending:
+        return "missing"
+    waiting = ", ".join(str(i) for i in pending) or "none"
+    return f"current {current if current is not None else 'none'}, pending {waiting}"

@@ -1,4 +1,4 @@
-"""The internal Celery tasks: start, resume, advance, wait, timeout, complete.
+"""The internal Celery tasks: one per entry of the engine's handler table.
 
 Every task takes only ids and JSON, is ``acks_late`` (a message is acknowledged after
 it ran, so a killed worker's message is delivered again) and idempotent by action,
@@ -7,20 +7,16 @@ step and link ids (a second delivery finds the work recorded and changes nothing
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
-from celery import Task
+from celery import Celery, Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
-from .canvas import ADVANCE, COMPLETE, RESUME, START, TIMEOUT, WAIT, Dispatcher
-from .runtime import StartCall
-
-if TYPE_CHECKING:
-    from .extension import Stepped
-
-__all__ = ["TASK_OPTIONS", "register_tasks"]
+__all__ = ["TASK_OPTIONS", "recovering", "register_tasks"]
 
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True,
@@ -38,6 +34,8 @@ TASK_OPTIONS: dict[str, Any] = {
     "retry_kwargs": {"max_retries": None},
 }
 
+Delivering = Callable[[bool], AbstractContextManager[None]]
+
 
 def recovering(task: Task) -> bool:
     """True when this delivery may repeat a run that died or failed part-way."""
@@ -46,45 +44,19 @@ def recovering(task: Task) -> bool:
     return bool(delivery.get("redelivered") or request.retries)
 
 
-def register_tasks(stepped: Stepped) -> dict[str, Any]:
-    """Register the internal tasks of ``stepped`` on its app; return them by name."""
-    app, runtime = stepped.app, stepped.runtime
-    worker = Dispatcher.worker_context
+def _task(app: Celery, name: str, handler: Callable[..., Any], delivering: Delivering) -> Task:
+    def run(self: Task, *args: Any) -> None:
+        with delivering(recovering(self)):
+            handler(*args)
 
-    @app.task(name=START, **TASK_OPTIONS)
-    def start(self: Task, payload: dict[str, Any]) -> None:
-        """Start an action (a root, or a child for a parent link)."""
-        with worker(recovering(self)):
-            runtime.start(StartCall.from_message(payload), root=payload.get("link") is None)
+    run.__name__ = name.rsplit(".", 1)[-1]
+    run.__doc__ = handler.__doc__
+    task: Task = app.task(name=name, **TASK_OPTIONS)(run)
+    return task
 
-    @app.task(name=RESUME, **TASK_OPTIONS)
-    def resume(self: Task, action_id: int) -> None:
-        """A pending action reached the front of its lane: perform it."""
-        with worker(recovering(self)):
-            runtime.resume(int(action_id))
 
-    @app.task(name=ADVANCE, **TASK_OPTIONS)
-    def advance(self: Task, step_id: int) -> None:
-        """The chord body: close a step whose members all reported, run what follows."""
-        with worker(recovering(self)):
-            runtime.handoff([int(step_id)])
-
-    @app.task(name=WAIT, **TASK_OPTIONS)
-    def wait(self: Task, link_id: int) -> None:
-        """A timed wait elapsed: count it for its step."""
-        with worker(recovering(self)):
-            runtime.finish_wait(int(link_id))
-
-    @app.task(name=TIMEOUT, **TASK_OPTIONS)
-    def timeout(self: Task, action_id: int) -> None:
-        """Time the action out if it still performs past its limit."""
-        with worker(recovering(self)):
-            runtime.fire_timeout(int(action_id))
-
-    @app.task(name=COMPLETE, **TASK_OPTIONS)
-    def complete(self: Task, action_id: int | None, status: str) -> None:
-        """Complete an action from outside (``complete_later``)."""
-        with worker(recovering(self)):
-            runtime.complete_job(action_id, status)
-
-    return {t.name: t for t in (start, resume, advance, wait, timeout, complete)}
+def register_tasks(
+    app: Celery, handlers: dict[str, Callable[..., Any]], delivering: Delivering
+) -> dict[str, Task]:
+    """Register one task per handler on ``app``; return them by name."""
+    return {name: _task(app, name, handler, delivering) for name, handler in handlers.items()}

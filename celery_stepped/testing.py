@@ -1,23 +1,21 @@
 """Testing helpers: eager mode, ``stepped.capture()``, ``perform_stepped_actions``.
 
-Capture and eager modes run Stepped's own in-process queue, not Celery's eager
-emulation: jobs run breadth-first from one queue, so trees of any depth run without
-recursion.
+Capture and eager modes are outboxes (:mod:`celery_stepped.outbox`) that keep
+messages in this process; they run Stepped's own queue, not Celery's eager emulation,
+so trees of any depth run without recursion. The core never imports this module.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import Retry
 from sqlalchemy import select
 
-from .canvas import Job
+from .messages import Message, MessageKind
 from .models import Action
+from .outbox import EnqueuedJob, JobQueue
 from .statuses import ActionStatus
 
 if TYPE_CHECKING:
@@ -33,95 +31,10 @@ __all__ = [
     "perform_stepped_actions",
 ]
 
-KINDS = ("action", "wait", "timeout", "complete", "job")
 
-
-@dataclass(frozen=True)
-class EnqueuedJob:
-    """A job held by a capture: ``kind``, ``name`` (action or task name), ``args``."""
-
-    kind: str
-    name: str
-    args: list[Any]
-    actor: tuple[str, str] | None = field(default=None, compare=False)
-
-
-def _kinds(only: str | Iterable[str] | None) -> set[str] | None:
-    if only is None:
-        return None
-    kinds = {only} if isinstance(only, str) else set(only)
-    unknown = kinds - set(KINDS) - {"advance"}
-    if unknown:
-        raise ValueError(f"unknown job kind(s) {sorted(unknown)}; kinds are {KINDS}")
-    return kinds
-
-
-class JobQueue:
-    """Jobs Stepped would have sent, held in this process until performed."""
-
-    def __init__(self, stepped: Stepped) -> None:
-        self.stepped = stepped
-        self._jobs: list[Job] = []
-
-    def extend(self, jobs: Iterable[Job]) -> None:
-        """Hold more jobs (called by the dispatcher)."""
-        self._jobs.extend(jobs)
-
-    @property
-    def enqueued(self) -> list[EnqueuedJob]:
-        """The jobs still pending, oldest first."""
-        return [
-            EnqueuedJob(j.kind, j.name, list(j.display_args), tuple(j.actor) if j.actor else None)  # type: ignore[arg-type]
-            for j in self._jobs
-        ]
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def _take(self, only: str | Iterable[str] | None) -> list[Job]:
-        kinds = _kinds(only)
-        taken = [j for j in self._jobs if kinds is None or j.kind in kinds]
-        self._jobs = [j for j in self._jobs if not (kinds is None or j.kind in kinds)]
-        return taken
-
-    def _perform(self, only: str | Iterable[str] | None) -> tuple[int, bool]:
-        batch = self._take(only)
-        progressed = False
-        for job in batch:
-            progressed = self.stepped.dispatcher.run(job) or progressed
-        return len(batch), progressed
-
-    def perform(self, only: str | Iterable[str] | None = None) -> int:
-        """Perform the jobs enqueued before this call; return how many ran."""
-        return self._perform(only)[0]
-
-    def perform_all(self, only: str | Iterable[str] | None = None) -> int:
-        """Repeat :meth:`perform` until nothing is left; return how many ran.
-
-        A timeout whose deadline has not passed by ``stepped.clock`` goes back in the
-        queue; a round that only re-queued such timeouts ends the loop.
-        """
-        total = 0
-        while True:
-            count, progressed = self._perform(only)
-            total += count
-            if count == 0 or not progressed:
-                return total
-
-
-@contextmanager
-def capture(stepped: Stepped) -> Iterator[JobQueue]:
+def capture(stepped: Stepped) -> AbstractContextManager[JobQueue]:
     """``stepped.capture()``: the innermost capture receives every new job."""
-    queue = JobQueue(stepped)
-    dispatcher = stepped.dispatcher
-    dispatcher.captures.append(queue)
-    try:
-        yield queue
-    finally:
-        dispatcher.captures.remove(queue)
-        leftover = queue._take(None)
-        if leftover:
-            dispatcher.send(leftover)
+    return stepped.capture()
 
 
 def _ready_outbound(stepped: Stepped) -> list[Action]:
@@ -134,9 +47,9 @@ def _ready_outbound(stepped: Stepped) -> list[Action]:
         session.expunge_all()
     ready = []
     for action in rows:
-        definition = stepped.runtime.definition_for(action.actor_type, action.name)
+        definition = stepped.definition_for(action.actor_type, action.name)
         if action.current_step_index >= len(definition.steps_for_run()):
-            action._stepped = stepped
+            action._load_actor = stepped.actors.load_ref
             ready.append(action)
     return ready
 
@@ -150,9 +63,9 @@ def perform_stepped_actions(
     outbound action whose steps all finished; a status it returns completes the
     action. Stops when a round changes nothing. Returns how many jobs ran.
     """
-    if not stepped.dispatcher.captures:
+    if not stepped.outboxes.captures:
         raise RuntimeError("perform_stepped_actions needs an active stepped.capture()")
-    queue = stepped.dispatcher.captures[-1]
+    queue = stepped.outboxes.captures[-1]
     total = 0
     while True:
         total += queue.perform_all()
@@ -179,78 +92,32 @@ def handle_stepped_action_exceptions(
         stepped.handle_exceptions = previous
 
 
-def _new_jobs(jobs: JobQueue, before: list[Job]) -> list[Job]:
-    seen = {id(j) for j in before}
-    return [j for j in jobs._jobs if id(j) not in seen]
+def _new(jobs: JobQueue, before: list[Message]) -> list[Message]:
+    seen = {id(m) for m in before}
+    return [m for m in jobs.messages if id(m) not in seen]
 
 
 @contextmanager
 def assert_stepped_action_job(jobs: JobQueue, name: str, actor: Any = None) -> Iterator[None]:
     """Assert that the block enqueues an ``action`` job ``name`` (on ``actor``)."""
-    before = list(jobs._jobs)
+    before = list(jobs.messages)
     yield
-    wanted = None if actor is None else list(jobs.stepped.actors.identify(actor))
-    for job in _new_jobs(jobs, before):
-        if job.kind == "action" and job.name == name and (wanted is None or job.actor == wanted):
+    wanted = None if actor is None else list(jobs.identify(actor))
+    made = _new(jobs, before)
+    for message in made:
+        ours = wanted is None or message.actor == wanted
+        if message.kind is MessageKind.ACTION and message.name == name and ours:
             return
-    made = [(j.kind, j.name) for j in _new_jobs(jobs, before)]
     target = "" if wanted is None else f" on {'/'.join(wanted)}"
-    raise AssertionError(f"expected a stepped action job {name!r}{target}; enqueued {made}")
+    kinds = [(m.kind.value, m.name) for m in made]
+    raise AssertionError(f"expected a stepped action job {name!r}{target}; enqueued {kinds}")
 
 
 @contextmanager
 def assert_no_stepped_actions(jobs: JobQueue) -> Iterator[None]:
     """Assert that the block enqueues no job at all."""
-    before = list(jobs._jobs)
+    before = list(jobs.messages)
     yield
-    made = [(j.kind, j.name) for j in _new_jobs(jobs, before)]
+    made = [(m.kind.value, m.name) for m in _new(jobs, before)]
     if made:
         raise AssertionError(f"expected no stepped jobs; enqueued {made}")
-
-
-def run_user_job(stepped: Stepped, job: Job) -> bool:
-    """Run a job-backed action's task through Celery's eager tracer.
-
-    A ``self.retry()`` in the task puts the job back in the queue (kind ``"job"``)
-    instead of running it again inline.
-    """
-    from celery.app.trace import build_tracer
-
-    task = stepped.app.tasks[job.task]
-    tracer = build_tracer(task.name, task, eager=True, propagate=True, app=stepped.app)
-    request = {
-        "id": job.task_id,
-        "retries": job.retries,
-        "is_eager": True,
-        "logfile": None,
-        "loglevel": 0,
-        "hostname": socket.gethostname(),
-        "callbacks": None,
-        "errbacks": None,
-        "headers": None,
-        "ignore_result": False,
-        "args": job.message,
-        "kwargs": {},
-        "delivery_info": {
-            "is_eager": True,
-            "exchange": None,
-            "routing_key": None,
-            "priority": None,
-        },
-    }
-    try:
-        tracer(job.task_id, job.message, {}, request)
-    except Retry:
-        again = Job(
-            job.kind,
-            job.name,
-            job.task,
-            job.message,
-            job.countdown,
-            job.display_args,
-            job.actor,
-            job.queue,
-            retries=job.retries + 1,
-        )
-        stepped.dispatcher.send([again])
-    return True

@@ -6,8 +6,9 @@ join record between a step and what it waits on (a child action or a timed wait)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -26,10 +27,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from ..errors import ConfigurationError
 from ..statuses import FINAL_STATUSES, ActionStatus, StepStatus
-
-if TYPE_CHECKING:
-    from ..extension import Stepped
 
 __all__ = ["Achievement", "Action", "Base", "OutboxEntry", "ParentLink", "Step"]
 
@@ -141,7 +140,9 @@ class Action(Base):
         order_by="Step.id",
     )
 
-    _stepped: Stepped | None = None
+    #: Loads the actor from ``(actor_type, actor_id)``; set by Stepped on the actions it
+    #: hands out (``get_action``, ``now``, hooks and callbacks).
+    _load_actor: Callable[[str, str], Any] | None = None
     _short_circuit: str | None = None
 
     def __init__(self, **kwargs: Any) -> None:
@@ -173,10 +174,11 @@ class Action(Base):
     @property
     def actor(self) -> Any:
         """The actor this action runs on, loaded through the Stepped session."""
-        from ..extension import Stepped
-
-        stepped = self._stepped or Stepped.current()
-        return stepped.actors.load_ref(self.actor_type, self.actor_id)
+        if self._load_actor is None:
+            raise ConfigurationError(
+                f"action {self.id} was not loaded through Stepped: use stepped.get_action(id).actor"
+            )
+        return self._load_actor(self.actor_type, self.actor_id)
 
     def __repr__(self) -> str:
         return f"<Action {self.id} {self.name} {self.actor_type}/{self.actor_id} {self.status}>"

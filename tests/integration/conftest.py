@@ -192,7 +192,7 @@ class Cluster:
 
         def ready() -> Action | None:
             action = self.stepped.get_action(action_id)
-            steps = self.stepped.runtime.definition_for(action.actor_type, action.name)
+            steps = self.stepped.definition_for(action.actor_type, action.name)
             done = action.current_step_index >= len(steps.steps_for_run())
             return action if action.status == "performing" and done else None
 

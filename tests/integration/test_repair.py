@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from celery_stepped.effects import Delivery
 from celery_stepped.lanes import Lane
 from tests.integration.conftest import Cluster
 
@@ -128,7 +129,7 @@ def test_repair_reissues_advances_and_resumes_that_were_lost(it: Cluster) -> Non
         ("stepped.resume", b.id),
     }
     # A resume that died right after b began: performing, but its step never ran.
-    it.stepped.runtime.begin(b.id)
+    it.stepped.core.performer.begin(b.id, Delivery())
     report = it.stepped.repair()
     assert ("stepped.resume", b.id) in {(r.task, r.target) for r in report.resends}
     assert f"send stepped.resume({b.id}): lane_job: step 1 never ran" in report.lines

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 from uuid import uuid4
@@ -26,7 +27,7 @@ from celery import signals as celery_signals
 from sqlalchemy import update
 
 from celery_stepped import Stepped, signals
-from celery_stepped.canvas import Job
+from celery_stepped.messages import Message
 from tests.models import Car
 
 ENV_BROKER = "STEPPED_TEST_BROKER_URL"
@@ -355,13 +356,14 @@ def send_everything_twice(stepped: Stepped) -> None:
     Two deliveries of one message, as a broker's at-least-once delivery may give, run
     concurrently on different processes or one after the other.
     """
-    send = stepped.dispatcher._send_broker
+    broker = stepped.outboxes.broker
+    send = broker.send
 
-    def twice(jobs: list[Job]) -> None:
-        copies = [replace(j, task_id=str(uuid4())) for j in jobs if j.kind != "job"]
-        send([*jobs, *copies])
+    def twice(messages: Sequence[Message]) -> None:
+        copies = [replace(m, task_id=str(uuid4())) for m in messages if m.kind != "job"]
+        send([*messages, *copies])
 
-    stepped.dispatcher._send_broker = twice  # type: ignore[method-assign]
+    broker.send = twice  # type: ignore[method-assign]
 
 
 def build(

@@ -315,7 +315,7 @@ def test_unknown_action_names_raise(stepped: Stepped, car: Car) -> None:
         step.do("fly")
 
     with pytest.raises(UnknownAction):
-        stepped.runtime.start_now("fly", car, [])
+        stepped.client.start_now("fly", car, [])
     errors: list[Any] = []
 
     def on_handled(sender: Any, **kw: Any) -> None:

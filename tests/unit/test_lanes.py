@@ -16,9 +16,10 @@ import redis
 from sqlalchemy import event, func, select, update
 
 from celery_stepped import ActionStatus, Deadlock, Stepped, signals
+from celery_stepped.effects import Delivery
 from celery_stepped.lanes import Lane
 from celery_stepped.models import Achievement, Action, ParentLink, Step
-from celery_stepped.runtime import checksum_digest
+from celery_stepped.starting import checksum_digest
 from celery_stepped.testing import (
     handle_stepped_action_exceptions,
     perform_stepped_actions,
@@ -692,7 +693,7 @@ def test_sharing_never_attaches_to_an_action_that_already_completed(
         assert [v.status for v in visits] == ["succeeded", "pending"]
         assert stepped.lanes.get(key) == Lane(key, performing.id, [visits[1].id])
         # the second half: the lane moves on, the newcomer performs
-        stepped.runtime.completion_effects(performing.id)
+        stepped.core.drive(stepped.core.completer.finish(performing.id, Delivery()))
         perform_stepped_actions(stepped, complete_outbound=succeed_outbound)
 
     assert status(stepped, visits[1].id) == "succeeded"
@@ -820,7 +821,7 @@ def decision_cost(stepped: Stepped, depth: int) -> dict[str, int]:
     """Round trips of starting the deadlocked ``polish`` up to its lane decision."""
     car = make_car(stepped)
     tidy = stepped.registry.find(Car, "tidy")
-    runtime = stepped.runtime
+    runtime = stepped.core.entry
     original = runtime._deadlock
     decided: dict[str, int] = {}
     with stepped.capture() as jobs:
@@ -829,9 +830,9 @@ def decision_cost(stepped: Stepped, depth: int) -> dict[str, int]:
             jobs.perform()
         with round_trips(stepped) as cost:
 
-            def decide(action: Action, current_id: int | None) -> None:
+            def decide(action: Action, current_id: int | None) -> Deadlock:
                 decided.update(cost)
-                original(action, current_id)
+                return original(action, current_id)
 
             runtime._deadlock = decide  # type: ignore[method-assign]
             try:
@@ -959,10 +960,10 @@ def test_a_redelivered_start_recovers_from_a_crash_while_superseding(
         jobs.perform_all()
         (first,) = stored_actions(stepped, "paint")
         second_parent = shop.service.now(car, 2)
-        (start,) = jobs._take("action")
+        (start,) = jobs.take("action")
         crash_after_sql_supersede(stepped, monkeypatch, reached_redis)
         with pytest.raises(Crash):
-            stepped.dispatcher.run(start)
+            stepped.core.run_message(start)
 
         # SQL: the old one is superseded and its parent waits on the newcomer; Redis:
         # the old one still holds its place (or the newcomer took it already).
@@ -977,7 +978,7 @@ def test_a_redelivered_start_recovers_from_a_crash_while_superseding(
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [in_lane])
         assert not stepped.redis.exists(f"stepped:{{{SHOP}}}:lock")  # released on the way out
 
-        stepped.dispatcher.run(start)  # the broker delivers the message again
+        stepped.core.run_message(start)  # the broker delivers the message again
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [second.id])
         assert len(stored_actions(stepped, "paint")) == 2
         perform_stepped_actions(stepped, complete_outbound=succeed_outbound)
@@ -998,10 +999,10 @@ def test_a_superseded_action_reaching_the_lane_front_before_the_redelivery_moves
         first_parent = shop.service.now(car, 1)
         jobs.perform_all()
         second_parent = shop.service.now(car, 2)
-        (start,) = jobs._take("action")
+        (start,) = jobs.take("action")
         crash_after_sql_supersede(stepped, monkeypatch)
         with pytest.raises(Crash):
-            stepped.dispatcher.run(start)
+            stepped.core.run_message(start)
         first, second = stored_actions(stepped, "paint")
 
         # the lane moves on before the message comes back: the superseded action
@@ -1012,7 +1013,7 @@ def test_a_superseded_action_reaching_the_lane_front_before_the_redelivery_moves
         assert status(stepped, first.id) == "superseded"
         assert stepped.get_action(first.id).started_at is None
 
-        stepped.dispatcher.run(start)  # redelivered: the newcomer performs now
+        stepped.core.run_message(start)  # redelivered: the newcomer performs now
         perform_stepped_actions(stepped)
 
     assert status(stepped, second.id) == "succeeded"
@@ -1034,7 +1035,7 @@ def test_an_action_superseded_while_promoted_releases_the_lane(stepped: Stepped,
         assert stepped.lanes.get(SHOP) == Lane(SHOP, old.id, [])
         newcomer = shop.hold.now(car)  # queued behind old, which is still pending in SQL
         assert stepped.lanes.get(SHOP) == Lane(SHOP, old.id, [newcomer.id])
-        stepped.runtime.supersede([old.id], newcomer.id)  # as a racing join would
+        stepped.core.drive(stepped.core.entry.supersede([old.id], newcomer.id))  # racing join
         jobs.perform_all()  # old's resume: superseded, so it releases the lane
         assert status(stepped, old.id) == "superseded"
         assert status(stepped, newcomer.id) == "performing"

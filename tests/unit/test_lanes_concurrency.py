@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from celery_stepped import Stepped
-from celery_stepped.canvas import Job
 from celery_stepped.lanes import Lane
+from celery_stepped.messages import Message
 from celery_stepped.models import Action, ParentLink, Step
 from celery_stepped.testing import perform_stepped_actions
 from tests.conftest import load_car
@@ -39,16 +39,16 @@ THREADS = 8
 
 
 def run_in_threads(
-    stepped: Stepped, jobs: list[Job], *others: Callable[[], None], threads: int = THREADS
+    stepped: Stepped, jobs: list[Message], *others: Callable[[], None], threads: int = THREADS
 ) -> list[BaseException]:
     """Perform ``jobs`` from ``threads`` threads at once (each its own share), with
     ``others`` in threads of their own; return what they raised."""
     barrier = threading.Barrier(threads + len(others))
     errors: list[BaseException] = []
 
-    def perform(share: list[Job]) -> None:
+    def perform(share: list[Message]) -> None:
         for job in share:
-            stepped.dispatcher.run(job)
+            stepped.core.run_message(job)
 
     def work(task: Callable[[], None]) -> None:
         try:
@@ -99,7 +99,7 @@ def test_concurrent_joins_into_an_occupied_lane(stepped: Stepped, car: Car) -> N
     with stepped.capture() as jobs:
         held = shop.hold.now(car)
         parents = [batch.now(car, n).id for n in range(PARENTS)]
-        starts = jobs._take("action")
+        starts = jobs.take("action")
         assert len(starts) == ACTIONS
 
         errors = run_in_threads(stepped, starts)
@@ -151,7 +151,7 @@ def test_sharing_races_the_completion_of_the_shared_action(stepped: Stepped, car
     with stepped.capture() as jobs:
         shared = visit.now(car, "paris")
         parents = [trip.now(car, n).id for n in range(count)]
-        starts = jobs._take("action")
+        starts = jobs.take("action")
 
         def attached() -> int:
             with stepped.session() as s:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from celery_stepped import ActionStatus, Step, Stepped, signals
-from celery_stepped.canvas import Job
+from celery_stepped.messages import advance_message
 from celery_stepped.models import Action, ParentLink
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
 from tests.conftest import load_car, make_car, stored_actions
@@ -213,15 +213,15 @@ def test_wait_blocks_the_step_until_performed(stepped: Stepped, car: Car) -> Non
     with stepped.capture() as jobs:
         action = stopover.now(car)
         assert [(j.kind, j.args) for j in jobs.enqueued] == [("wait", [5.0]), ("wait", [120.0])]
-        assert jobs._jobs[1].countdown == 120.0
+        assert jobs.messages[1].countdown == 120.0
         jobs.perform()
     done = stepped.get_action(action.id)
     assert done.status == "succeeded"
     assert load_car(stepped, car.id).honks == 1
     with pytest.raises(TypeError), stepped.session() as session:
-        from celery_stepped.runtime import StepContext
+        from celery_stepped import Step as StepContext
 
-        StepContext(stepped, session, done, car).wait(-1)
+        StepContext(session, done, car, list, str, str).wait(-1)
 
 
 # -- timeouts --
@@ -237,7 +237,7 @@ def test_timeout_fires_only_after_the_deadline(stepped: Stepped, car: Car, timeo
         (child,) = stored_actions(stepped, "charge")
         assert child.timeout_seconds == 5.0
         assert [(j.kind, j.name) for j in jobs.enqueued] == [("timeout", "charge")]
-        assert jobs._jobs[0].countdown == 5.0
+        assert jobs.messages[0].countdown == 5.0
         perform_stepped_actions(stepped)  # before the deadline: nothing happens
         assert stepped.get_action(child.id).status == "performing"
         assert [j.kind for j in jobs.enqueued] == ["timeout"]  # it waits for its time
@@ -299,20 +299,20 @@ def test_unhandled_step_error_propagates_and_redelivery_does_not_double(
 
     with handle_stepped_action_exceptions(stepped, only=(KeyError,)), stepped.capture() as jobs:
         fragile.later(car)
-        (start,) = jobs._jobs
+        (start,) = jobs.messages
         with pytest.raises(ConnectionError):
             jobs.perform()
         (action,) = stored_actions(stepped, "fragile")
         assert action.status == "performing"
         assert load_car(stepped, car.id).log == ""  # the whole step rolled back
         for _ in range(3):  # Celery delivers the message again (and again)
-            stepped.dispatcher.run(start)
+            stepped.core.run_message(start)
         assert len(attempts) == 2  # the committed body never runs twice
-        header = [j for j in jobs._jobs if j.kind == "action"]
+        header = [j for j in jobs.messages if j.kind == "action"]
         assert len(header) == 2
         for job in header + header:  # each child message delivered twice
-            stepped.dispatcher.run(job)
-        jobs._jobs.clear()
+            stepped.core.run_message(job)
+        jobs.messages.clear()
     assert load_car(stepped, car.id).log == "body;"
     assert load_car(stepped, car.id).honks == 2
     assert len(stored_actions(stepped, "honk")) == 2
@@ -338,15 +338,15 @@ def test_duplicate_wait_and_advance_messages_count_once(stepped: Stepped, car: C
     try:
         with stepped.capture() as jobs:
             action = pause.now(car)
-            first, second = list(jobs._jobs)
-            jobs._jobs.clear()
-            stepped.dispatcher.run(first)
-            stepped.dispatcher.run(first)  # duplicate: must not count as the second wait
+            first, second = list(jobs.messages)
+            jobs.messages.clear()
+            stepped.core.run_message(first)
+            stepped.core.run_message(first)  # duplicate: must not count as the second wait
             assert stepped.get_action(action.id).status == "performing"
-            stepped.dispatcher.run(second)
+            stepped.core.run_message(second)
             step_id = stepped.get_action(action.id).steps[0].id
             for _ in range(2):
-                stepped.dispatcher.run(Job("advance", "advance", "stepped.advance", [step_id]))
+                stepped.core.run_message(advance_message(step_id))
     finally:
         signals.step_completed.disconnect(on_step)
     assert completed_steps == [step_id]
@@ -371,7 +371,6 @@ def test_handled_key_block_errors_fail_without_rows(stepped: Stepped) -> None:
 
 
 def test_redelivery_runs_the_after_callbacks_a_crash_skipped(stepped: Stepped, car: Car) -> None:
-    from celery_stepped.canvas import Dispatcher
     from celery_stepped.models import Achievement
 
     app = stepped.app
@@ -411,8 +410,8 @@ def test_redelivery_runs_the_after_callbacks_a_crash_skipped(stepped: Stepped, c
             )
         ran.append("first")
         for _ in range(2):  # delivered again, twice
-            with Dispatcher.worker_context(recovering=True):
-                stepped.runtime.handoff(stepped.runtime.complete_action(child.id, "succeeded")[1])
+            with stepped.core.delivering(recovering=True):
+                stepped.core.complete(child.id, "succeeded")
         perform_stepped_actions(stepped)
     assert ran == ["first", "second"]  # the missing callback ran once, the first not again
     done = stepped.get_action(child.id)

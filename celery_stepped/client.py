@@ -1,0 +1,143 @@
+"""The caller's side: start actions, complete them from outside, read them back.
+
+:class:`Client` is what definitions (``drive.now``, ``drive.later``,
+``charge.complete_now``) and the ``Stepped`` object call. It validates the call in
+the caller, then hands it to the engine (``now``) or to the outbox (``later``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+from celery.result import AsyncResult
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from .actors import ActorRegistry
+from .engine import Engine
+from .errors import ActionNotFound
+from .messages import StartCall, complete_message, start_message
+from .models import Action, Step
+from .outbox import Outboxes
+from .registry import Registry
+from .statuses import COMPLETION_STATUSES, ActionStatus
+
+if TYPE_CHECKING:
+    from .definition import SteppedAction
+
+__all__ = ["Client", "check_status"]
+
+
+def check_status(status: str) -> None:
+    """Refuse a status outside the completion statuses."""
+    if status not in COMPLETION_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(COMPLETION_STATUSES)}")
+
+
+class Client:
+    """Starts, completes and reads actions for callers (implements ``definition.Runner``)."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        actors: ActorRegistry,
+        registry: Registry,
+        engine: Engine,
+        outboxes: Outboxes,
+        lookup: Callable[[str, str], SteppedAction[Any]],
+    ) -> None:
+        self.session_factory = session_factory
+        self.actors = actors
+        self.registry = registry
+        self.engine = engine
+        self.outboxes = outboxes
+        self.lookup = lookup
+
+    # -- starting --------------------------------------------------------------------
+
+    def root_call(self, name: str, actor: Any, args: list[Any]) -> StartCall:
+        """A root action's start call, validated in the caller (TypeError, UnknownAction)."""
+        if actor is None:
+            raise TypeError(f"{name} needs an actor")
+        self.registry.find(type(actor), name)
+        dumped = self.actors.dump(list(args))
+        return StartCall(list(self.actors.identify(actor)), name, dumped)
+
+    def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:
+        """``SteppedAction.now``: start a root action in this process."""
+        action = self.engine.start_call(self.root_call(name, actor, args), root=True)
+        if action.id is None:
+            return action
+        return self.get_action(action.id)
+
+    def start_later(self, name: str, actor: Any, args: list[Any]) -> AsyncResult:
+        """``SteppedAction.later``: enqueue the start of a root action."""
+        call = self.root_call(name, actor, args)
+        call.request = str(uuid4())
+        queue = self.lookup(call.actor[0], name).resolved("action_queue")
+        return self.outboxes.send_one(start_message(call, queue))
+
+    def load_arguments(self, value: Any) -> Any:
+        """Arguments with actor references loaded."""
+        return self.actors.load(value)
+
+    # -- completing ------------------------------------------------------------------
+
+    def complete(self, action_id: int, status: str) -> Action | None:
+        """Complete one action; the completed action, or None when it was already final."""
+        check_status(status)
+        completed = self.engine.complete(action_id, status)
+        return self.get_action(action_id) if completed else None
+
+    def performing_outbound(self, actor: Any, name: str) -> Action | None:
+        """The newest performing outbound action ``name`` on ``actor``."""
+        type_name, identity = self.actors.identify(actor)
+        with self.session_factory() as session:
+            return session.scalar(
+                select(Action)
+                .where(
+                    Action.actor_type == type_name,
+                    Action.actor_id == identity,
+                    Action.name == name,
+                    Action.outbound.is_(True),
+                    Action.status == ActionStatus.PERFORMING.value,
+                )
+                .order_by(Action.id.desc())
+                .limit(1)
+            )
+
+    def complete_outbound(self, actor: Any, name: str, status: str) -> Action | None:
+        """Complete the performing outbound action ``name`` on ``actor`` (or None)."""
+        check_status(status)
+        action = self.performing_outbound(actor, name)
+        return None if action is None else self.complete(action.id, status)
+
+    def complete_outbound_later(self, actor: Any, name: str, status: str) -> AsyncResult | None:
+        """Enqueue completing the performing outbound action ``name`` on ``actor``."""
+        check_status(status)
+        action = self.performing_outbound(actor, name)
+        if action is None:
+            return None
+        actor_ref = [action.actor_type, action.actor_id]
+        return self.outboxes.send_one(complete_message(action.id, status, name, actor_ref))
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get_action(self, action_id: int) -> Action:
+        """The action, detached, with its steps (and their children) loaded."""
+        with self.session_factory() as session:
+            action = session.scalar(
+                select(Action)
+                .where(Action.id == int(action_id))
+                .options(
+                    selectinload(Action.steps).selectinload(Step.actions),
+                    selectinload(Action.parent_steps),
+                )
+            )
+            if action is None:
+                raise ActionNotFound(f"no action with id {action_id}")
+            session.expunge_all()
+        action._load_actor = self.actors.load_ref
+        return action

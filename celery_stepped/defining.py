@@ -1,0 +1,103 @@
+"""``app.stepped_action``: define actions in either form, registered on the Celery app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, overload
+
+from celery import Celery
+
+from .definition import Runner, SteppedAction, actor_class_of, function_step
+from .registry import Registry
+
+__all__ = ["Definer"]
+
+P = ParamSpec("P")
+
+
+class Definer:
+    """Builds :class:`SteppedAction` definitions and registers them (app and registry)."""
+
+    def __init__(self, app: Celery, registry: Registry, runner: Runner) -> None:
+        self.app = app
+        self.registry = registry
+        self.runner = runner
+
+    @overload
+    def action(self, name_or_fn: Callable[Concatenate[Any, P], Any]) -> SteppedAction[P]: ...
+
+    @overload
+    def action(
+        self,
+        name_or_fn: str | None = None,
+        *,
+        actor: type | None = None,
+        outbound: bool = False,
+        timeout: Any = None,
+        job: Any = None,
+        concurrency_key: Any = None,
+        checksum: Callable[..., Any] | None = None,
+        checksum_key: Any = None,
+        queue: str | None = None,
+    ) -> Any: ...
+
+    def action(
+        self,
+        name_or_fn: Any = None,
+        *,
+        actor: type | None = None,
+        outbound: bool = False,
+        timeout: Any = None,
+        job: Any = None,
+        concurrency_key: Any = None,
+        checksum: Callable[..., Any] | None = None,
+        checksum_key: Any = None,
+        queue: str | None = None,
+    ) -> Any:
+        """Define an action (``app.stepped_action``): bare decorator, decorator factory,
+        or ``app.stepped_action("name", actor=Car)`` returning the definition."""
+        options = dict(
+            outbound=outbound,
+            timeout=timeout,
+            job=job,
+            concurrency_key=concurrency_key,
+            checksum=checksum,
+            checksum_key=checksum_key,
+            queue=queue,
+        )
+        if callable(name_or_fn) and not isinstance(name_or_fn, str):
+            return self.define_function(name_or_fn, None, actor, options)
+        if isinstance(name_or_fn, str):
+            return self.define(name_or_fn, actor, options)
+
+        def decorate(fn: Callable[..., Any]) -> SteppedAction[Any]:
+            return self.define_function(fn, name_or_fn, actor, options)
+
+        return decorate
+
+    def define_function(
+        self,
+        fn: Callable[..., Any],
+        name: str | None,
+        actor: type | None,
+        options: dict[str, Any],
+    ) -> SteppedAction[Any]:
+        """Function form: ``fn`` is the first step; its actor annotation the actor class."""
+        definition = self.define(name or fn.__name__, actor or actor_class_of(fn), options)
+        definition.step(function_step(fn))
+        definition.__doc__ = fn.__doc__
+        return definition
+
+    def define(self, name: str, actor: type | None, options: dict[str, Any]) -> SteppedAction[Any]:
+        """Named form: a definition with no parts yet."""
+        job = options.get("job")
+        if job is not None and not hasattr(job, "apply_async"):
+            raise TypeError("job= takes a Celery task")
+        cls = type(f"SteppedAction_{name}", (SteppedAction,), {"__module__": __name__})
+        definition: SteppedAction[Any] = cls(
+            self.runner, self.registry, name, actor=actor, **options
+        )
+        self.registry.add(definition)
+        if definition.name not in self.app.tasks:
+            self.app.register_task(definition)
+        return definition

@@ -1,0 +1,295 @@
+"""The engine: entry points of the internal tasks, and the one loop that drives a tree.
+
+Transitions (starting, superseding, performing, completing, the join) change rows
+and return :class:`~celery_stepped.effects.Effects`. :meth:`Engine.drive` is the only
+place that acts on them: it sends messages through the outbox and runs what is ready
+(a step whose members all reported, an action its lane let in, a completion) from
+one queue, breadth-first, so a tree of any depth moves on in constant stack depth.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .completing import Completer
+from .effects import Delivery, Effects
+from .events import Events
+from .join import counted_steps_of_performing, finish_link
+from .messages import (
+    Message,
+    MessageKind,
+    StartCall,
+    TaskName,
+    advance_message,
+    resume_message,
+    timeout_message,
+)
+from .models import Action, ParentLink, Step
+from .outbox import Outboxes, run_task_locally
+from .performing import Performer
+from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
+from .statuses import ActionStatus
+from .superseding import LaneEntry
+
+if TYPE_CHECKING:
+    from .definition import SteppedAction
+
+__all__ = ["Engine"]
+
+PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+Handler = Callable[..., Any]
+
+_in_worker: contextvars.ContextVar[bool] = contextvars.ContextVar("stepped_worker", default=False)
+_recovering: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "stepped_recovering", default=False
+)
+
+
+class Engine:
+    """Runs the internal messages of one Stepped instance."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        starter: Starter,
+        entry: LaneEntry,
+        performer: Performer,
+        completer: Completer,
+        outboxes: Outboxes,
+        lookup: Callable[[str, str], SteppedAction[Any]],
+        events: Events,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.session_factory = session_factory
+        self.starter = starter
+        self.entry = entry
+        self.performer = performer
+        self.completer = completer
+        self.outboxes = outboxes
+        self.lookup = lookup
+        self.events = events
+        self.clock = clock
+
+    # -- context -----------------------------------------------------------------------
+
+    @staticmethod
+    @contextmanager
+    def delivering(recovering: bool = False) -> Iterator[None]:
+        """Mark the code inside as running a message (joins advance in this process)."""
+        worker, again = _in_worker.set(True), _recovering.set(recovering)
+        try:
+            yield
+        finally:
+            _recovering.reset(again)
+            _in_worker.reset(worker)
+
+    def delivery(self) -> Delivery:
+        """How the current message runs."""
+        return Delivery(recovering=_recovering.get(), local=self.outboxes.local)
+
+    def _inline(self) -> bool:
+        return _in_worker.get() or self.outboxes.local
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def drive(self, effects: Effects) -> None:
+        """Act on ``effects`` and on everything they lead to, from one queue."""
+        work: deque[Effects] = deque([effects])
+        while work:
+            done = work.popleft()
+            self.outboxes.send(done.messages)
+            work.extend(self._follow_up(done))
+
+    def _follow_up(self, effects: Effects) -> Iterator[Effects]:
+        inline, delivery = self._inline(), self.delivery()
+        for step_id in dict.fromkeys(effects.ready_steps):
+            yield self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
+        if effects.handoff:
+            yield Effects(self._resume_messages(effects.handoff))
+        for action_id in effects.finished:
+            yield self.completer.finish(action_id, delivery)
+        for action_id, status in effects.complete:
+            yield self.completer.complete(action_id, status, delivery)[1]
+        for action_id in effects.perform:
+            yield self.perform(action_id)
+
+    def _resume_messages(self, action_ids: list[int]) -> list[Message]:
+        with self.session_factory() as s:
+            # Whatever their status now: a resume carries any action on from its records.
+            rows = s.execute(select(Action).where(Action.id.in_(action_ids))).scalars()
+            return [
+                resume_message(a.id, a.name, a.arguments, [a.actor_type, a.actor_id]) for a in rows
+            ]
+
+    # -- transitions driven from here ----------------------------------------------------
+
+    def perform(self, action_id: int) -> Effects:
+        """The lane let this action perform: begin it and run its steps."""
+        delivery = self.delivery()
+        began = self.performer.begin(action_id, delivery)
+        if began is not None:
+            return began.add(self.performer.run_steps(action_id, delivery))
+        if self._status(action_id) == ActionStatus.SUPERSEDED.value:
+            # Superseded at the lane front before it could begin: release the lane.
+            return self.completer.finish(action_id, delivery)
+        return Effects()
+
+    def advance_step(self, step_id: int) -> Effects:
+        """A step's members all reported: close it and run what follows."""
+        with self.session_factory() as s:
+            action_id = s.scalar(select(Step.action_id).where(Step.id == step_id))
+        if action_id is None:
+            return Effects()
+        self.performer.close(step_id)
+        return self.performer.run_steps(action_id, self.delivery())
+
+    def _status(self, action_id: int) -> str | None:
+        with self.session_factory() as s:
+            return s.scalar(select(Action.status).where(Action.id == action_id))
+
+    def _follow_link(self, link_id: int) -> Effects:
+        """In a redelivery: the step of an already counted link, if its action performs."""
+        if not _recovering.get():
+            return Effects()
+        with self.session_factory() as s:
+            step_id = s.scalar(counted_steps_of_performing(ParentLink.id == link_id))
+        return Effects().ready(step_id)
+
+    # -- entry points of the internal tasks ----------------------------------------------
+
+    def run_message(self, message: Message) -> bool:
+        """Run one message in this process (eager mode, captures); False when it changed
+        nothing (a timeout not due yet)."""
+        with self.delivering():
+            if message.kind is MessageKind.JOB:
+                again = run_task_locally(self.outboxes.app, message)
+                if again is not None:
+                    self.outboxes.send([again])
+                return True
+            return self.handlers()[message.task](*message.args) is not False
+
+    def handlers(self) -> dict[str, Handler]:
+        """The handler of each internal task, by task name (``tasks`` registers them)."""
+        return {
+            TaskName.START: self.start,
+            TaskName.RESUME: self.resume,
+            TaskName.ADVANCE: self.advance,
+            TaskName.WAIT: self.finish_wait,
+            TaskName.TIMEOUT: self.fire_timeout,
+            TaskName.COMPLETE: self.complete_message,
+        }
+
+    def start(self, payload: dict[str, Any]) -> int | None:
+        """``stepped.start``: start an action (a root, or a child for a parent link)."""
+        call = StartCall.from_payload(payload)
+        return self.start_call(call, root=call.link is None).id
+
+    def start_call(self, call: StartCall, root: bool) -> Action:
+        """Start an action: before, keys, reuse, lane. Returns it (maybe not persisted)."""
+        existing = self.starter.existing(call)
+        if existing is not None:
+            self._resume_existing(existing, call)
+            return self._placeholder(existing)
+        definition = self.lookup(call.actor[0], call.name)
+        try:
+            action = self.starter.prepare(definition, call, root)
+        except ShortCircuit as short:
+            self.drive(Effects().ready(*self.starter.finish_link(call, short.status)))
+            return self.starter.transient(definition, call, root, short.status)
+        if action.checksum is not None:
+            shared = self.starter.share(action, call)
+            if shared is not None:
+                return self._placeholder(shared)
+        created = self.starter.create(action, call)
+        if created is None:  # another delivery claimed the link first
+            return self.start_call(call, root)
+        entry = self.entry.enter(created)
+        self.drive(entry.effects)
+        if entry.deadlock is not None:
+            self.events.report_or_raise(entry.deadlock, created.id, None, "lane")
+        return created
+
+    @staticmethod
+    def _placeholder(action_id: int) -> Action:
+        """The action a call found (the caller reloads it by id when it needs more)."""
+        if action_id == FINISHED_WITHOUT_ROW:
+            return Action(name="", actor_type="", actor_id="", status="succeeded")
+        action = Action(name="", actor_type="", actor_id="")
+        action.id = action_id
+        return action
+
+    def _resume_existing(self, action_id: int, call: StartCall) -> None:
+        """A redelivered start: carry on from whatever the action's records say."""
+        if action_id == FINISHED_WITHOUT_ROW:
+            if call.link is not None:
+                self.drive(self._follow_link(call.link))
+            return
+        with self.session_factory() as s:
+            action = s.get(Action, action_id)
+            if action is None:
+                return
+            s.expunge(action)
+        if action.status == PENDING:
+            entry = self.entry.enter(action)
+            self.drive(entry.effects)
+        else:
+            self.resume(action_id)
+
+    def resume(self, action_id: int) -> None:
+        """``stepped.resume``: carry an action on from its records."""
+        status = self._status(action_id)
+        if status == PENDING:
+            self.drive(self.perform(action_id))
+        elif status == PERFORMING:
+            self.drive(self.performer.run_steps(action_id, self.delivery()))
+        elif status is not None:
+            self.drive(self.completer.finish(action_id, self.delivery()))
+
+    def advance(self, step_id: int) -> None:
+        """``stepped.advance``: the chord body of a step."""
+        self.drive(Effects().ready(int(step_id)))
+
+    def finish_wait(self, link_id: int) -> None:
+        """``stepped.wait``: a timed wait elapsed."""
+        with self.session_factory() as s:
+            ready = finish_link(s, int(link_id), "succeeded", True, self.clock())
+            s.commit()
+        self.drive(Effects().ready(ready) if ready else self._follow_link(int(link_id)))
+
+    def fire_timeout(self, action_id: int) -> bool:
+        """``stepped.timeout``: time the action out if it still performs past its limit."""
+        with self.session_factory() as s:
+            action = s.get(Action, int(action_id))
+            if action is None or action.status != PERFORMING or action.timeout_seconds is None:
+                final = None if action is None else action.status
+                if final == ActionStatus.TIMED_OUT.value and _recovering.get():
+                    self.drive(Effects(finished=[int(action_id)]))
+                return False
+            started, limit, name = action.started_at, action.timeout_seconds, action.name
+        if started is None:
+            return False
+        remaining = (started + timedelta(seconds=limit) - self.clock()).total_seconds()
+        if remaining > 0:
+            self.outboxes.send([timeout_message(int(action_id), name, remaining)])
+            return False
+        self.complete(int(action_id), ActionStatus.TIMED_OUT.value)
+        return True
+
+    def complete_message(self, action_id: int | None, status: str) -> None:
+        """``stepped.complete``: the message of ``complete_later``."""
+        if action_id is not None:
+            self.complete(int(action_id), status)
+
+    def complete(self, action_id: int, status: str) -> bool:
+        """Complete an open action from outside; True when this call completed it."""
+        completed, effects = self.completer.complete(action_id, status, self.delivery())
+        self.drive(effects)
+        return completed

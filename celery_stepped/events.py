@@ -1,0 +1,81 @@
+"""What Stepped tells the world about its transitions: signals, log lines, handled errors.
+
+Transitions call :class:`Events` after they commit; it sends the documented signals
+(:mod:`celery_stepped.signals`, sender: the ``Stepped`` instance) and writes one log
+line per state change on the ``celery_stepped`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from . import signals
+
+__all__ = ["Events", "error_record", "logger"]
+
+logger = logging.getLogger("celery_stepped")
+
+
+def error_record(exc: BaseException, frames: int = 5) -> dict[str, Any]:
+    """What a row keeps of an exception: class, message and the last traceback frames."""
+    tail = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-frames)
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": "".join(tail)}
+
+
+class Events:
+    """Signals and log lines of one Stepped instance.
+
+    Args:
+        sender: the object signals are sent from (the ``Stepped`` instance).
+        handle_exceptions: the exception classes turned into failure; read at each
+            call through :attr:`handle_exceptions`, which tests may replace.
+    """
+
+    def __init__(self, sender: Any, handle_exceptions: tuple[type[BaseException], ...]) -> None:
+        self.sender = sender
+        self.handle_exceptions = handle_exceptions
+
+    def action_started(self, action_id: int, name: str) -> None:
+        """An action went from pending to performing."""
+        logger.info("action #%s %s: pending -> performing", action_id, name)
+        signals.action_started.send(sender=self.sender, action_id=action_id, name=name)
+
+    def action_completed(self, action_id: int, status: str) -> None:
+        """An action reached a final status."""
+        logger.info("action #%s: -> %s", action_id, status)
+        signals.action_completed.send(sender=self.sender, action_id=action_id, status=status)
+
+    def step_started(self, action_id: int, index: int) -> None:
+        """A step body committed (``index`` is the 0-based definition index)."""
+        logger.debug("action #%s: step %s started", action_id, index + 1)
+        signals.step_started.send(sender=self.sender, action_id=action_id, index=index)
+
+    def step_completed(self, step_id: int, status: str) -> None:
+        """A step closed (once per step)."""
+        logger.debug("step %s: -> %s", step_id, status)
+        signals.step_completed.send(sender=self.sender, step_id=step_id, status=status)
+
+    def handled(self, exc: BaseException, **context: Any) -> bool:
+        """Log and signal ``exc`` if its class is handled; True when handled."""
+        if not isinstance(exc, tuple(self.handle_exceptions)):
+            return False
+        logger.error(
+            "stepped handled %s in %s (action %s, step %s): %s",
+            type(exc).__name__,
+            context.get("block"),
+            context.get("action_id"),
+            context.get("step_index"),
+            exc,
+            exc_info=exc,
+        )
+        signals.exception_handled.send(sender=self.sender, exception=exc, **context)
+        return True
+
+    def report_or_raise(
+        self, exc: BaseException, action_id: int | None, index: int | None, block: str
+    ) -> None:
+        """Turn a handled exception into failure (the caller records it); re-raise others."""
+        if not self.handled(exc, action_id=action_id, step_index=index, block=block):
+            raise exc

@@ -1,0 +1,188 @@
+"""The messages Stepped sends: internal task names, one factory per message, routing.
+
+A :class:`Message` is what a transition decides to send; an outbox (see
+:mod:`celery_stepped.outbox`) sends it to the broker, runs it in this process (eager
+mode) or holds it (``stepped.capture()``). Every internal message carries ids and
+JSON only, so it is idempotent and readable in ``celery events``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+from uuid import uuid4
+
+__all__ = [
+    "Message",
+    "MessageKind",
+    "StartCall",
+    "TaskName",
+    "advance_message",
+    "complete_message",
+    "job_message",
+    "resume_message",
+    "start_message",
+    "timeout_message",
+    "wait_message",
+]
+
+
+class TaskName(StrEnum):
+    """Names of the internal Celery tasks (all routed to the Stepped queue)."""
+
+    START = "stepped.start"
+    RESUME = "stepped.resume"
+    ADVANCE = "stepped.advance"
+    WAIT = "stepped.wait"
+    TIMEOUT = "stepped.timeout"
+    COMPLETE = "stepped.complete"
+
+
+class MessageKind(StrEnum):
+    """What a message does, as ``capture()`` shows it (``EnqueuedJob.kind``)."""
+
+    ACTION = "action"
+    WAIT = "wait"
+    TIMEOUT = "timeout"
+    COMPLETE = "complete"
+    JOB = "job"
+    ADVANCE = "advance"
+
+
+@dataclass
+class Message:
+    """One message: ``task`` with positional JSON ``args``.
+
+    ``name`` is the action name (or the user's task name for a job), ``display_args``
+    the arguments a person reads, ``actor`` the actor reference; ``queue`` None means
+    the Stepped queue.
+    """
+
+    kind: MessageKind
+    name: str
+    task: str
+    args: list[Any]
+    countdown: float | None = None
+    display_args: list[Any] = field(default_factory=list)
+    actor: list[str] | None = None
+    queue: str | None = None
+    task_id: str = field(default_factory=lambda: str(uuid4()))
+    retries: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the outbox row)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Message:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**data, "kind": MessageKind(data["kind"])})
+
+
+@dataclass
+class StartCall:
+    """Everything needed to start an action, as it travels in a ``stepped.start`` message."""
+
+    actor: list[str]
+    name: str
+    args: list[Any]
+    link: int | None = None
+    request: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON payload of the ``stepped.start`` message."""
+        return {
+            "actor": self.actor,
+            "name": self.name,
+            "args": self.args,
+            "link": self.link,
+            "request": self.request,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> StartCall:
+        """Rebuild the call from a ``stepped.start`` payload."""
+        return cls(
+            list(payload["actor"]),
+            payload["name"],
+            list(payload.get("args") or []),
+            payload.get("link"),
+            payload.get("request"),
+        )
+
+
+def start_message(call: StartCall, queue: str | None = None) -> Message:
+    """``stepped.start``: start an action (a root, or a child for a parent link)."""
+    options: dict[str, Any] = {"task_id": call.request} if call.request else {}
+    return Message(
+        MessageKind.ACTION,
+        call.name,
+        TaskName.START,
+        [call.payload()],
+        display_args=call.args,
+        actor=call.actor,
+        queue=queue,
+        **options,
+    )
+
+
+def resume_message(
+    action_id: int, name: str, arguments: list[Any], actor: list[str], queue: str | None = None
+) -> Message:
+    """``stepped.resume``: carry a pending or performing action on from its records."""
+    return Message(
+        MessageKind.ACTION,
+        name,
+        TaskName.RESUME,
+        [action_id],
+        display_args=list(arguments),
+        actor=actor,
+        queue=queue,
+    )
+
+
+def advance_message(step_id: int) -> Message:
+    """``stepped.advance``: the body of a step's chord (its members all reported)."""
+    return Message(MessageKind.ADVANCE, "advance", TaskName.ADVANCE, [step_id])
+
+
+def wait_message(link_id: int, seconds: float) -> Message:
+    """``stepped.wait``: a timed wait of ``seconds`` elapsed."""
+    return Message(
+        MessageKind.WAIT,
+        "wait",
+        TaskName.WAIT,
+        [link_id],
+        countdown=seconds,
+        display_args=[seconds],
+    )
+
+
+def timeout_message(action_id: int, name: str, countdown: float) -> Message:
+    """``stepped.timeout``: check the action's timeout in ``countdown`` seconds."""
+    return Message(
+        MessageKind.TIMEOUT,
+        name,
+        TaskName.TIMEOUT,
+        [action_id],
+        countdown=countdown,
+        display_args=[action_id],
+    )
+
+
+def complete_message(action_id: int, status: str, name: str, actor: list[str]) -> Message:
+    """``stepped.complete``: complete an action from outside (``complete_later``)."""
+    return Message(
+        MessageKind.COMPLETE,
+        name,
+        TaskName.COMPLETE,
+        [action_id, status],
+        display_args=[status],
+        actor=actor,
+    )
+
+
+def job_message(action_id: int, task_name: str) -> Message:
+    """The user's Celery task of a job-backed action, called with the action id."""
+    return Message(MessageKind.JOB, task_name, task_name, [action_id], display_args=[action_id])

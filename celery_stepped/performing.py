@@ -1,0 +1,355 @@
+"""Performing an action: ``pending -> performing``, then its steps, one body at a time.
+
+A step body runs in one transaction with the actor loaded; what it asked for
+(``step.do/on/wait``) is written as the step's join members in that same
+transaction, and the messages that start them are returned for the engine to send
+after the commit. A step with no members closes at once and the next one runs in the
+same call, without reading the action again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from .actors import ActorRegistry
+from .effects import Delivery, Effects
+from .events import Events, error_record
+from .join import close_step
+from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
+from .models import Achievement, Action, ParentLink, Step
+from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
+from .step import Step as StepContext
+
+if TYPE_CHECKING:
+    from .definition import SteppedAction
+
+__all__ = ["Performer"]
+
+PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+Lookup = Callable[[str, str], "SteppedAction[Any]"]
+
+
+class Position(NamedTuple):
+    """Where a performing action stands: its row and the row of its current step."""
+
+    action_status: str
+    actor_type: str
+    name: str
+    outbound: bool
+    step_index: int
+    step_id: int | None
+    step_status: str | None
+    pending: int | None
+
+
+class Ran(NamedTuple):
+    """One step body's run: ``waiting`` (members sent), ``done`` (closed at once as
+    ``status``), ``exists`` (another delivery ran it) or ``stopped`` (not performing)."""
+
+    outcome: str
+    closed_as: str | None = None
+
+
+class Performer:
+    """The perform transition of one Stepped instance."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        actors: ActorRegistry,
+        lookup: Lookup,
+        check: Callable[[type, str], object],
+        events: Events,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.session_factory = session_factory
+        self.actors = actors
+        self.lookup = lookup
+        self.check = check
+        self.events = events
+        self.clock = clock
+
+    # -- begin -------------------------------------------------------------------------
+
+    def begin(self, action_id: int, delivery: Delivery) -> Effects | None:
+        """pending -> performing; erase the achievement; schedule the timeout.
+
+        Returns the effects, or None when the action is not (or no longer) performing.
+        """
+        now = self.clock()
+        with self.session_factory() as s:
+            began = s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.status == PENDING)
+                .values(status=PERFORMING, started_at=now, updated_at=now)
+                .returning(Action.name, Action.timeout_seconds, Action.checksum_key)
+            ).first()
+            if began is None:
+                return self._began_before(s, action_id, delivery)
+            name, timeout, checksum_key = began
+            s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
+            s.commit()
+        self.events.action_started(action_id, name)
+        effects = Effects()
+        if timeout is not None:
+            effects.messages.append(timeout_message(action_id, name, timeout))
+        return effects
+
+    @staticmethod
+    def _began_before(s: Session, action_id: int, delivery: Delivery) -> Effects | None:
+        row = s.execute(
+            select(Action.status, Action.name, Action.timeout_seconds).where(Action.id == action_id)
+        ).first()
+        if row is None or row.status != PERFORMING:
+            return None
+        effects = Effects()
+        if row.timeout_seconds is not None and delivery.recovering:
+            # The run that began it may have died before it scheduled the timeout;
+            # an early check re-schedules itself for the time left.
+            effects.messages.append(timeout_message(action_id, row.name, 0))
+        return effects
+
+    # -- steps -------------------------------------------------------------------------
+
+    def position(self, action_id: int) -> Position | None:
+        """The action's status and index with the row of its current step."""
+        with self.session_factory() as s:
+            row = s.execute(
+                select(
+                    Action.status,
+                    Action.actor_type,
+                    Action.name,
+                    Action.outbound,
+                    Action.current_step_index,
+                    Step.id,
+                    Step.status,
+                    Step.pending_actions_count,
+                )
+                .outerjoin(
+                    Step,
+                    (Step.action_id == Action.id)
+                    & (Step.definition_index == Action.current_step_index),
+                )
+                .where(Action.id == action_id)
+            ).first()
+        return None if row is None else Position(*row)
+
+    def run_steps(self, action_id: int, delivery: Delivery) -> Effects:
+        """Run steps until one waits; the effects say what follows."""
+        while True:
+            at = self.position(action_id)
+            if at is None or at.action_status != PERFORMING:
+                return _recover_final(action_id, at, delivery)
+            bodies = self.lookup(at.actor_type, at.name).steps_for_run()
+            if at.step_index >= len(bodies):
+                return _after_last_step(action_id, at.outbound)
+            if at.step_id is None:
+                return self._run_from(action_id, at, bodies)
+            if at.step_status == StepStatus.PERFORMING.value:
+                if at.pending:
+                    return Effects(messages=self.unclaimed(at.step_id, delivery))
+                self.close(at.step_id)
+                continue
+            if at.step_status == StepStatus.FAILED.value:
+                return Effects(complete=[(action_id, ActionStatus.FAILED.value)])
+            self._bump(action_id, at.step_index)
+
+    def _run_from(self, action_id: int, at: Position, bodies: list[Any]) -> Effects:
+        """Run bodies from ``at.step_index`` on while each closes at once."""
+        index, effects = at.step_index, Effects()
+        while index < len(bodies):
+            ran = self.perform_step(action_id, index, bodies[index], effects)
+            if ran.outcome != "done":
+                return effects  # waiting: its members carry on; exists/stopped: nothing
+            if ran.closed_as == StepStatus.FAILED.value:
+                effects.complete.append((action_id, ActionStatus.FAILED.value))
+                return effects
+            index += 1
+        return effects.add(_after_last_step(action_id, at.outbound))
+
+    def close(self, step_id: int) -> None:
+        """Close a step whose members all reported (once)."""
+        with self.session_factory() as s:
+            status = close_step(s, step_id, self.clock())
+            s.commit()
+        if status is not None:
+            self.events.step_completed(step_id, status)
+
+    def _bump(self, action_id: int, index: int) -> None:
+        with self.session_factory() as s:
+            s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.current_step_index == index)
+                .values(current_step_index=index + 1, updated_at=self.clock())
+            )
+            s.commit()
+
+    def perform_step(
+        self, action_id: int, index: int, body: Callable[..., Any], effects: Effects
+    ) -> Ran:
+        """Run one step body in one transaction; its messages go into ``effects``.
+
+        The body runs before Stepped writes anything, so no write lock is held while it
+        runs; its changes, the ``Step`` row and the members are then written in one
+        short transaction. The row is unique per (action, index): a second delivery
+        that ran the body concurrently rolls its changes back.
+        """
+        started = self.clock()
+        with self.session_factory() as s:
+            action = s.get_one(Action, action_id)
+            if action.status != PERFORMING:
+                return Ran("stopped")
+            context = self._run_body(s, action, index, body)
+            if isinstance(context, dict):
+                return self._failed_step(action_id, index, started, context)
+            step = _new_step(action_id, index, started, context, self.clock())
+            s.add(step)
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                return Ran("exists")
+            messages = self._write_members(s, step, context)
+            s.commit()
+        self.events.step_started(action_id, index)
+        effects.messages.extend(messages)
+        if context.members and step.status == StepStatus.PERFORMING.value:
+            return Ran("waiting")
+        self.events.step_completed(step.id, step.status)
+        return Ran("done", step.status)
+
+    def _run_body(
+        self, s: Session, action: Action, index: int, body: Callable[..., Any]
+    ) -> StepContext | dict[str, Any]:
+        """The body's run: its context, or the error record of a handled exception."""
+        actor = self.actors.load_ref(action.actor_type, action.actor_id, s)
+        args = self.actors.load(action.arguments, s)
+        context = StepContext(s, action, actor, self.actors.dump, self.actors.identify, self.check)
+        try:
+            body(context, actor, *args)
+            s.flush()  # the body's own writes: a constraint they break is the body's
+        except OperationalError:
+            raise  # the database (locked, deadlock, gone), not the body: run again
+        except Exception as exc:
+            s.rollback()
+            self.events.report_or_raise(exc, action.id, index, "step")
+            return error_record(exc)
+        return context
+
+    def _failed_step(
+        self, action_id: int, index: int, started: datetime, error: dict[str, Any]
+    ) -> Ran:
+        with self.session_factory() as s:
+            step = Step(
+                action_id=action_id,
+                definition_index=index,
+                status=StepStatus.FAILED.value,
+                started_at=started,
+                completed_at=self.clock(),
+                error=error,
+            )
+            s.add(step)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                return Ran("exists")
+        self.events.step_completed(step.id, StepStatus.FAILED.value)
+        return Ran("done", StepStatus.FAILED.value)
+
+    def _write_members(self, s: Session, step: Step, context: StepContext) -> list[Message]:
+        """The step's join members as rows; the messages that start them (and its job)."""
+        action = context.action
+        messages: list[Message] = []
+        if step.status == StepStatus.FAILED.value:
+            return messages
+        if any(intent.kind == "job" for intent in context.intents):
+            messages.append(job_message(action.id, str(action.job)))
+        now = self.clock()
+        links = [
+            ParentLink(
+                step_id=step.id,
+                kind=str(intent.kind),
+                state=LinkState.WAITING.value,
+                call=intent.call,
+                created_at=now,
+                updated_at=now,
+            )
+            for intent in context.members
+        ]
+        s.add_all(links)
+        if not links and action.current_step_index == step.definition_index:
+            action.current_step_index = step.definition_index + 1
+        s.flush()
+        return messages + self.member_messages(links)
+
+    def member_messages(self, links: list[ParentLink]) -> list[Message]:
+        """The chord header of a step: one message per member link."""
+        messages = []
+        for link in links:
+            call = dict(link.call or {})
+            if link.kind == LinkKind.WAIT:
+                messages.append(wait_message(link.id, float(call.get("seconds", 0))))
+                continue
+            start = StartCall(call["actor"], call["name"], call["args"], link.id)
+            queue = self.lookup(start.actor[0], start.name).resolved("action_queue")
+            messages.append(start_message(start, queue))
+        return messages
+
+    def unclaimed(self, step_id: int, delivery: Delivery) -> list[Message]:
+        """A redelivered step: the members no delivery has claimed yet, sent again."""
+        if delivery.local:
+            return []
+        with self.session_factory() as s:
+            links = list(
+                s.scalars(
+                    select(ParentLink).where(
+                        ParentLink.step_id == step_id,
+                        ParentLink.state == LinkState.WAITING.value,
+                        ParentLink.action_id.is_(None),
+                        ParentLink.kind == LinkKind.ACTION.value,
+                    )
+                ).all()
+            )
+            s.expunge_all()
+        return self.member_messages(links)
+
+
+def _new_step(
+    action_id: int, index: int, started: datetime, context: StepContext, now: datetime
+) -> Step:
+    """The Step row as the body left it: failed, closed at once, or waiting on members."""
+    members = len(context.members)
+    if context.status == StepStatus.FAILED.value:
+        status, members = StepStatus.FAILED.value, 0
+    else:
+        status = StepStatus.PERFORMING.value if members else StepStatus.SUCCEEDED.value
+    return Step(
+        action_id=action_id,
+        definition_index=index,
+        status=status,
+        pending_actions_count=members,
+        started_at=started,
+        completed_at=None if members else now,
+    )
+
+
+def _after_last_step(action_id: int, outbound: bool) -> Effects:
+    """Every step done: a non-outbound action succeeds, an outbound one waits."""
+    if outbound:
+        return Effects()
+    return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
+
+
+def _recover_final(action_id: int, at: Position | None, delivery: Delivery) -> Effects:
+    """A redelivery found the action final: redo its idempotent completion effects
+    (its first run may have died after completing it, before telling its parents)."""
+    if at is None or not ActionStatus(at.action_status).is_final or not delivery.recovering:
+        return Effects()
+    return Effects(finished=[action_id])

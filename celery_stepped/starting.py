@@ -1,0 +1,289 @@
+"""Starting an action: ``before``, keys and checksum, reuse, the pending row.
+
+The engine calls these in order for a ``stepped.start`` message (or ``now()``):
+:meth:`Starter.existing` finds the action a redelivered message already created;
+:meth:`Starter.prepare` runs ``before`` and computes keys, timeout and checksum
+(``_ShortCircuit`` ends it there: cancelled, completed, failed or achieved, and no
+row is written); :meth:`Starter.share` attaches the caller to an identical action
+already performing; :meth:`Starter.create` writes the pending row and claims the
+parent link in one transaction. Entering the lane is the next transition
+(:mod:`celery_stepped.superseding`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .actors import ActorRegistry
+from .events import Events
+from .join import changed, finish_link
+from .lanes import Lanes
+from .messages import StartCall
+from .models import Achievement, Action, ParentLink, Step
+from .statuses import ActionStatus, LinkState
+
+if TYPE_CHECKING:
+    from .definition import SteppedAction
+
+__all__ = ["ShortCircuit", "Starter", "checksum_digest", "key_from_parts", "timeout_seconds"]
+
+Lookup = Callable[[str, str], "SteppedAction[Any]"]
+#: ``Starter.existing`` for a link that was counted without an action (never persisted).
+FINISHED_WITHOUT_ROW = -1
+
+
+def checksum_digest(value: Any) -> str:
+    """SHA-256 hex digest of the canonical JSON of ``value``."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def key_from_parts(value: Any) -> str | None:
+    """A key from a string or a list/tuple of parts joined with ``/``; None if empty."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        value = "/".join(str(v) for v in value)
+    text = str(value)
+    return text or None
+
+
+def timeout_seconds(spec: Any, actor: Any) -> float | None:
+    """Seconds from a timeout option: number, timedelta or callable(actor)."""
+    if spec is None:
+        return None
+    if callable(spec) and not isinstance(spec, timedelta):
+        spec = spec(actor)
+    if spec is None:
+        return None
+    if isinstance(spec, timedelta):
+        return spec.total_seconds()
+    if isinstance(spec, int | float) and not isinstance(spec, bool):
+        return float(spec)
+    raise TypeError(f"timeout must give seconds or a timedelta, got {spec!r}")
+
+
+def _call_before(hook: Callable[..., Any], action: Action, actor: Any) -> None:
+    hook(action, actor, *action.arguments)
+
+
+class ShortCircuit(Exception):
+    """The action ends before it is persisted, with ``status``."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _tenancy(call: StartCall) -> str:
+    return f"{call.actor[0]}/{call.actor[1]}/{call.name}"
+
+
+def _claim_link(s: Session, link_id: int, action_id: int) -> bool:
+    """Give a parent link its action (once: a second delivery finds it claimed)."""
+    return bool(
+        changed(
+            s,
+            update(ParentLink)
+            .where(
+                ParentLink.id == link_id,
+                ParentLink.action_id.is_(None),
+                ParentLink.state == LinkState.WAITING.value,
+            )
+            .values(action_id=action_id),
+        )
+    )
+
+
+def ancestry_of(s: Session, link_id: int) -> str:
+    """Ancestry of a child started through ``link_id``: one query at any depth."""
+    parent = s.execute(
+        select(Action.id, Action.ancestry)
+        .join(Step, Step.action_id == Action.id)
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .where(ParentLink.id == link_id)
+    ).one()
+    return f"{parent.ancestry}{parent.id},"
+
+
+class Starter:
+    """The start transition of one Stepped instance."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        actors: ActorRegistry,
+        lanes: Lanes,
+        lookup: Lookup,
+        events: Events,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.session_factory = session_factory
+        self.actors = actors
+        self.lanes = lanes
+        self.lookup = lookup
+        self.events = events
+        self.clock = clock
+
+    def existing(self, call: StartCall) -> int | None:
+        """The action a earlier delivery of ``call`` created (or ``FINISHED_WITHOUT_ROW``)."""
+        with self.session_factory() as s:
+            if call.link is not None:
+                link = s.get(ParentLink, call.link)
+                if link is None:
+                    raise LookupError(f"unknown parent link {call.link}")
+                if link.state != LinkState.WAITING and link.action_id is None:
+                    return FINISHED_WITHOUT_ROW
+                return link.action_id
+            if call.request is not None:
+                return s.scalar(select(Action.id).where(Action.request_id == call.request))
+        return None
+
+    def transient(
+        self, definition: SteppedAction[Any], call: StartCall, root: bool, status: str
+    ) -> Action:
+        """An unpersisted action for ``call`` (``before`` sees it; short circuits return it)."""
+        action = Action(
+            name=call.name,
+            actor_type=call.actor[0],
+            actor_id=call.actor[1],
+            arguments=call.args,
+            status=status,
+            root=root,
+            outbound=definition.outbound,
+            concurrency_key=_tenancy(call),
+            checksum_key=_tenancy(call),
+        )
+        action._load_actor = self.actors.load_ref
+        if ActionStatus(status).is_final:
+            action.completed_at = self.clock()
+        return action
+
+    def prepare(self, definition: SteppedAction[Any], call: StartCall, root: bool) -> Action:
+        """Keys and timeout, ``before``, then the checksum; raise ShortCircuit to stop."""
+        with self.session_factory() as s:
+            actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
+            args = self.actors.load(call.args, s)
+            action = self.transient(definition, call, root, ActionStatus.PENDING.value)
+            action.arguments = args
+            self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
+            self._run_before(s, definition, action, actor)
+            loaded = list(action.arguments)
+            call.args = action.arguments = self.actors.dump(loaded)
+            self._guarded(s, lambda: self._checksum(definition, action, actor, loaded), "keys")
+            if action.checksum is not None and action.checksum == s.scalar(
+                select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
+            ):
+                raise ShortCircuit(ActionStatus.SUCCEEDED.value)
+        return action
+
+    def _guarded(self, s: Session, block: Callable[[], None], name: str) -> None:
+        """Run a user block; a handled exception fails the action (nothing written)."""
+        try:
+            block()
+        except Exception as exc:
+            s.rollback()
+            self.events.report_or_raise(exc, None, None, name)
+            raise ShortCircuit(ActionStatus.FAILED.value) from exc
+
+    def _run_before(
+        self, s: Session, definition: SteppedAction[Any], action: Action, actor: Any
+    ) -> None:
+        for hook in definition.before_hooks():
+            self._guarded(s, partial(_call_before, hook, action, actor), "before")
+            if action._short_circuit is not None:
+                break
+        s.commit()  # the actor's changes in before are kept, also when it stops the action
+        if action._short_circuit is not None:
+            raise ShortCircuit(action._short_circuit)
+
+    @staticmethod
+    def _keys(definition: SteppedAction[Any], action: Action, actor: Any, args: list[Any]) -> None:
+        """Concurrency key, checksum key and timeout: from the arguments as given."""
+        tenancy = action.concurrency_key
+        for attribute, spec_name in (
+            ("concurrency_key", "concurrency_key_spec"),
+            ("checksum_key", "checksum_key_spec"),
+        ):
+            spec = definition.resolved(spec_name)
+            value = spec(actor, *args) if callable(spec) else spec
+            setattr(action, attribute, key_from_parts(value) or tenancy)
+        action.timeout_seconds = timeout_seconds(definition.resolved("timeout_spec"), actor)
+        job = definition.resolved("job")
+        action.job = None if job is None else str(job.name)
+
+    @staticmethod
+    def _checksum(
+        definition: SteppedAction[Any], action: Action, actor: Any, args: list[Any]
+    ) -> None:
+        """The checksum: after ``before``, so it sees the arguments changed there."""
+        checksum_fn = definition.resolved("checksum_fn")
+        if checksum_fn is not None:
+            value = checksum_fn(actor, *args)
+            action.checksum = None if value is None else checksum_digest(value)
+
+    def share(self, action: Action, call: StartCall) -> int | None:
+        """Attach the caller to an identical checksum performing in the lane; its id."""
+        current, checksum = self.lanes.current_checksum(action.concurrency_key)
+        if current is None or checksum != action.checksum:
+            return None
+        with self.session_factory() as s:
+            if call.link is not None and f",{current}," in ancestry_of(s, call.link):
+                return None  # attaching to an ancestor would wait forever: join, deadlock
+            locked = changed(
+                s,
+                update(Action)
+                .where(
+                    Action.id == current,
+                    Action.status == ActionStatus.PERFORMING.value,
+                    Action.checksum == action.checksum,
+                )
+                .values(updated_at=self.clock()),
+            )
+            if not locked:
+                return None
+            if call.link is not None and not _claim_link(s, call.link, current):
+                s.rollback()
+                return self.existing(call) or FINISHED_WITHOUT_ROW
+            s.commit()
+        return current
+
+    def create(self, action: Action, call: StartCall) -> Action | None:
+        """Write the pending row (and claim the parent link); None when another
+        delivery of the same message was first."""
+        with self.session_factory() as s:
+            if call.link is not None:
+                action.ancestry = ancestry_of(s, call.link)
+            action.request_id = call.request
+            action.created_at = action.updated_at = self.clock()
+            s.add(action)
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                return None
+            if call.link is not None and not _claim_link(s, call.link, action.id):
+                s.rollback()
+                return None
+            s.commit()
+            s.expunge(action)
+        return action
+
+    def finish_link(self, call: StartCall, status: str) -> list[int]:
+        """A child that never persisted reports its outcome to the parent step."""
+        if call.link is None:
+            return []
+        successful = status == ActionStatus.SUCCEEDED.value
+        with self.session_factory() as s:
+            ready = finish_link(s, call.link, status, successful, self.clock())
+            s.commit()
+        return [] if ready is None else [ready]

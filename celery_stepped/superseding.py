@@ -1,0 +1,130 @@
+"""Lane entry: perform now, wait (superseding older pending actions) or deadlock.
+
+Entering a lane spans Redis and SQL. Older pending actions become ``superseded`` in
+SQL first (their waiting parent steps move to the newcomer), then leave the lane in
+Redis (:meth:`~celery_stepped.lanes.Lanes.enter`), so a crash in between loses none
+of them. Everything here returns :class:`~celery_stepped.effects.Effects` for the
+engine to act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .effects import Effects
+from .errors import Deadlock
+from .events import Events
+from .join import changed, transfer_links
+from .lanes import Lanes
+from .models import Action
+from .statuses import ActionStatus
+
+__all__ = ["Entry", "LaneEntry"]
+
+PENDING = ActionStatus.PENDING.value
+
+
+@dataclass
+class Entry:
+    """What entering the lane decided, and the deadlock to report (if any)."""
+
+    effects: Effects = field(default_factory=Effects)
+    deadlock: Deadlock | None = None
+
+
+class LaneEntry:
+    """The lane-entry transition of one Stepped instance."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        lanes: Lanes,
+        events: Events,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.session_factory = session_factory
+        self.lanes = lanes
+        self.events = events
+        self.clock = clock
+
+    def enter(self, action: Action) -> Entry:
+        """Enter ``action``'s lane (a pending, persisted action)."""
+        superseded: list[int] = []
+        ready: list[int] = []
+
+        def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
+            done, now_ready = self.supersede_rows(old_ids, action.id)
+            superseded.extend(done)
+            ready.extend(now_ready)
+
+        result = self.lanes.enter(
+            action.concurrency_key, action.id, action.checksum, action.ancestry, supersede
+        )
+        entry = Entry(self.after_supersede(superseded, ready, action.id))
+        if result.outcome == "deadlock":
+            entry.deadlock = self._deadlock(action, result.current_id)
+            entry.effects.finished.append(action.id)
+        elif result.outcome == "perform":
+            entry.effects.perform.append(action.id)
+        return entry
+
+    def supersede(self, old_ids: list[int], newcomer_id: int) -> Effects:
+        """Mark pending actions superseded by ``newcomer_id`` (repair, racing joins)."""
+        return self.after_supersede(*self.supersede_rows(old_ids, newcomer_id), newcomer_id)
+
+    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> tuple[list[int], list[int]]:
+        """Superseding in one SQL transaction; returns (superseded ids, ready steps)."""
+        superseded: list[int] = []
+        ready: list[int] = []
+        if not old_ids:
+            return superseded, ready
+        now = self.clock()
+        with self.session_factory() as s:
+            for old in old_ids:
+                done = changed(
+                    s,
+                    update(Action)
+                    .where(Action.id == old, Action.status == PENDING)
+                    .values(
+                        status=ActionStatus.SUPERSEDED.value,
+                        completed_at=now,
+                        superseded_by_id=newcomer_id,
+                    ),
+                )
+                if done:
+                    superseded.append(old)
+                    ready.extend(transfer_links(s, old, newcomer_id, now))
+            s.commit()
+        return superseded, ready
+
+    def after_supersede(self, superseded: list[int], ready: list[int], newcomer_id: int) -> Effects:
+        """Signals and follow-ups of superseding (outside the lane lock)."""
+        effects = Effects().ready(*ready)
+        if not superseded:
+            return effects
+        for old in superseded:
+            self.events.action_completed(old, ActionStatus.SUPERSEDED.value)
+        with self.session_factory() as s:
+            status = s.scalar(select(Action.status).where(Action.id == newcomer_id))
+        if status is not None and ActionStatus(status).is_final:
+            effects.finished.append(newcomer_id)  # it completed before the links arrived
+        return effects
+
+    def _deadlock(self, action: Action, current_id: int | None) -> Deadlock:
+        with self.session_factory() as s:
+            s.execute(
+                update(Action)
+                .where(Action.id == action.id, Action.status == PENDING)
+                .values(status=ActionStatus.DEADLOCKED.value, completed_at=self.clock())
+            )
+            s.commit()
+        action.status = ActionStatus.DEADLOCKED.value
+        return Deadlock(
+            f"{action.name} on {action.actor_type}/{action.actor_id} would wait for its "
+            f"ancestor {current_id} in lane {action.concurrency_key!r}"
+        )
