@@ -102,8 +102,8 @@ def migrate(ctx: click.Context, revision: str) -> None:
 def tree(ctx: click.Context, action_id: int, as_json: bool) -> None:
     """Show one action's tree: status, timings, steps and their children.
 
-    Steps are numbered from 1 in text; in JSON, index and current_step_index count
-    from 0.
+    Steps are numbered from 1 ("step 2/3"), as "number" in JSON; JSON's "index" and
+    "current_step_index" are the 0-based positions in the definition.
     """
     from .errors import ActionNotFound
     from .rendering import rich_tree, tree_lines
@@ -192,7 +192,7 @@ def actions(
             r["name"],
             r["actor"],
             r["status"],
-            step_position(r["current_step_index"], r["step_count"]) if r["started_at"] else "-",
+            step_position(r["current_step_number"], r["step_count"]),
             "yes" if r["root"] else "",
             (r["created_at"] or "")[:19].replace("T", " "),
             duration_text(r["duration_seconds"]),

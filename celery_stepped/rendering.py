@@ -22,6 +22,7 @@ __all__ = [
     "arguments_text",
     "brief_text",
     "duration_text",
+    "error_text",
     "rich_tree",
     "step_position",
     "table_lines",
@@ -74,11 +75,21 @@ def arguments_text(arguments: Any) -> str:
     return f"({text[:60]}{'…' if len(text) > 60 else ''})"
 
 
-def step_position(index: int, count: int | None) -> str:
-    """``3/5``: the step (0-based ``index``) an action is at, its last once it finished."""
-    if count is None:
-        return str(index + 1)
-    return f"{min(index + 1, count)}/{count}"
+def step_position(number: int | None, count: int | None) -> str:
+    """``3/5``: the step (1-based ``number``) an action is at; ``-`` before it starts."""
+    if number is None:
+        return "-"
+    return str(number) if count is None else f"{number}/{count}"
+
+
+def error_text(error: Mapping[str, Any] | None, width: int = 200) -> str:
+    """``Type: message`` of a stored error (first line of the message, cut at ``width``)."""
+    if not error:
+        return ""
+    lines = str(error.get("message") or "").strip().splitlines()
+    message = lines[0] if lines else ""
+    text = f"{error.get('type') or 'Error'}: {message}" if message else str(error.get("type"))
+    return text if len(text) <= width else f"{text[: width - 1]}…"
 
 
 def brief_text(brief: Mapping[str, Any] | None) -> str:
@@ -109,10 +120,10 @@ class _Line:
     children: list[_Line] = field(default_factory=list)
 
 
-def _step_label(node: dict[str, Any], index: int, name: str | None) -> str:
-    count = node.get("step_count")
+def _step_label(node: dict[str, Any], step: dict[str, Any]) -> str:
+    count, name = node.get("step_count"), step["name"]
     total = f"/{count}" if count else ""
-    return f"step {index + 1}{total}{f' {name}' if name else ''}"
+    return f"step {step['number']}{total}{f' {name}' if name else ''}"
 
 
 def _actor_text(actor: str, labels: Labels | None) -> str:
@@ -128,13 +139,15 @@ def _action_text(node: dict[str, Any], labels: Labels | None) -> str:
     if status == "performing":
         steps = node["steps"]
         at = steps[-1] if steps else None
-        where = f", at {_step_label(node, at['index'], at['name'])}" if at else ""
+        where = f", at {_step_label(node, at)}" if at else ""
         tail = f"performing for {duration_text(seconds)}{where}"
         if node["outbound"] and at and at["status"] != "performing":
             tail += ", waiting to be completed from outside"
         return f"{head}: {tail}"
     if status == "pending":
         return f"{head}: pending in lane {node['concurrency_key']}"
+    if status == "superseded" and node.get("superseded_by") is not None:
+        return f"{head}: superseded by #{node['superseded_by']}"
     done = f" in {duration_text(seconds)}" if seconds is not None else ""
     extra = ""
     if node["after_callbacks_failed_count"]:
@@ -143,7 +156,7 @@ def _action_text(node: dict[str, Any], labels: Labels | None) -> str:
 
 
 def _step_text(node: dict[str, Any], step: dict[str, Any]) -> str:
-    text = f"{_step_label(node, step['index'], step['name'])}: {step['status']}"
+    text = f"{_step_label(node, step)}: {step['status']}"
     total = len(step["members"])
     if step["status"] == "performing":
         return f"{text}, waiting on {step['pending_members']} of {total}" if total else text
@@ -172,13 +185,19 @@ def _member_line(member: dict[str, Any], labels: Labels | None, compact: bool) -
     return _node_line(action, labels, compact)
 
 
+def _error_lines(error: Mapping[str, Any] | None) -> list[_Line]:
+    return [_Line(error_text(error), "failed")] if error else []
+
+
 def _node_line(node: dict[str, Any], labels: Labels | None, compact: bool) -> _Line:
     line = _Line(_action_text(node, labels), node["status"])
     for step in node["steps"]:
         members = [_member_line(m, labels, compact) for m in step["members"]]
         if compact and not node["root"] and _collapsible(step):
             continue
-        line.children.append(_Line(_step_text(node, step), step["status"], members))
+        children = [*_error_lines(step.get("error")), *members]
+        line.children.append(_Line(_step_text(node, step), step["status"], children))
+    line.children.extend(_error_lines(node.get("error")))
     if compact and not node["root"]:
         waits = [m["seconds"] for s in node["steps"] for m in s["members"] if m["kind"] == "wait"]
         if waits and len(line.children) < len(node["steps"]):

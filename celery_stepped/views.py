@@ -43,6 +43,14 @@ MAX_PER_PAGE = 500
 """The largest ``per_page`` :func:`root_rows` accepts."""
 
 
+def _step_number(action: Action, step_count: int | None) -> int | None:
+    """The 1-based step an action is at (its last once it finished); None before it starts."""
+    if action.started_at is None:
+        return None
+    number = action.current_step_index + 1
+    return number if step_count is None else min(number, max(step_count, 1))
+
+
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -129,6 +137,7 @@ class _TreeBuilder:
     def node(self, action_id: int, path: frozenset[int] = frozenset()) -> dict[str, Any]:
         action = self.loaded.actions[action_id]
         step_names, _ = self.definition_facts(action.actor_type, action.name)
+        step_count = None if step_names is None else len(step_names)
         path = path | {action_id}
         return {
             "id": action.id,
@@ -143,7 +152,8 @@ class _TreeBuilder:
             "checksum_key": action.checksum_key,
             "checksum": action.checksum,
             "current_step_index": action.current_step_index,
-            "step_count": None if step_names is None else len(step_names),
+            "current_step_number": _step_number(action, step_count),
+            "step_count": step_count,
             "timeout_seconds": action.timeout_seconds,
             "created_at": _iso(action.created_at),
             "started_at": _iso(action.started_at),
@@ -151,6 +161,8 @@ class _TreeBuilder:
             "duration_seconds": _seconds(action.started_at, action.completed_at, self.now),
             "after_callbacks_succeeded_count": action.after_callbacks_succeeded_count,
             "after_callbacks_failed_count": action.after_callbacks_failed_count,
+            "error": action.error,
+            "superseded_by": action.superseded_by_id,
             "steps": [self.step(s, step_names, path) for s in action.steps],
         }
 
@@ -158,6 +170,7 @@ class _TreeBuilder:
         index = step.definition_index
         return {
             "index": index,
+            "number": index + 1,
             "name": names[index] if names is not None and index < len(names) else None,
             "status": step.status,
             "started_at": _iso(step.started_at),
@@ -165,6 +178,7 @@ class _TreeBuilder:
             "duration_seconds": _seconds(step.started_at, step.completed_at, self.now),
             "pending_members": step.pending_actions_count,
             "unsuccessful_members": step.unsuccessful_actions_count,
+            "error": step.error,
             "members": [self.member(link, path) for link in self.loaded.links.get(step.id, [])],
         }
 
@@ -195,11 +209,17 @@ def action_trees(stepped: Stepped, action_ids: Sequence[int]) -> list[dict[str, 
     """JSON-ready trees of the given actions (unknown ids are left out).
 
     Each node holds the action's columns, ``duration_seconds`` (completed or now, minus
-    started), ``step_count`` and ``steps``; each step its ``members`` in the order the
-    step started them: ``{"kind": "wait", "seconds", "state"}`` or ``{"kind": "action",
-    "name", "actor", "state", "outcome", "action": <node> | None}``. A member whose
-    action never persisted (a checksum already achieved, a ``before`` that completed or
-    cancelled it) has ``"action": None`` and ``"skipped": True``.
+    started), ``step_count``, ``current_step_number`` (1-based, None before the start),
+    ``error`` (``{"type", "message", "traceback"}`` when the action failed outside a
+    step, else None), ``superseded_by`` (the superseder's id or None) and ``steps``.
+
+    Each step holds ``index`` (0-based, in the definition), ``number`` (``index + 1``,
+    as in ``step 2/3``), ``name``, ``status``, timings, ``error`` (the exception its
+    body raised, same shape, or None) and its ``members`` in the order the step started
+    them: ``{"kind": "wait", "seconds", "state"}`` or ``{"kind": "action", "name",
+    "actor", "state", "outcome", "action": <node> | None}``. A member whose action never
+    persisted (a checksum already achieved, a ``before`` that completed or cancelled it)
+    has ``"action": None`` and ``"skipped": True``.
     """
     now = stepped.clock()
     with stepped.session_factory() as session:
@@ -272,6 +292,7 @@ def _row(action: Action, step_count: int | None, now: datetime) -> dict[str, Any
         "status": action.status,
         "root": action.root,
         "current_step_index": action.current_step_index,
+        "current_step_number": _step_number(action, step_count),
         "step_count": step_count,
         "created_at": _iso(action.created_at),
         "started_at": _iso(action.started_at),
@@ -291,8 +312,8 @@ def action_rows(
     """Actions newest first, filtered by status(es), name and rootness.
 
     Each row holds ``id``, ``name``, ``actor`` (``type/id``), ``status``, ``root``,
-    ``current_step_index`` (0-based), ``step_count``, the ISO timestamps and
-    ``duration_seconds``.
+    ``current_step_index`` (0-based), ``current_step_number`` (1-based, None before the
+    start), ``step_count``, the ISO timestamps and ``duration_seconds``.
     """
     query = select(Action).order_by(Action.id.desc()).limit(limit)
     if statuses:
