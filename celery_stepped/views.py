@@ -61,6 +61,23 @@ def _seconds(start: datetime | None, end: datetime | None, now: datetime) -> flo
     return round(((end or now) - start).total_seconds(), 3)
 
 
+def _row(action: Action, step_count: int | None, now: datetime) -> dict[str, Any]:
+    return {
+        "id": action.id,
+        "name": action.name,
+        "actor": f"{action.actor_type}/{action.actor_id}",
+        "status": action.status,
+        "root": action.root,
+        "current_step_index": action.current_step_index,
+        "current_step_number": _step_number(action, step_count),
+        "step_count": step_count,
+        "created_at": _iso(action.created_at),
+        "started_at": _iso(action.started_at),
+        "completed_at": _iso(action.completed_at),
+        "duration_seconds": _seconds(action.started_at, action.completed_at, now),
+    }
+
+
 # -- definitions ----------------------------------------------------------------------------
 
 
@@ -140,25 +157,14 @@ class _TreeBuilder:
         step_count = None if step_names is None else len(step_names)
         path = path | {action_id}
         return {
-            "id": action.id,
-            "name": action.name,
-            "actor": f"{action.actor_type}/{action.actor_id}",
+            **_row(action, step_count, self.now),
             "arguments": action.arguments,
-            "status": action.status,
-            "root": action.root,
             "outbound": action.outbound,
             "job": action.job,
             "concurrency_key": action.concurrency_key,
             "checksum_key": action.checksum_key,
             "checksum": action.checksum,
-            "current_step_index": action.current_step_index,
-            "current_step_number": _step_number(action, step_count),
-            "step_count": step_count,
             "timeout_seconds": action.timeout_seconds,
-            "created_at": _iso(action.created_at),
-            "started_at": _iso(action.started_at),
-            "completed_at": _iso(action.completed_at),
-            "duration_seconds": _seconds(action.started_at, action.completed_at, self.now),
             "after_callbacks_succeeded_count": action.after_callbacks_succeeded_count,
             "after_callbacks_failed_count": action.after_callbacks_failed_count,
             "error": action.error,
@@ -208,10 +214,11 @@ def _skip_reason(outcome: str, has_checksum: bool) -> str:
 def action_trees(stepped: Stepped, action_ids: Sequence[int]) -> list[dict[str, Any]]:
     """JSON-ready trees of the given actions (unknown ids are left out).
 
-    Each node holds the action's columns, ``duration_seconds`` (completed or now, minus
-    started), ``step_count``, ``current_step_number`` (1-based, None before the start),
-    ``error`` (``{"type", "message", "traceback"}`` when the action failed outside a
-    step, else None), ``superseded_by`` (the superseder's id or None) and ``steps``.
+    Each node holds the fields of an :func:`action_rows` row (``current_step_number``
+    1-based, None before the start; ``duration_seconds`` completed or now, minus
+    started), the action's other columns, ``error`` (``{"type", "message",
+    "traceback"}`` when the action failed outside a step, else None), ``superseded_by``
+    (the superseder's id or None) and ``steps``.
 
     Each step holds ``index`` (0-based, in the definition), ``number`` (``index + 1``,
     as in ``step 2/3``), ``name``, ``status``, timings, ``error`` (the exception its
@@ -282,23 +289,6 @@ def lane_rows(stepped: Stepped) -> list[dict[str, Any]]:
 
 
 # -- lists of actions ------------------------------------------------------------------------
-
-
-def _row(action: Action, step_count: int | None, now: datetime) -> dict[str, Any]:
-    return {
-        "id": action.id,
-        "name": action.name,
-        "actor": f"{action.actor_type}/{action.actor_id}",
-        "status": action.status,
-        "root": action.root,
-        "current_step_index": action.current_step_index,
-        "current_step_number": _step_number(action, step_count),
-        "step_count": step_count,
-        "created_at": _iso(action.created_at),
-        "started_at": _iso(action.started_at),
-        "completed_at": _iso(action.completed_at),
-        "duration_seconds": _seconds(action.started_at, action.completed_at, now),
-    }
 
 
 def action_rows(
