@@ -317,12 +317,14 @@ def action_rows(
         return [_row(a, step_count(a), now) for a in session.scalars(query)]
 
 
-def _check_page(status: str | None, page: int, per_page: int) -> None:
+def _check_page(status: str | None, actor: str | None, page: int, per_page: int) -> None:
     if status is not None and status not in {s.value for s in ActionStatus}:
         known = ", ".join(s.value for s in ActionStatus)
         raise ValueError(f"unknown status {status!r}: expected one of {known}")
     if page < 1:
         raise ValueError(f"page must be 1 or more, not {page}")
+    if actor is not None and (not actor.partition("/")[0] or actor.endswith("/")):
+        raise ValueError(f"actor must be 'Type' or 'Type/id', not {actor!r}")
     if not 1 <= per_page <= MAX_PER_PAGE:
         raise ValueError(f"per_page must be between 1 and {MAX_PER_PAGE}, not {per_page}")
 
@@ -371,9 +373,9 @@ def root_rows(
         that match ``name`` and ``actor`` (whatever ``status`` is), for status tabs.
 
     Raises:
-        ValueError: an unknown status, a page below 1 or a per_page out of range.
+        ValueError: an unknown status, a malformed actor, a page or per_page out of range.
     """
-    _check_page(status, page, per_page)
+    _check_page(status, actor, page, per_page)
     conditions = _root_conditions(name, actor)
     matching = [*conditions, Action.status == status] if status is not None else conditions
     now, step_count = stepped.clock(), _StepCounts(stepped)
