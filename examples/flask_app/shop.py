@@ -24,8 +24,8 @@ from sqlalchemy import String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from celery_stepped import ActionStatus, Step, Stepped
-from celery_stepped.cli import action_tree, lane_rows
 from celery_stepped.models import Action
+from celery_stepped.views import action_tree, lane_rows
 
 REDIS_URL = os.environ.get("SHOP_REDIS_URL", "redis://127.0.0.1:6379")
 DATABASE_URL = os.environ.get("SHOP_DATABASE_URL", "sqlite:///shop.db")

@@ -30,8 +30,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from celery_stepped.cli import action_trees, rich_tree, tree_lines
 from celery_stepped.embedded import EmbeddedRedis, WorkerProcess
+from celery_stepped.rendering import rich_tree, tree_lines
+from celery_stepped.views import action_trees
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
