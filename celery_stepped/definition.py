@@ -119,14 +119,7 @@ class SteppedAction(Task, Generic[P]):
         queue: str | None = None,
         parent: SteppedAction[Any] | None = None,
     ) -> None:
-        if not action_name or not isinstance(action_name, str):
-            raise ValueError("an action needs a non-empty string name")
-        if timeout is not None and not (
-            isinstance(timeout, int | float | timedelta) or callable(timeout)
-        ):
-            raise TypeError("timeout must be seconds, a timedelta or a callable(actor)")
-        if checksum is not None and not callable(checksum):
-            raise TypeError("checksum must be a callable (actor, *args)")
+        _check_options(action_name, timeout, checksum)
         self.runner = runner
         self.definitions = definitions
         self.action_name = action_name
@@ -330,6 +323,23 @@ class SteppedAction(Task, Generic[P]):
     def __repr__(self) -> str:
         owner = self.actor_class.__name__ if self.actor_class else "any actor"
         return f"<SteppedAction {self.action_name} on {owner}>"
+
+
+def _check_options(action_name: Any, timeout: Any, checksum: Any) -> None:
+    """Refuse bad definition options at once, with a message that says what is expected."""
+    if not action_name or not isinstance(action_name, str):
+        raise ValueError("an action needs a non-empty string name")
+    if timeout is not None and not (
+        isinstance(timeout, int | float | timedelta) or callable(timeout)
+    ):
+        raise TypeError("timeout must be seconds, a timedelta or a callable(actor)")
+    if isinstance(timeout, bool):
+        raise TypeError("timeout must be seconds, a timedelta or a callable(actor)")
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if isinstance(seconds, int | float) and not seconds > 0:
+        raise ValueError(f"timeout must be more than 0 seconds, got {timeout!r}")
+    if checksum is not None and not callable(checksum):
+        raise TypeError("checksum must be a callable (actor, *args)")
 
 
 def _no_kwargs(kwargs: dict[str, Any]) -> None:

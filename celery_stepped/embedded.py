@@ -159,8 +159,22 @@ class WorkerProcess:
 
         log_path = self.logfile or os.path.join(tempfile.mkdtemp(prefix="stepped-worker-"), "w.log")
         self.logfile = log_path
-        args = [
-            sys.executable,
+        env = {**os.environ, **self.env}
+        console = open(log_path + ".console", "wb")  # noqa: SIM115 - closed below
+        self.process = subprocess.Popen(
+            self._command(sys.executable, log_path),
+            env=env,
+            cwd=self.cwd,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        console.close()
+        return self._wait_ready(ready_timeout)
+
+    def _command(self, python: str, log_path: str) -> list[str]:
+        return [
+            python,
             "-m",
             "celery",
             "-A",
@@ -182,20 +196,11 @@ class WorkerProcess:
             "--logfile",
             log_path,
         ]
-        env = {**os.environ, **self.env}
-        console = open(log_path + ".console", "wb")  # noqa: SIM115 - closed below
-        self.process = subprocess.Popen(
-            args,
-            env=env,
-            cwd=self.cwd,
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        console.close()
+
+    def _wait_ready(self, ready_timeout: float) -> WorkerProcess:
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(
                     f"celery worker exited early; log: {self.read_log()[-4000:]}"
                     f"\nconsole: {self.read_console()[-4000:]}"
