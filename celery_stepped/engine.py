@@ -112,7 +112,10 @@ class Engine:
         inline, delivery = self._inline(), self.delivery()
         for step_id in dict.fromkeys(effects.ready_steps):
             yield self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
-        if effects.handoff:
+        if effects.handoff and _in_worker.get():
+            # Lane handoff inline, as Stepped's Performance#forward: same task, no message.
+            yield from (self.carry_on(action_id) for action_id in effects.handoff)
+        elif effects.handoff:
             yield Effects(self._resume_messages(effects.handoff))
         for action_id in effects.finished:
             yield self.completer.finish(action_id, delivery)
@@ -238,20 +241,24 @@ class Engine:
                 return
             s.expunge(action)
         if action.status == PENDING:
-            entry = self.entry.enter(action)
-            self.drive(entry.effects)
+            self.drive(self.entry.enter(action).effects)
         else:
             self.resume(action_id)
 
     def resume(self, action_id: int) -> None:
         """``stepped.resume``: carry an action on from its records."""
+        self.drive(self.carry_on(int(action_id)))
+
+    def carry_on(self, action_id: int) -> Effects:
+        """Whatever the action's records say comes next: perform, steps, or its report."""
         status = self._status(action_id)
         if status == PENDING:
-            self.drive(self.perform(action_id))
-        elif status == PERFORMING:
-            self.drive(self.performer.run_steps(action_id, self.delivery()))
-        elif status is not None:
-            self.drive(self.completer.finish(action_id, self.delivery()))
+            return self.perform(action_id)
+        if status == PERFORMING:
+            return self.performer.run_steps(action_id, self.delivery())
+        if status is not None:
+            return self.completer.finish(action_id, self.delivery())
+        return Effects()
 
     def advance(self, step_id: int) -> None:
         """``stepped.advance``: the chord body of a step."""
