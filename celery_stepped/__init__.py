@@ -1,25 +1,31 @@
 """celery_stepped: workflows as a persisted tree of actions, natively on Celery.
 
-See API.md for the contract; the public names are exported here.
+See API.md for the contract; the public names are exported here. They are imported
+on first use (a module ``__getattr__``): every ``celery`` command imports this package
+through the ``celery.commands`` entry point, and should not pay for SQLAlchemy, Redis
+and the engine unless it uses them.
 """
 
 from __future__ import annotations
 
-from .definition import SteppedAction, SteppedSignature
-from .errors import (
-    ActionNotFound,
-    ActorNotFound,
-    ConfigurationError,
-    Deadlock,
-    SteppedError,
-    UnknownAction,
-)
-from .extension import Stepped
-from .lanes import Lane
-from .runtime import StepContext
-from .statuses import ActionStatus, StepStatus
+import importlib
+from typing import TYPE_CHECKING, Any
 
-Step = StepContext
+if TYPE_CHECKING:
+    from .definition import SteppedAction, SteppedSignature
+    from .errors import (
+        ActionNotFound,
+        ActorNotFound,
+        ConfigurationError,
+        Deadlock,
+        SteppedError,
+        UnknownAction,
+    )
+    from .extension import Stepped
+    from .lanes import Lane
+    from .runtime import StepContext
+    from .runtime import StepContext as Step
+    from .statuses import ActionStatus, StepStatus
 
 __all__ = [
     "ActionNotFound",
@@ -39,3 +45,35 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_MODULES = {
+    "ActionNotFound": ".errors",
+    "ActionStatus": ".statuses",
+    "ActorNotFound": ".errors",
+    "ConfigurationError": ".errors",
+    "Deadlock": ".errors",
+    "Lane": ".lanes",
+    "Step": ".runtime",
+    "StepContext": ".runtime",
+    "StepStatus": ".statuses",
+    "Stepped": ".extension",
+    "SteppedAction": ".definition",
+    "SteppedError": ".errors",
+    "SteppedSignature": ".definition",
+    "UnknownAction": ".errors",
+}
+_ALIASES = {"Step": "StepContext"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (then it is a plain global)."""
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), _ALIASES.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -17,8 +17,9 @@ drawn by :mod:`celery_stepped.rendering`. Every ``celery`` command imports this 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 import click
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["stepped"]
 
+P = ParamSpec("P")
+
 
 def _stepped(ctx: click.Context) -> Stepped:
     obj = ctx.find_root().obj or ctx.obj
@@ -42,6 +45,36 @@ def _stepped(ctx: click.Context) -> Stepped:
             "in the module that defines the app"
         )
     return instance
+
+
+def _app_name(ctx: click.Context) -> str:
+    """The ``-A`` value the command ran with (the app's name when run without it)."""
+    given = ctx.find_root().params.get("app")
+    if isinstance(given, str) and given:
+        return given
+    app = getattr(ctx.find_root().obj or ctx.obj, "app", None)
+    return str(getattr(app, "main", None) or "app")
+
+
+def _answers(command: Callable[P, None]) -> Callable[P, None]:
+    """Errors a person can fix end the command with one line and exit code 1."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            from .diagnosis import diagnose
+
+            ctx = click.get_current_context()
+            message = diagnose(_stepped(ctx), exc, app_name=_app_name(ctx))
+            if message is None:
+                raise
+            raise click.ClickException(message) from exc
+
+    return run
 
 
 def _console(ctx: click.Context) -> Console | None:
@@ -87,10 +120,23 @@ def stepped() -> None:
 @stepped.command()
 @click.option("--revision", default="head", show_default=True, help="Alembic revision.")
 @click.pass_context
+@_answers
 def migrate(ctx: click.Context, revision: str) -> None:
     """Apply the shipped Alembic migrations to the Stepped database."""
+    from alembic.util import CommandError
+
+    from .models.migrations import revisions
+
     instance = _stepped(ctx)
-    instance.migrate(revision)
+    try:
+        instance.migrate(revision)
+    except CommandError as exc:
+        shipped = ", ".join(revisions())
+        if "Can't locate revision" in str(exc):
+            message = f"unknown revision {revision!r}: the shipped ones are {shipped} (or head)"
+        else:
+            message = f"cannot migrate to {revision!r}: {exc} (shipped revisions: {shipped})"
+        raise click.ClickException(message) from exc
     url = instance.engine.url.render_as_string(hide_password=True)
     click.echo(f"Stepped tables of {url} migrated to {revision}.")
 
@@ -99,6 +145,7 @@ def migrate(ctx: click.Context, revision: str) -> None:
 @click.argument("action_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
 @click.pass_context
+@_answers
 def tree(ctx: click.Context, action_id: int, as_json: bool) -> None:
     """Show one action's tree: status, timings, steps and their children.
 
@@ -128,6 +175,7 @@ def tree(ctx: click.Context, action_id: int, as_json: bool) -> None:
 @stepped.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the lanes as JSON.")
 @click.pass_context
+@_answers
 def lanes(ctx: click.Context, as_json: bool) -> None:
     """Show every lane: its current action and the pending ones, with ages."""
     from .rendering import brief_text
@@ -167,6 +215,7 @@ def lanes(ctx: click.Context, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the actions as JSON.")
 @click.pass_context
+@_answers
 def actions(
     ctx: click.Context,
     statuses: tuple[str, ...],
@@ -207,6 +256,7 @@ def actions(
 @click.option("--apply", "apply_", is_flag=True, help="Make the changes (default: dry run).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
+@_answers
 def repair(ctx: click.Context, apply_: bool, as_json: bool) -> None:
     """Rebuild lanes and in-flight steps from SQL after Redis lost its data.
 

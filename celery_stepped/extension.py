@@ -281,7 +281,10 @@ class Stepped:
 
     def create_all(self) -> None:
         """Create the Stepped tables (quick start; production uses ``migrate``)."""
+        from .models.migrations import stamp
+
         Base.metadata.create_all(self.engine)
+        stamp(self.engine)
 
     def drop_all(self) -> None:
         """Drop the Stepped tables."""

@@ -182,12 +182,6 @@ def test_tree_shows_a_failure_travelling_up(
     assert lines[3].strip().startswith("└─ step 1/1 crash: failed in ")
 
 
-def test_tree_of_an_unknown_action_fails(stepped: Stepped) -> None:
-    result = invoke(stepped, "tree", "4242")
-    assert result.exit_code == 1
-    assert "no action #4242" in result.output
-
-
 def test_tree_draws_with_rich_on_a_terminal(
     stepped: Stepped, stepped_jobs: JobQueue, car: Car, monkeypatch: pytest.MonkeyPatch
 ) -> None:
