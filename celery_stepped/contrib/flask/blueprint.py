@@ -139,8 +139,20 @@ def stepped_blueprint(
         static_folder="static",
         static_url_path="/static",
     )
-    pages = Pages(stepped, allow_actions=allow_actions)
-    operations = Operations(stepped, allowed=allow_actions, token=token)
+    _add_routes(
+        bp,
+        Pages(stepped, allow_actions=allow_actions),
+        Operations(stepped, allowed=allow_actions, token=token),
+    )
+    bp.register_error_handler(Problem, error_response)
+    bp.register_error_handler(HTTPException, http_error_response)
+    bp.context_processor(template_helpers)
+    bp.after_request(_no_store)
+    return bp
+
+
+def _add_routes(bp: Blueprint, pages: Pages, operations: Operations) -> None:
+    """Every URL of the blueprint; ``/<path:rest>`` answers the rest (404 or 405)."""
     bp.add_url_rule("/", "home", pages.home)
     for suffix, endpoint in (("", ""), (".json", "_json")):
         bp.add_url_rule(f"/actions{suffix}", f"index{endpoint}", pages.index)
@@ -150,8 +162,3 @@ def stepped_blueprint(
         "/actions/<action_id>/<verb>", "operate", operations.handle, methods=["GET", "POST"]
     )
     bp.add_url_rule("/<path:rest>", "missing", pages.missing, methods=ALL_METHODS)
-    bp.register_error_handler(Problem, error_response)
-    bp.register_error_handler(HTTPException, http_error_response)
-    bp.context_processor(template_helpers)
-    bp.after_request(_no_store)
-    return bp
