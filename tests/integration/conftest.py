@@ -297,7 +297,7 @@ def it(cluster: Cluster) -> Iterator[Cluster]:
 def shop_module(env: Mapping[str, str]) -> Iterator[ModuleType]:
     """The Flask example's ``shop`` module, imported with ``env`` (``SHOP_REDIS_URL``,
     ``SHOP_DATABASE_URL``, ...) and its tables created; its Redis databases (0: broker,
-    1: lanes) are flushed before and after."""
+    1: lanes) are flushed before and after, and its classes unmapped after."""
     base = env["SHOP_REDIS_URL"]
     for db in (0, 1):
         redis.Redis.from_url(f"{base}/{db}").flushdb()
@@ -313,5 +313,7 @@ def shop_module(env: Mapping[str, str]) -> Iterator[ModuleType]:
     finally:
         sys.modules.pop("shop", None)
         module.stepped.engine.dispose()
+        # Unmap Order: the next import maps a new class of the same actor type name.
+        module.ShopBase.registry.dispose()
         for db in (0, 1):
             redis.Redis.from_url(f"{base}/{db}").flushdb()
