@@ -217,3 +217,23 @@ def test_a_token_given_to_the_blueprint(it: Cluster) -> None:
     assert answer.status_code == 200 and answer.get_json()["status"] == "cancelled"
     page = http.get(f"/stepped/actions/{action}").get_data(as_text=True)
     assert "cancelled" in page and "complete or cancel" not in page  # nothing left to operate
+
+
+def test_a_shared_action_links_its_other_parents(it: Cluster) -> None:
+    car = it.make_car()
+    first = it.later("shared_parent", car, 1, "first")
+    (shared,) = it.wait_named("shared_job", 1, "performing")
+    it.wait_ready(shared.id)
+    second = it.later("shared_parent", car, 1, "second")  # same checksum: waits on it too
+    http = client(it.stepped)
+
+    def shared_in_second() -> bool:
+        steps = http.get(f"/stepped/actions/{second}.json").get_json()["steps"]
+        members = steps[0]["members"] if steps else []
+        return any(m["action"] and m["action"]["id"] == shared.id for m in members)
+
+    it.wait_for("the second parent to wait on the shared action", shared_in_second)
+    page = http.get(f"/stepped/actions/{second}").get_data(as_text=True)
+    assert f'also awaited by <a href="/stepped/actions/{first}">#{first}</a>' in page
+    page = http.get(f"/stepped/actions/{first}").get_data(as_text=True)
+    assert f'also awaited by <a href="/stepped/actions/{second}">#{second}</a>' in page

@@ -19,6 +19,7 @@ from . import params
 from .operations import TOKEN_HEADER, Operations
 from .presenting import is_final, template_helpers, with_shared_marked
 from .responses import Problem, error_response, http_error_response, page
+from .sharing import parents_of
 
 if TYPE_CHECKING:
     from ...extension import Stepped
@@ -65,6 +66,7 @@ class Pages:
             node,
             shown=shown,
             ids=ids,
+            parents=parents_of(self.stepped, ids),
             live=not is_final(node),
             poll_seconds=POLL_SECONDS,
             allow_actions=self.allow_actions,
