@@ -61,6 +61,23 @@ def _seconds(start: datetime | None, end: datetime | None, now: datetime) -> flo
     return round(((end or now) - start).total_seconds(), 3)
 
 
+def _row(action: Action, step_count: int | None, now: datetime) -> dict[str, Any]:
+    return {
+        "id": action.id,
+        "name": action.name,
+        "actor": f"{action.actor_type}/{action.actor_id}",
+        "status": action.status,
+        "root": action.root,
+        "current_step_index": action.current_step_index,
+        "current_step_number": _step_number(action, step_count),
+        "step_count": step_count,
+        "created_at": _iso(action.created_at),
+        "started_at": _iso(action.started_at),
+        "completed_at": _iso(action.completed_at),
+        "duration_seconds": _seconds(action.started_at, action.completed_at, now),
+    }
+
+
 # -- definitions ----------------------------------------------------------------------------
 
 
@@ -140,25 +157,14 @@ class _TreeBuilder:
         step_count = None if step_names is None else len(step_names)
         path = path | {action_id}
         return {
-            "id": action.id,
-            "name": action.name,
-            "actor": f"{action.actor_type}/{action.actor_id}",
+            **_row(action, step_count, self.now),
             "arguments": action.arguments,
-            "status": action.status,
-            "root": action.root,
             "outbound": action.outbound,
             "job": action.job,
             "concurrency_key": action.concurrency_key,
             "checksum_key": action.checksum_key,
             "checksum": action.checksum,
-            "current_step_index": action.current_step_index,
-            "current_step_number": _step_number(action, step_count),
-            "step_count": step_count,
             "timeout_seconds": action.timeout_seconds,
-            "created_at": _iso(action.created_at),
-            "started_at": _iso(action.started_at),
-            "completed_at": _iso(action.completed_at),
-            "duration_seconds": _seconds(action.started_at, action.completed_at, self.now),
             "after_callbacks_succeeded_count": action.after_callbacks_succeeded_count,
             "after_callbacks_failed_count": action.after_callbacks_failed_count,
             "error": action.error,
@@ -208,10 +214,11 @@ def _skip_reason(outcome: str, has_checksum: bool) -> str:
 def action_trees(stepped: Stepped, action_ids: Sequence[int]) -> list[dict[str, Any]]:
     """JSON-ready trees of the given actions (unknown ids are left out).
 
-    Each node holds the action's columns, ``duration_seconds`` (completed or now, minus
-    started), ``step_count``, ``current_step_number`` (1-based, None before the start),
-    ``error`` (``{"type", "message", "traceback"}`` when the action failed outside a
-    step, else None), ``superseded_by`` (the superseder's id or None) and ``steps``.
+    Each node holds the fields of an :func:`action_rows` row (``current_step_number``
+    1-based, None before the start; ``duration_seconds`` completed or now, minus
+    started), the action's other columns, ``error`` (``{"type", "message",
+    "traceback"}`` when the action failed outside a step, else None), ``superseded_by``
+    (the superseder's id or None) and ``steps``.
 
     Each step holds ``index`` (0-based, in the definition), ``number`` (``index + 1``,
     as in ``step 2/3``), ``name``, ``status``, timings, ``error`` (the exception its
@@ -284,23 +291,6 @@ def lane_rows(stepped: Stepped) -> list[dict[str, Any]]:
 # -- lists of actions ------------------------------------------------------------------------
 
 
-def _row(action: Action, step_count: int | None, now: datetime) -> dict[str, Any]:
-    return {
-        "id": action.id,
-        "name": action.name,
-        "actor": f"{action.actor_type}/{action.actor_id}",
-        "status": action.status,
-        "root": action.root,
-        "current_step_index": action.current_step_index,
-        "current_step_number": _step_number(action, step_count),
-        "step_count": step_count,
-        "created_at": _iso(action.created_at),
-        "started_at": _iso(action.started_at),
-        "completed_at": _iso(action.completed_at),
-        "duration_seconds": _seconds(action.started_at, action.completed_at, now),
-    }
-
-
 def action_rows(
     stepped: Stepped,
     *,
@@ -327,12 +317,14 @@ def action_rows(
         return [_row(a, step_count(a), now) for a in session.scalars(query)]
 
 
-def _check_page(status: str | None, page: int, per_page: int) -> None:
+def _check_page(status: str | None, actor: str | None, page: int, per_page: int) -> None:
     if status is not None and status not in {s.value for s in ActionStatus}:
         known = ", ".join(s.value for s in ActionStatus)
         raise ValueError(f"unknown status {status!r}: expected one of {known}")
     if page < 1:
         raise ValueError(f"page must be 1 or more, not {page}")
+    if actor is not None and (not actor.partition("/")[0] or actor.endswith("/")):
+        raise ValueError(f"actor must be 'Type' or 'Type/id', not {actor!r}")
     if not 1 <= per_page <= MAX_PER_PAGE:
         raise ValueError(f"per_page must be between 1 and {MAX_PER_PAGE}, not {per_page}")
 
@@ -381,9 +373,9 @@ def root_rows(
         that match ``name`` and ``actor`` (whatever ``status`` is), for status tabs.
 
     Raises:
-        ValueError: an unknown status, a page below 1 or a per_page out of range.
+        ValueError: an unknown status, a malformed actor, a page or per_page out of range.
     """
-    _check_page(status, page, per_page)
+    _check_page(status, actor, page, per_page)
     conditions = _root_conditions(name, actor)
     matching = [*conditions, Action.status == status] if status is not None else conditions
     now, step_count = stepped.clock(), _StepCounts(stepped)

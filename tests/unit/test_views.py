@@ -196,6 +196,8 @@ def test_root_rows_leave_out_children(stepped: Stepped, stepped_jobs: JobQueue, 
     [
         ({"status": "lost"}, "unknown status 'lost': expected one of pending, performing"),
         ({"page": 0}, "page must be 1 or more, not 0"),
+        ({"actor": "Car/"}, "actor must be 'Type' or 'Type/id', not 'Car/'"),
+        ({"actor": "/7"}, "actor must be 'Type' or 'Type/id', not '/7'"),
         ({"per_page": 0}, "per_page must be between 1 and 500, not 0"),
         ({"per_page": 501}, "per_page must be between 1 and 500, not 501"),
     ],
