@@ -146,6 +146,8 @@ def test_lanes_and_a_superseded_action(it: Cluster) -> None:
         ("GET", "/stepped/actions?per_page=100000", 400),
         ("GET", "/stepped/actions?page=99999999999", 400),
         ("GET", "/stepped/actions?name=%00", 400),
+        ("GET", "/stepped/actions?actor=Car/", 400),
+        ("GET", "/stepped/actions?actor=/7", 400),
         ("GET", "/stepped/nowhere/at/all", 404),
         ("GET", "/stepped/actions/1/complete", 405),
         ("GET", "/stepped/actions/1/explode", 404),
