@@ -198,6 +198,9 @@ def test_posts_need_the_token(it: Cluster) -> None:
     assert is_json_error(http.post(complete, headers=good), 409)  # already final
     it.wait_ready(queued)  # the lane moved on: the queued one performs now
 
+    bad_back = http.post(f"/stepped/actions/{queued}/cancel", data={"token": TOKEN, "back": "x"})
+    assert is_html_error(bad_back, 404)
+    assert it.stepped.get_action(queued).status == "performing"  # checked before changing
     form = {"token": TOKEN, "back": str(outbound)}
     cancelled = http.post(f"/stepped/actions/{queued}/cancel", data=form)
     assert cancelled.status_code == 303

@@ -58,11 +58,12 @@ class Operations:
         self.check_token()
         number = params.action_id(action_id)
         status = "cancelled" if verb == "cancel" else params.completion_status(self.field("status"))
+        back = params.action_id(request.form.get("back") or str(number))
         self.check_action(number, verb)
         completed = self.stepped.complete(number, status)
         if completed is None:
             raise Problem(409, f"action #{number} finished before this request")
-        return self.answer(completed, number)
+        return self.answer(completed, back)
 
     def field(self, name: str) -> str | None:
         """A value from the form, or from the JSON body."""
@@ -97,11 +98,10 @@ class Operations:
         if verb == "complete" and not (outbound and status == ActionStatus.PERFORMING.value):
             raise Problem(409, f"action #{number} is not a performing outbound action")
 
-    def answer(self, completed: Action, number: int) -> Response:
-        """JSON of the completed action, or back to the tree page it was completed from."""
+    def answer(self, completed: Action, back: int) -> Response:
+        """JSON of the completed action, or the tree page of ``back`` (the form's field:
+        the tree it was completed from; else the action itself)."""
         if wants_json():
             return jsonify(id=completed.id, name=completed.name, status=completed.status)
-        back = request.form.get("back") or ""
-        target = params.action_id(back) if back else number
-        response: Any = redirect(url_for(".tree", action_id=target), code=303)
+        response: Any = redirect(url_for(".tree", action_id=back), code=303)
         return response

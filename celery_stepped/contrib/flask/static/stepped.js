@@ -49,7 +49,13 @@
       .then(function (html) {
         var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("stepped-tree");
         var current = document.getElementById("stepped-tree");
-        if (fresh && current) current.replaceWith(document.importNode(fresh, true));
+        if (!fresh || !current) return;
+        // Keep what a person opened (a traceback, a form) open in the new tree.
+        current.querySelectorAll("details[open][data-keep]").forEach(function (opened) {
+          var same = fresh.querySelector('details[data-keep="' + opened.dataset.keep + '"]');
+          if (same) same.open = true;
+        });
+        current.replaceWith(document.importNode(fresh, true));
       });
   }
 
