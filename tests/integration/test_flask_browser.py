@@ -34,6 +34,14 @@ from tests.integration.conftest import SHOP, WAIT, shop_module
 pytestmark = pytest.mark.integration
 
 TOKEN = "browser-test-token"
+#: No connections of Chromium's own: this machine's network is closed.
+QUIET_CHROMIUM = [
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-quic",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @dataclass
@@ -153,7 +161,7 @@ def browser() -> Iterator[Browser]:
     if executable is None:
         pytest.fail("no chromium on PATH: apt-get install chromium (or set STEPPED_CHROMIUM)")
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable)
+        launched = playwright.chromium.launch(executable_path=executable, args=QUIET_CHROMIUM)
         yield launched
         launched.close()
 
