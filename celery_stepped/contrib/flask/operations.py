@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Response, current_app, jsonify, redirect, request, url_for
 
 from ...models import Action
-from ...statuses import ActionStatus
+from ...statuses import FINAL_STATUSES, ActionStatus
 from . import params
 from .responses import Problem, wants_json
 
@@ -26,7 +26,6 @@ __all__ = ["TOKEN_CONFIG", "TOKEN_HEADER", "Operations"]
 TOKEN_CONFIG = "STEPPED_ACTION_TOKEN"
 #: The request header that may carry the token (else the form field ``token``).
 TOKEN_HEADER = "X-Stepped-Token"
-OPEN = (ActionStatus.PENDING.value, ActionStatus.PERFORMING.value)
 
 
 class Operations:
@@ -93,7 +92,7 @@ class Operations:
             if action is None:
                 raise Problem(404, f"no action #{number}")
             status, outbound = action.status, action.outbound
-        if status not in OPEN:
+        if status in FINAL_STATUSES:
             raise Problem(409, f"action #{number} is already {status}")
         if verb == "complete" and not (outbound and status == ActionStatus.PERFORMING.value):
             raise Problem(409, f"action #{number} is not a performing outbound action")

@@ -6,7 +6,7 @@
   "use strict";
   var live = document.getElementById("stepped-live");
   if (!live || live.dataset.open !== "yes") return;
-  var FINAL = ["succeeded", "failed", "cancelled", "superseded", "timed_out", "deadlocked"];
+  var FINAL = (live.dataset.final || "").split(" ");
   var every = Number(live.dataset.interval) || 1000;
   var seen = null;
   var polls = 0;
