@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
 from .effects import Delivery, Effects
-from .events import Events
+from .events import Events, Facts
 from .join import changed, counted_steps_of_performing, report_parents
 from .lanes import Lanes
 from .models import Achievement, Action, ParentLink
@@ -69,9 +69,15 @@ class Completer:
             )
             row = s.execute(
                 select(
-                    Action.actor_type, Action.name, Action.checksum, Action.concurrency_key
+                    Action.actor_type,
+                    Action.actor_id,
+                    Action.name,
+                    Action.checksum,
+                    Action.concurrency_key,
+                    Action.started_at,
                 ).where(Action.id == action_id)
             ).one()
+            facts = _facts(row, now)
             if not done:
                 s.commit()
                 return False, self.finish(action_id, delivery)
@@ -80,11 +86,11 @@ class Completer:
                 # Nothing runs in between: tell the parents in the same transaction.
                 ready = report_parents(s, action_id, status, status == SUCCEEDED, now)
                 s.commit()
-                self.events.action_completed(action_id, status)
+                self.events.action_completed(action_id, status, facts)
                 return True, self.release(row.concurrency_key, action_id).ready(*ready)
             s.commit()
         self.run_callbacks(action_id, status, callbacks)
-        self.events.action_completed(action_id, status)
+        self.events.action_completed(action_id, status, facts)
         return True, self.finish(action_id, delivery)
 
     def _callbacks(self, actor_type: str, name: str, status: str) -> list[Callable[..., Any]]:
@@ -196,6 +202,12 @@ class Completer:
             # At the lane front but superseded (before its superseder removed it from
             # the lane): it will never run, so release it too.
             action_id = other
+
+
+def _facts(row: Any, now: datetime) -> Facts:
+    """What the completion's log line says: ``trip on Car/1: performing -> failed in 2.0s``."""
+    before = ActionStatus.PERFORMING if row.started_at else ActionStatus.PENDING
+    return Facts(row.name, f"{row.actor_type}/{row.actor_id}", before, row.started_at, now)
 
 
 def _count_callback(s: Session, action_id: int, column: str) -> None:

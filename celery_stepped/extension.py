@@ -35,7 +35,7 @@ from .registry import Registry
 from .repair import Repair, RepairReport
 from .starting import Starter
 from .superseding import LaneEntry
-from .tasks import register_tasks
+from .tasks import register_tasks, watch_worker_queues
 
 __all__ = ["Stepped"]
 
@@ -123,6 +123,7 @@ class Stepped:
         )
         self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
         self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
+        watch_worker_queues(self.app, self.queue)
         self.action = Definer(self.app, self.registry, self.client).action
         self.repairer = Repair(
             sessions,

@@ -70,6 +70,13 @@ class Message:
     task_id: str = field(default_factory=lambda: str(uuid4()))
     retries: int = 0
 
+    def label(self) -> str:
+        """A readable name for ``celery events`` and Flower: ``stepped.start trip(Car/1, 5)``."""
+        actor = ["/".join(self.actor)] if self.actor else []
+        args = ", ".join([*actor, *(_short(a) for a in self.display_args)])
+        text = f"{self.task} {self.name}({args})"
+        return text if len(text) <= 200 else text[:197] + "..."
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the outbox row)."""
         return asdict(self)
@@ -78,6 +85,11 @@ class Message:
     def from_dict(cls, data: dict[str, Any]) -> Message:
         """Inverse of :meth:`to_dict`."""
         return cls(**{**data, "kind": MessageKind(data["kind"])})
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass

@@ -88,14 +88,20 @@ class Performer:
                 update(Action)
                 .where(Action.id == action_id, Action.status == PENDING)
                 .values(status=PERFORMING, started_at=now, updated_at=now)
-                .returning(Action.name, Action.timeout_seconds, Action.checksum_key)
+                .returning(
+                    Action.name,
+                    Action.timeout_seconds,
+                    Action.checksum_key,
+                    Action.actor_type,
+                    Action.actor_id,
+                )
             ).first()
             if began is None:
                 return self._began_before(s, action_id, delivery)
-            name, timeout, checksum_key = began
+            name, timeout, checksum_key, actor_type, actor_id = began
             s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
             s.commit()
-        self.events.action_started(action_id, name)
+        self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
         effects = Effects()
         if timeout is not None:
             effects.messages.append(timeout_message(action_id, name, timeout))

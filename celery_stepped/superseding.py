@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .errors import Deadlock
-from .events import Events
+from .events import Events, Facts
 from .join import changed, transfer_links
 from .lanes import Lanes
 from .models import Action
@@ -108,7 +108,8 @@ class LaneEntry:
         if not superseded:
             return effects
         for old in superseded:
-            self.events.action_completed(old, ActionStatus.SUPERSEDED.value)
+            facts = Facts("", "", "pending", superseded_by=newcomer_id)
+            self.events.action_completed(old, ActionStatus.SUPERSEDED.value, facts)
         with self.session_factory() as s:
             status = s.scalar(select(Action.status).where(Action.id == newcomer_id))
         if status is not None and ActionStatus(status).is_final:

@@ -7,16 +7,23 @@ step and link ids (a second delivery finds the work recorded and changes nothing
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 from celery import Celery, Task
+from celery import signals as celery_signals
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
-__all__ = ["TASK_OPTIONS", "recovering", "register_tasks"]
+__all__ = ["TASK_OPTIONS", "recovering", "register_tasks", "watch_worker_queues"]
+
+logger = logging.getLogger("celery_stepped")
+#: The Stepped queue of each app, for the worker-start check.
+_queues: weakref.WeakKeyDictionary[Celery, str] = weakref.WeakKeyDictionary()
 
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True,
@@ -60,3 +67,27 @@ def register_tasks(
 ) -> dict[str, Task]:
     """Register one task per handler on ``app``; return them by name."""
     return {name: _task(app, name, handler, delivering) for name, handler in handlers.items()}
+
+
+def watch_worker_queues(app: Celery, queue: str) -> None:
+    """Warn at worker start when the worker consumes none of Stepped's queues."""
+    _queues[app] = queue
+
+
+def _check_queues(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    queue = _queues.get(app) if app is not None else None
+    if app is None or queue is None:
+        return
+    consumed = set(app.amqp.queues.consume_from or app.amqp.queues)
+    if queue not in consumed:
+        logger.warning(
+            "this worker consumes %s but not Stepped's queue %r: trees will wait; "
+            "start it with -Q %s",
+            ", ".join(sorted(consumed)) or "no queue",
+            queue,
+            ",".join([queue, *sorted(consumed)]),
+        )
+
+
+celery_signals.worker_ready.connect(_check_queues, weak=False)
