@@ -8,6 +8,7 @@ the caller, then hands it to the engine (``now``) or to the outbox (``later``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -18,10 +19,11 @@ from sqlalchemy.orm import Session, selectinload
 from .actors import ActorRegistry
 from .engine import Engine
 from .errors import ActionNotFound
-from .messages import StartCall, complete_message, start_message
+from .messages import Message, StartCall, complete_message, start_message
 from .models import Action, Step
 from .outbox import Outboxes
 from .registry import Registry
+from .staging import discard, stage
 from .statuses import COMPLETION_STATUSES, ActionStatus
 
 if TYPE_CHECKING:
@@ -47,7 +49,9 @@ class Client:
         engine: Engine,
         outboxes: Outboxes,
         lookup: Callable[[str, str], SteppedAction[Any]],
+        clock: Callable[[], datetime],
     ) -> None:
+        self.clock = clock
         self.session_factory = session_factory
         self.actors = actors
         self.registry = registry
@@ -77,7 +81,17 @@ class Client:
         call = self.root_call(name, actor, args)
         call.request = str(uuid4())
         queue = self.lookup(call.actor[0], name).resolved("action_queue")
-        return self.outboxes.send_one(start_message(call, queue))
+        return self.send_durably(start_message(call, queue))
+
+    def send_durably(self, message: Message) -> AsyncResult:
+        """Stage ``message`` in SQL, send it, then drop the entry: a message the broker
+        never got (it died meanwhile) is sent again by the outbox sweep."""
+        with self.session_factory() as s:
+            staged = stage(s, [message], self.clock())
+            s.commit()
+        result = self.outboxes.send_one(message)
+        discard(self.session_factory, staged)
+        return result
 
     def load_arguments(self, value: Any) -> Any:
         """Arguments with actor references loaded."""
@@ -121,7 +135,7 @@ class Client:
         if action is None:
             return None
         actor_ref = [action.actor_type, action.actor_id]
-        return self.outboxes.send_one(complete_message(action.id, status, name, actor_ref))
+        return self.send_durably(complete_message(action.id, status, name, actor_ref))
 
     # -- reading ---------------------------------------------------------------------
 

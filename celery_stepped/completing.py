@@ -22,7 +22,9 @@ from .effects import Delivery, Effects
 from .events import Events, Facts
 from .join import changed, counted_steps_of_performing, report_parents
 from .lanes import Lanes
+from .messages import advance_message, insurance_message
 from .models import Achievement, Action, ParentLink
+from .staging import stage
 from .statuses import COMPLETION_STATUSES, ActionStatus
 
 if TYPE_CHECKING:
@@ -61,37 +63,25 @@ class Completer:
         """
         now = self.clock()
         with self.session_factory() as s:
-            done = changed(
-                s,
-                update(Action)
-                .where(Action.id == action_id, Action.status.in_(OPEN))
-                .values(status=status, completed_at=now, updated_at=now),
-            )
-            row = s.execute(
-                select(
-                    Action.actor_type,
-                    Action.actor_id,
-                    Action.name,
-                    Action.checksum,
-                    Action.concurrency_key,
-                    Action.started_at,
-                ).where(Action.id == action_id)
-            ).one()
-            facts = _facts(row, now)
-            if not done:
+            row = _set_final(s, action_id, status, now)
+            if row is None:
                 s.commit()
                 return False, self.finish(action_id, delivery)
             callbacks = self._callbacks(row.actor_type, row.name, status)
+            insurance = [insurance_message(action_id)]  # report and lane release: durable
             if not callbacks and not (status == SUCCEEDED and row.checksum is not None):
                 # Nothing runs in between: tell the parents in the same transaction.
                 ready = report_parents(s, action_id, status, status == SUCCEEDED, now)
+                staged = stage(s, [*insurance, *map(advance_message, ready)], now)
                 s.commit()
-                self.events.action_completed(action_id, status, facts)
-                return True, self.release(row.concurrency_key, action_id).ready(*ready)
+                self.events.action_completed(action_id, status, _facts(row, now))
+                effects = self.release(row.concurrency_key, action_id).ready(*ready)
+                return True, effects.add(Effects(staged=staged))
+            staged = stage(s, insurance, now)
             s.commit()
         self.run_callbacks(action_id, status, callbacks)
-        self.events.action_completed(action_id, status, facts)
-        return True, self.finish(action_id, delivery)
+        self.events.action_completed(action_id, status, _facts(row, now))
+        return True, self.finish(action_id, delivery).add(Effects(staged=staged))
 
     def _callbacks(self, actor_type: str, name: str, status: str) -> list[Callable[..., Any]]:
         if status not in COMPLETION_STATUSES:
@@ -176,13 +166,16 @@ class Completer:
                 return Effects()
             successful = action.status == SUCCEEDED and not action.after_callbacks_failed_count
             status, key = action.status, action.concurrency_key
-            ready = report_parents(s, action_id, status, successful, self.clock())
+            now = self.clock()
+            ready = report_parents(s, action_id, status, successful, now)
+            staged = stage(s, map(advance_message, ready), now)
             if delivery.recovering:
                 ready.extend(s.scalars(_open_parent_steps(action_id)).all())
             s.commit()
         # Also when superseded: it may have reached the lane front before its superseder
         # removed it (superseding writes SQL first), and then it must release the lane.
-        return self.release(key, action_id).ready(*dict.fromkeys(ready))
+        effects = self.release(key, action_id).ready(*dict.fromkeys(ready))
+        return effects.add(Effects(staged=staged))
 
     def release(self, key: str, action_id: int) -> Effects:
         """Release ``action_id``'s place in its lane; the next pending action performs."""
@@ -202,6 +195,28 @@ class Completer:
             # At the lane front but superseded (before its superseder removed it from
             # the lane): it will never run, so release it too.
             action_id = other
+
+
+def _set_final(s: Session, action_id: int, status: str, now: datetime) -> Any:
+    """Give an open action its final status (once); its row, or None when it was final."""
+    done = changed(
+        s,
+        update(Action)
+        .where(Action.id == action_id, Action.status.in_(OPEN))
+        .values(status=status, completed_at=now, updated_at=now),
+    )
+    if not done:
+        return None
+    return s.execute(
+        select(
+            Action.actor_type,
+            Action.actor_id,
+            Action.name,
+            Action.checksum,
+            Action.concurrency_key,
+            Action.started_at,
+        ).where(Action.id == action_id)
+    ).one()
 
 
 def _facts(row: Any, now: datetime) -> Facts:

@@ -13,6 +13,7 @@ import contextvars
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 from .completing import Completer
 from .effects import Delivery, Effects
 from .events import Events
-from .join import counted_steps_of_performing, finish_link
+from .join import counted_steps_of_performing, report_link
 from .messages import (
     Message,
     MessageKind,
@@ -35,6 +36,7 @@ from .messages import (
 from .models import Action, ParentLink, Step
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
+from .staging import discard, due
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
 from .statuses import ActionStatus
 from .superseding import LaneEntry
@@ -106,7 +108,22 @@ class Engine:
         while work:
             done = work.popleft()
             self.outboxes.send(done.messages)
+            # Sent, and its follow-ups start now in this task: from here on a crash is
+            # finished by the redelivery of this task's message, not by a sweep (which
+            # could otherwise run a long step body a second time meanwhile).
+            discard(self.session_factory, done.staged)
             work.extend(self._follow_up(done))
+
+    def sweep(self, older_than: float) -> int:
+        """Send again what a crash left in the outbox (entries older than ``older_than``
+        seconds); they run as redeliveries. Returns how many were sent."""
+        now = self.clock()
+        entries = due(self.session_factory, now, older_than)
+        self.outboxes.send(
+            [_as_redelivery(message, created, now) for _, message, created in entries]
+        )
+        discard(self.session_factory, [entry_id for entry_id, _, _ in entries])
+        return len(entries)
 
     def _follow_up(self, effects: Effects) -> Iterator[Effects]:
         inline, delivery = self._inline(), self.delivery()
@@ -205,7 +222,7 @@ class Engine:
         try:
             action = self.starter.prepare(definition, call, root)
         except ShortCircuit as short:
-            self.drive(Effects().ready(*self.starter.finish_link(call, short.status)))
+            self.drive(self.starter.finish_link(call, short.status))
             return self.starter.transient(definition, call, root, short.status)
         if action.checksum is not None:
             shared = self.starter.share(action, call)
@@ -266,10 +283,8 @@ class Engine:
 
     def finish_wait(self, link_id: int) -> None:
         """``stepped.wait``: a timed wait elapsed."""
-        with self.session_factory() as s:
-            ready = finish_link(s, int(link_id), "succeeded", True, self.clock())
-            s.commit()
-        self.drive(Effects().ready(ready) if ready else self._follow_link(int(link_id)))
+        reported = report_link(self.session_factory, int(link_id), "succeeded", True, self.clock())
+        self.drive(reported if reported.ready_steps else self._follow_link(int(link_id)))
 
     def fire_timeout(self, action_id: int) -> bool:
         """``stepped.timeout``: time the action out if it still performs past its limit."""
@@ -300,3 +315,12 @@ class Engine:
         completed, effects = self.completer.complete(action_id, status, self.delivery())
         self.drive(effects)
         return completed
+
+
+def _as_redelivery(message: Message, created: datetime, now: datetime) -> Message:
+    """A swept message: marked as a retry (its first run may have done part of the work),
+    its countdown shortened by the time it already waited."""
+    countdown = message.countdown
+    if countdown is not None:
+        countdown = max(0.0, countdown - (now - created).total_seconds())
+    return replace(message, retries=max(message.retries, 1), countdown=countdown)

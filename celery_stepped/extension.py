@@ -35,7 +35,7 @@ from .registry import Registry
 from .repair import Repair, RepairReport
 from .starting import Starter
 from .superseding import LaneEntry
-from .tasks import register_tasks, watch_worker_queues
+from .tasks import Watch, register_tasks, watch_worker
 
 __all__ = ["Stepped"]
 
@@ -121,9 +121,14 @@ class Stepped:
             events,
             clock,
         )
-        self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
+        self.client = Client(
+            sessions, self.actors, self.registry, self.core, self.outboxes, lookup, clock
+        )
         self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
-        watch_worker_queues(self.app, self.queue)
+        conf = self.app.conf
+        sweep_after = float(conf.get("stepped_outbox_sweep_after") or 60)
+        sweep_every = float(conf.get("stepped_outbox_sweep_every") or 30)
+        watch_worker(self.app, Watch(self.queue, self.core.sweep, sweep_after, sweep_every))
         self.action = Definer(self.app, self.registry, self.client).action
         self.repairer = Repair(
             sessions,
@@ -210,6 +215,11 @@ class Stepped:
     ) -> AsyncResult | None:
         """Enqueue completing the performing outbound action ``name`` on ``actor``."""
         return self.client.complete_outbound_later(actor, name, status)
+
+    def sweep_outbox(self, older_than: float = 60.0) -> int:
+        """Send again the messages a crash left unsent (outbox entries older than
+        ``older_than`` seconds); workers do this at start and periodically."""
+        return self.core.sweep(older_than)
 
     def report_exception(self, exc: BaseException, **context: Any) -> bool:
         """Log and signal ``exc`` if its class is handled; True when handled."""

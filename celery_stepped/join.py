@@ -12,6 +12,7 @@ Every function here works inside the caller's session and does not commit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
@@ -19,7 +20,10 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from .effects import Effects
+from .messages import advance_message
 from .models import Action, ParentLink, Step
+from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "count_member",
     "counted_steps_of_performing",
     "finish_link",
+    "report_link",
     "report_parents",
     "retire_link",
     "transfer_links",
@@ -186,3 +191,19 @@ def counted_steps_of_performing(*where: Any) -> Any:
             *where,
         )
     )
+
+
+def report_link(
+    session_factory: Callable[[], Session],
+    link_id: int,
+    outcome: str,
+    successful: bool,
+    now: datetime,
+) -> Effects:
+    """Count one member in a transaction of its own; the step if it was the last one,
+    with its ``stepped.advance`` staged in that transaction."""
+    with session_factory() as s:
+        ready = finish_link(s, link_id, outcome, successful, now)
+        staged = stage(s, [] if ready is None else [advance_message(ready)], now)
+        s.commit()
+    return Effects(staged=staged).ready(ready)

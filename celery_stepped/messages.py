@@ -20,6 +20,7 @@ __all__ = [
     "TaskName",
     "advance_message",
     "complete_message",
+    "insurance_message",
     "job_message",
     "resume_message",
     "start_message",
@@ -152,6 +153,12 @@ def resume_message(
         actor=actor,
         queue=queue,
     )
+
+
+def insurance_message(action_id: int) -> Message:
+    """``stepped.resume`` staged with a completion: if the process dies before the action
+    reported and released its lane, a sweep sends it and the action finishes that."""
+    return Message(MessageKind.ACTION, "resume", TaskName.RESUME, [action_id])
 
 
 def advance_message(step_id: int) -> Message:

@@ -23,6 +23,7 @@ from .events import Events, error_record
 from .join import close_step
 from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
 from .models import Achievement, Action, ParentLink, Step
+from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
 
@@ -100,11 +101,12 @@ class Performer:
                 return self._began_before(s, action_id, delivery)
             name, timeout, checksum_key, actor_type, actor_id = began
             s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
+            effects = Effects()
+            if timeout is not None:
+                effects.messages.append(timeout_message(action_id, name, timeout))
+            effects.staged = stage(s, effects.messages, now)
             s.commit()
         self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
-        effects = Effects()
-        if timeout is not None:
-            effects.messages.append(timeout_message(action_id, name, timeout))
         return effects
 
     @staticmethod
@@ -222,6 +224,7 @@ class Performer:
                 s.rollback()
                 return Ran("exists")
             messages = self._write_members(s, step, context)
+            effects.staged.extend(stage(s, messages, started))
             s.commit()
         self.events.step_started(action_id, index)
         effects.messages.extend(messages)

@@ -24,8 +24,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
+from .effects import Effects
 from .events import Events
-from .join import changed, finish_link
+from .join import changed, report_link
 from .lanes import Lanes
 from .messages import StartCall
 from .models import Achievement, Action, ParentLink, Step
@@ -278,12 +279,9 @@ class Starter:
             s.expunge(action)
         return action
 
-    def finish_link(self, call: StartCall, status: str) -> list[int]:
+    def finish_link(self, call: StartCall, status: str) -> Effects:
         """A child that never persisted reports its outcome to the parent step."""
         if call.link is None:
-            return []
+            return Effects()
         successful = status == ActionStatus.SUCCEEDED.value
-        with self.session_factory() as s:
-            ready = finish_link(s, call.link, status, successful, self.clock())
-            s.commit()
-        return [] if ready is None else [ready]
+        return report_link(self.session_factory, call.link, status, successful, self.clock())

@@ -8,9 +8,11 @@ step and link ids (a second delivery finds the work recorded and changes nothing
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task
@@ -19,11 +21,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
-__all__ = ["TASK_OPTIONS", "recovering", "register_tasks", "watch_worker_queues"]
+__all__ = ["TASK_OPTIONS", "Watch", "recovering", "register_tasks", "watch_worker"]
 
 logger = logging.getLogger("celery_stepped")
-#: The Stepped queue of each app, for the worker-start check.
-_queues: weakref.WeakKeyDictionary[Celery, str] = weakref.WeakKeyDictionary()
+#: What a worker of each app watches (see :func:`watch_worker`).
+_watched: weakref.WeakKeyDictionary[Celery, Watch] = weakref.WeakKeyDictionary()
 
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True,
@@ -69,16 +71,24 @@ def register_tasks(
     return {name: _task(app, name, handler, delivering) for name, handler in handlers.items()}
 
 
-def watch_worker_queues(app: Celery, queue: str) -> None:
-    """Warn at worker start when the worker consumes none of Stepped's queues."""
-    _queues[app] = queue
+@dataclass
+class Watch:
+    """What a worker of one app checks at start: Stepped's queue, and the outbox sweep."""
+
+    queue: str
+    sweep: Callable[[float], int]
+    sweep_after: float
+    sweep_every: float
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _check_queues(sender: Any = None, **_: Any) -> None:
-    app = getattr(sender, "app", None)
-    queue = _queues.get(app) if app is not None else None
-    if app is None or queue is None:
-        return
+def watch_worker(app: Celery, watch: Watch) -> None:
+    """At worker start: warn when no Stepped queue is consumed; sweep the outbox then and
+    every ``sweep_every`` seconds (in a daemon thread of the worker's main process)."""
+    _watched[app] = watch
+
+
+def _check_queues(app: Celery, queue: str) -> None:
     consumed = set(app.amqp.queues.consume_from or app.amqp.queues)
     if queue not in consumed:
         logger.warning(
@@ -90,4 +100,36 @@ def _check_queues(sender: Any = None, **_: Any) -> None:
         )
 
 
-celery_signals.worker_ready.connect(_check_queues, weak=False)
+def _sweep(watch: Watch) -> None:
+    try:
+        sent = watch.sweep(watch.sweep_after)
+    except Exception:  # a database or broker hiccup: the next round tries again
+        logger.exception("stepped outbox sweep failed")
+        return
+    if sent:
+        logger.warning("stepped outbox sweep sent %s message(s) a crash left unsent", sent)
+
+
+def _sweep_forever(watch: Watch) -> None:
+    _sweep(watch)
+    while not watch.stop.wait(watch.sweep_every):
+        _sweep(watch)
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    watch = _watched.get(app) if app is not None else None
+    if app is None or watch is None:
+        return
+    _check_queues(app, watch.queue)
+    name = "stepped-outbox-sweep"
+    threading.Thread(target=_sweep_forever, args=(watch,), name=name, daemon=True).start()
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    for watch in list(_watched.values()):
+        watch.stop.set()
+
+
+celery_signals.worker_ready.connect(_on_worker_ready, weak=False)
+celery_signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
