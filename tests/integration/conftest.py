@@ -256,13 +256,16 @@ def make_cluster(
     concurrency: int = 2,
     visibility_timeout: float | None = None,
     duplicate: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Cluster:
-    """A module's cluster: fresh database and Redis databases, then the workers."""
+    """A module's cluster: fresh database and Redis databases, then the workers (with
+    ``env`` added to their environment)."""
     directory = tmp_path_factory.mktemp("integration")
     database_url = os.environ.get("STEPPED_DATABASE_URL") or f"sqlite:///{directory / 'stepped.db'}"
     for db in (LANES_DB, BROKER_DB, PROBE_DB):
         redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
     cluster = Cluster(redis_base, database_url, directory, visibility_timeout, duplicate)
+    cluster.env.update(env or {})
 
     def finish() -> None:
         cluster.stop_workers()

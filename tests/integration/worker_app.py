@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from signal import SIGKILL
 from typing import Any
 from uuid import uuid4
 
@@ -38,6 +39,24 @@ ENV_PROBE = "STEPPED_TEST_PROBE_URL"
 ENV_VISIBILITY = "STEPPED_TEST_VISIBILITY_TIMEOUT"
 #: "1": publish every internal message twice (the duplicate delivery tests).
 ENV_DUPLICATE = "STEPPED_TEST_DUPLICATE"
+#: A message kind: the first process about to publish one is killed (SIGKILL) after its
+#: transaction committed (the outbox tests); the outbox is swept every second.
+ENV_CRASH = "STEPPED_TEST_CRASH_BEFORE_SENDING"
+
+
+def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:
+    """Kill this process, once across all workers, just before it publishes ``kind``."""
+    broker = stepped.outboxes.broker
+    send = broker.send
+
+    def send_or_die(messages: Sequence[Message]) -> None:
+        if any(m.kind == kind for m in messages) and probe.redis.set(
+            "probe:crashed", os.getpid(), nx=True
+        ):
+            os.kill(os.getpid(), SIGKILL)
+        send(messages)
+
+    broker.send = send_or_die  # type: ignore[method-assign]
 
 
 class Probe:
@@ -381,6 +400,8 @@ def build(
     """
     app = Celery("stepped_integration", broker=broker_url, set_as_current=False)
     app.conf.update(
+        stepped_outbox_sweep_after=float(os.environ.get("STEPPED_TEST_SWEEP_AFTER", 60)),
+        stepped_outbox_sweep_every=float(os.environ.get("STEPPED_TEST_SWEEP_EVERY", 30)),
         task_serializer="pickle",
         accept_content=["json"],
         worker_prefetch_multiplier=1,
@@ -406,7 +427,7 @@ def _from_env() -> Celery | None:
     if ENV_BROKER not in os.environ:
         return None
     visibility = os.environ.get(ENV_VISIBILITY)
-    app, _, probe = build(
+    app, stepped, probe = build(
         os.environ[ENV_BROKER],
         os.environ[ENV_LANES],
         os.environ[ENV_DATABASE],
@@ -414,6 +435,8 @@ def _from_env() -> Celery | None:
         float(visibility) if visibility else None,
         os.environ.get(ENV_DUPLICATE) == "1",
     )
+    if os.environ.get(ENV_CRASH):
+        crash_before_sending(stepped, probe, os.environ[ENV_CRASH])
 
     def record_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
         if request is not None and str(request.name).startswith("stepped."):
