@@ -155,6 +155,8 @@ class Engine:
         """The lane let this action perform: begin it and run its steps."""
         delivery = self.delivery()
         began = self.performer.begin(action_id, delivery)
+        if began is not None and began.complete:  # achieved while it waited: skipped
+            return began
         if began is not None:
             return began.add(self.performer.run_steps(action_id, delivery))
         if self._status(action_id) == ActionStatus.SUPERSEDED.value:

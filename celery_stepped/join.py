@@ -36,6 +36,7 @@ __all__ = [
     "report_parents",
     "retire_link",
     "transfer_links",
+    "waits_on",
 ]
 
 WAITING = LinkState.WAITING.value
@@ -207,3 +208,26 @@ def report_link(
         staged = stage(s, [] if ready is None else [advance_message(ready)], now)
         s.commit()
     return Effects(staged=staged).ready(ready)
+
+
+def waits_on(s: Session, action_id: int, target: int) -> bool:
+    """True when ``target`` waits on ``action_id`` through any chain of parent steps.
+
+    Every parent counts: the step that started it, and those gained by sharing it
+    (checksum) or by superseding (their links were transferred to it). One recursive
+    query at any depth.
+    """
+    waiting = LinkState.WAITING.value
+    up = (
+        select(Step.action_id.label("action_id"))
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .where(ParentLink.action_id == action_id, ParentLink.state == waiting)
+        .cte("up", recursive=True)
+    )
+    up = up.union(
+        select(Step.action_id)
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .join(up, ParentLink.action_id == up.c.action_id)
+        .where(ParentLink.state == waiting)
+    )
+    return s.scalar(select(up.c.action_id).where(up.c.action_id == target).limit(1)) is not None

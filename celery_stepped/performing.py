@@ -95,11 +95,16 @@ class Performer:
                     Action.checksum_key,
                     Action.actor_type,
                     Action.actor_id,
+                    Action.checksum,
                 )
             ).first()
             if began is None:
                 return self._began_before(s, action_id, delivery)
-            name, timeout, checksum_key, actor_type, actor_id = began
+            name, timeout, checksum_key, actor_type, actor_id, checksum = began
+            if checksum is not None and _achieved(s, checksum_key) == checksum:
+                # Identical work succeeded while this one waited in its lane: skip it.
+                s.rollback()
+                return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
             s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
             effects = Effects()
             if timeout is not None:
@@ -328,6 +333,10 @@ class Performer:
             )
             s.expunge_all()
         return self.member_messages(links)
+
+
+def _achieved(s: Session, checksum_key: str) -> str | None:
+    return s.scalar(select(Achievement.checksum).where(Achievement.checksum_key == checksum_key))
 
 
 def _new_step(

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from .actors import ActorRegistry
 from .effects import Effects
 from .events import Events
-from .join import changed, report_link
+from .join import changed, report_link, waits_on
 from .lanes import Lanes
 from .messages import StartCall
 from .models import Achievement, Action, ParentLink, Step
@@ -103,6 +103,16 @@ def _claim_link(s: Session, link_id: int, action_id: int) -> bool:
             .values(action_id=action_id),
         )
     )
+
+
+def _parent_waits_on(s: Session, link_id: int, candidate: int) -> bool:
+    """True when ``candidate`` is the parent of ``link_id``'s step or waits on it."""
+    parent = s.scalar(
+        select(Step.action_id)
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .where(ParentLink.id == link_id)
+    )
+    return parent == candidate or (parent is not None and waits_on(s, parent, candidate))
 
 
 def ancestry_of(s: Session, link_id: int) -> str:
@@ -233,30 +243,37 @@ class Starter:
             action.checksum = None if value is None else checksum_digest(value)
 
     def share(self, action: Action, call: StartCall) -> int | None:
-        """Attach the caller to an identical checksum performing in the lane; its id."""
-        current, checksum = self.lanes.current_checksum(action.concurrency_key)
-        if current is None or checksum != action.checksum:
-            return None
+        """Attach the caller to identical work in the lane (same checksum key and checksum,
+        performing or pending); the id of the action it now waits on."""
+        lane = self.lanes.checksums(action.concurrency_key)
+        for candidate in [i for i, checksum in lane if checksum == action.checksum]:
+            shared = self._attach(candidate, action, call)
+            if shared is not None:
+                return shared
+        return None
+
+    def _attach(self, candidate: int, action: Action, call: StartCall) -> int | None:
         with self.session_factory() as s:
-            if call.link is not None and f",{current}," in ancestry_of(s, call.link):
+            if call.link is not None and _parent_waits_on(s, call.link, candidate):
                 return None  # attaching to an ancestor would wait forever: join, deadlock
             locked = changed(
                 s,
                 update(Action)
                 .where(
-                    Action.id == current,
-                    Action.status == ActionStatus.PERFORMING.value,
+                    Action.id == candidate,
+                    Action.status.in_((ActionStatus.PENDING.value, ActionStatus.PERFORMING.value)),
                     Action.checksum == action.checksum,
+                    Action.checksum_key == action.checksum_key,
                 )
                 .values(updated_at=self.clock()),
             )
             if not locked:
                 return None
-            if call.link is not None and not _claim_link(s, call.link, current):
+            if call.link is not None and not _claim_link(s, call.link, candidate):
                 s.rollback()
                 return self.existing(call) or FINISHED_WITHOUT_ROW
             s.commit()
-        return current
+        return candidate
 
     def create(self, action: Action, call: StartCall) -> Action | None:
         """Write the pending row (and claim the parent link); None when another

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from .effects import Effects
 from .errors import Deadlock
 from .events import Events, Facts
-from .join import changed, transfer_links
+from .join import changed, transfer_links, waits_on
 from .lanes import Lanes
 from .messages import advance_message
 from .models import Action
@@ -56,6 +56,9 @@ class LaneEntry:
 
     def enter(self, action: Action) -> Entry:
         """Enter ``action``'s lane (a pending, persisted action)."""
+        current = self._waiting_current(action)
+        if current is not None:  # its lane is held by an action that waits on it
+            return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
         superseded: list[int] = []
         staged = Effects()
 
@@ -118,6 +121,15 @@ class LaneEntry:
         if status is not None and ActionStatus(status).is_final:
             effects.finished.append(newcomer_id)  # it completed before the links arrived
         return effects
+
+    def _waiting_current(self, action: Action) -> int | None:
+        """The lane's current action when it waits on ``action`` through any parent
+        (shared and superseded parents included): entering would wait forever."""
+        current, _ = self.lanes.current_checksum(action.concurrency_key)
+        if current is None or current == action.id:
+            return None
+        with self.session_factory() as s:
+            return current if waits_on(s, action.id, current) else None
 
     def _deadlock(self, action: Action, current_id: int | None) -> Deadlock:
         with self.session_factory() as s:
