@@ -17,12 +17,12 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .completing import Completer
 from .effects import Delivery, Effects
-from .events import Events
+from .events import Events, error_record
 from .join import counted_steps_of_performing, report_link
 from .messages import (
     Message,
@@ -184,6 +184,47 @@ class Engine:
         with self.session_factory() as s:
             step_id = s.scalar(counted_steps_of_performing(ParentLink.id == link_id))
         return Effects().ready(step_id)
+
+    # -- giving up -----------------------------------------------------------------------
+
+    def give_up(self, task: str, args: tuple[Any, ...], exc: BaseException) -> None:
+        """A message whose store errors outlasted its retries: fail the action it names,
+        with the reason in its row, so its parents and lane move on (best effort: the
+        store may still be down, and then this raises too)."""
+        error = error_record(exc)
+        error["message"] = f"gave up after repeated store errors in {task}: {exc}"
+        action_id, link_id = self._named(task, args)
+        if link_id is not None:  # a child never created: its parent step counts a failure
+            self.drive(report_link(self.session_factory, link_id, "failed", False, self.clock()))
+        if action_id is None:
+            return
+        with self.session_factory() as s:
+            s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.status.in_((PENDING, PERFORMING)))
+                .values(error=error)
+            )
+            s.commit()
+        self.complete(action_id, ActionStatus.FAILED.value)
+
+    def _named(self, task: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
+        """``(action id, unclaimed link id)`` that a message is about."""
+        with self.session_factory() as s:
+            if task == TaskName.START:
+                call = StartCall.from_payload(args[0])
+                if call.link is None:
+                    found = select(Action.id).where(Action.request_id == call.request)
+                    return s.scalar(found), None
+                link = s.get(ParentLink, call.link)
+                if link is None or link.action_id is not None:
+                    return (None if link is None else link.action_id), None
+                return None, call.link
+            if task == TaskName.ADVANCE:
+                return s.scalar(select(Step.action_id).where(Step.id == int(args[0]))), None
+            if task == TaskName.WAIT:
+                of_link = select(Step.action_id).join(ParentLink, ParentLink.step_id == Step.id)
+                return s.scalar(of_link.where(ParentLink.id == int(args[0]))), None
+        return (None if args[0] is None else int(args[0])), None
 
     # -- entry points of the internal tasks ----------------------------------------------
 

@@ -35,7 +35,7 @@ from .registry import Registry
 from .repair import Repair, RepairReport
 from .starting import Starter
 from .superseding import LaneEntry
-from .tasks import Watch, register_tasks, watch_worker
+from .tasks import RetryPolicy, Watch, register_tasks, watch_worker
 
 __all__ = ["Stepped"]
 
@@ -124,21 +124,25 @@ class Stepped:
         self.client = Client(
             sessions, self.actors, self.registry, self.core, self.outboxes, lookup, clock
         )
-        self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
+        self.action = Definer(self.app, self.registry, self.client).action
+        self.repairer = Repair(
+            sessions, self.lanes, self.core.entry, self.core.performer, lookup, self.outboxes, clock
+        )
+        self._register_tasks()
+
+    def _register_tasks(self) -> None:
+        """The internal tasks, their retry policy, and what a worker checks at start."""
         conf = self.app.conf
+        policy = RetryPolicy(
+            int(conf.get("stepped_store_retries", 8)),
+            float(conf.get("stepped_store_retry_backoff", 1.0)),
+        )
+        self.tasks = register_tasks(
+            self.app, self.core.handlers(), self.core.delivering, policy, self.core.give_up
+        )
         sweep_after = float(conf.get("stepped_outbox_sweep_after") or 60)
         sweep_every = float(conf.get("stepped_outbox_sweep_every") or 30)
         watch_worker(self.app, Watch(self.queue, self.core.sweep, sweep_after, sweep_every))
-        self.action = Definer(self.app, self.registry, self.client).action
-        self.repairer = Repair(
-            sessions,
-            self.lanes,
-            self.core.entry,
-            self.core.performer,
-            lookup,
-            self.outboxes,
-            clock,
-        )
 
     def _now(self) -> datetime:
         return self.clock()

@@ -247,14 +247,22 @@ class Performer:
         context = StepContext(s, action, actor, self.actors.dump, self.actors.identify, self.check)
         try:
             body(context, actor, *args)
+        except Exception as exc:  # the user's code, whatever the class (their own queries too)
+            return self._body_failed(s, exc, action.id, index)
+        try:
             s.flush()  # the body's own writes: a constraint they break is the body's
         except OperationalError:
             raise  # the database (locked, deadlock, gone), not the body: run again
         except Exception as exc:
-            s.rollback()
-            self.events.report_or_raise(exc, action.id, index, "step")
-            return error_record(exc)
+            return self._body_failed(s, exc, action.id, index)
         return context
+
+    def _body_failed(
+        self, s: Session, exc: Exception, action_id: int, index: int
+    ) -> dict[str, Any]:
+        s.rollback()
+        self.events.report_or_raise(exc, action_id, index, "step")
+        return error_record(exc)
 
     def _failed_step(
         self, action_id: int, index: int, started: datetime, error: dict[str, Any]

@@ -8,6 +8,7 @@ step and link ids (a second delivery finds the work recorded and changes nothing
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import weakref
 from collections.abc import Callable
@@ -21,7 +22,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
-__all__ = ["TASK_OPTIONS", "Watch", "recovering", "register_tasks", "watch_worker"]
+__all__ = [
+    "STORE_ERRORS",
+    "TASK_OPTIONS",
+    "RetryPolicy",
+    "Watch",
+    "recovering",
+    "register_tasks",
+    "watch_worker",
+]
 
 logger = logging.getLogger("celery_stepped")
 #: What a worker of each app watches (see :func:`watch_worker`).
@@ -35,15 +44,29 @@ TASK_OPTIONS: dict[str, Any] = {
     "shared": False,
     "ignore_result": True,
     "bind": True,
-    # A locked SQLite file, a PostgreSQL deadlock or a Redis hiccup: run again from the
-    # start (every task is idempotent), in recovery mode.
-    "autoretry_for": (OperationalError, RedisConnectionError, RedisTimeoutError),
-    "retry_backoff": 1,
-    "retry_backoff_max": 60,
-    "retry_kwargs": {"max_retries": None},
 }
+#: Stepped's own store errors: a locked SQLite file, a PostgreSQL deadlock or a lost
+#: connection, a Redis hiccup. A message that meets one runs again from the start (every
+#: task is idempotent), as a redelivery. An error raised by the user's code is never one
+#: of these, whatever its class: it is handled per ``handle_exceptions``.
+STORE_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
 
 Delivering = Callable[[bool], AbstractContextManager[None]]
+GiveUp = Callable[[str, tuple[Any, ...], BaseException], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a message that met a store error runs again: exponential backoff with
+    jitter, at most ``max_retries`` times; then ``give_up`` fails the action it names."""
+
+    max_retries: int = 8
+    backoff: float = 1.0
+    backoff_max: float = 60.0
+
+    def countdown(self, retries: int) -> float:
+        """Seconds before retry number ``retries + 1``."""
+        return min(self.backoff_max, self.backoff * 2**retries) * random.uniform(0.5, 1.0)
 
 
 def recovering(task: Task) -> bool:
@@ -53,10 +76,26 @@ def recovering(task: Task) -> bool:
     return bool(delivery.get("redelivered") or request.retries)
 
 
-def _task(app: Celery, name: str, handler: Callable[..., Any], delivering: Delivering) -> Task:
+def _task(
+    app: Celery,
+    name: str,
+    handler: Callable[..., Any],
+    delivering: Delivering,
+    policy: RetryPolicy,
+    give_up: GiveUp,
+) -> Task:
     def run(self: Task, *args: Any) -> None:
-        with delivering(recovering(self)):
-            handler(*args)
+        try:
+            with delivering(recovering(self)):
+                handler(*args)
+        except STORE_ERRORS as exc:
+            retries = self.request.retries or 0
+            if retries >= policy.max_retries:
+                logger.error("%s%r: giving up after %s retries: %r", name, args, retries, exc)
+                give_up(name, args, exc)
+                return
+            countdown = policy.countdown(retries)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
 
     run.__name__ = name.rsplit(".", 1)[-1]
     run.__doc__ = handler.__doc__
@@ -65,10 +104,17 @@ def _task(app: Celery, name: str, handler: Callable[..., Any], delivering: Deliv
 
 
 def register_tasks(
-    app: Celery, handlers: dict[str, Callable[..., Any]], delivering: Delivering
+    app: Celery,
+    handlers: dict[str, Callable[..., Any]],
+    delivering: Delivering,
+    policy: RetryPolicy,
+    give_up: GiveUp,
 ) -> dict[str, Task]:
     """Register one task per handler on ``app``; return them by name."""
-    return {name: _task(app, name, handler, delivering) for name, handler in handlers.items()}
+    return {
+        name: _task(app, name, handler, delivering, policy, give_up)
+        for name, handler in handlers.items()
+    }
 
 
 @dataclass

@@ -26,6 +26,7 @@ import redis
 from celery import Celery
 from celery import signals as celery_signals
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from celery_stepped import Stepped, signals
 from celery_stepped.messages import Message
@@ -42,6 +43,23 @@ ENV_DUPLICATE = "STEPPED_TEST_DUPLICATE"
 #: A message kind: the first process about to publish one is killed (SIGKILL) after its
 #: transaction committed (the outbox tests); the outbox is swept every second.
 ENV_CRASH = "STEPPED_TEST_CRASH_BEFORE_SENDING"
+
+
+#: An action name: beginning it raises a store error (OperationalError), always.
+ENV_STORE_DOWN = "STEPPED_TEST_STORE_DOWN_FOR"
+
+
+def store_down_for(stepped: Stepped, name: str) -> None:
+    """Make Stepped's own store fail whenever an action called ``name`` begins."""
+    performer = stepped.core.performer
+    begin = performer.begin
+
+    def failing_begin(action_id: int, delivery: Any) -> Any:
+        if stepped.get_action(action_id).name == name:
+            raise OperationalError("UPDATE stepped_actions", {}, Exception("database is down"))
+        return begin(action_id, delivery)
+
+    performer.begin = failing_begin  # type: ignore[method-assign]
 
 
 def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:
@@ -337,6 +355,19 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
         probe.block(name)
         append(step, car, "blocker-2")
 
+    # -- a store that keeps failing for one action (the store error tests) -------------------
+    store_down = app.stepped_action("store_down", actor=Car, concurrency_key=_key("down"))
+
+    @store_down.step
+    def store_down_body(step: Any, car: Car) -> None:
+        append(step, car, "store-down-ran")
+
+    store_parent = app.stepped_action("store_parent", actor=Car)
+
+    @store_parent.step
+    def store_parent_body(step: Any, car: Car) -> None:
+        step.do("store_down")
+
 
 def _key(prefix: str) -> Any:
     """A concurrency key of its own per argument list, so siblings never share a lane."""
@@ -402,6 +433,8 @@ def build(
     app.conf.update(
         stepped_outbox_sweep_after=float(os.environ.get("STEPPED_TEST_SWEEP_AFTER", 60)),
         stepped_outbox_sweep_every=float(os.environ.get("STEPPED_TEST_SWEEP_EVERY", 30)),
+        stepped_store_retries=int(os.environ.get("STEPPED_TEST_STORE_RETRIES", 8)),
+        stepped_store_retry_backoff=float(os.environ.get("STEPPED_TEST_STORE_BACKOFF", 1)),
         task_serializer="pickle",
         accept_content=["json"],
         worker_prefetch_multiplier=1,
@@ -437,6 +470,8 @@ def _from_env() -> Celery | None:
     )
     if os.environ.get(ENV_CRASH):
         crash_before_sending(stepped, probe, os.environ[ENV_CRASH])
+    if os.environ.get(ENV_STORE_DOWN):
+        store_down_for(stepped, os.environ[ENV_STORE_DOWN])
 
     def record_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
         if request is not None and str(request.name).startswith("stepped."):

@@ -426,3 +426,32 @@ def test_a_crash_inside_after_callbacks_rolls_the_whole_completion_back(
     assert stepped.get_action(root.id).status == "succeeded"
     with stepped.session() as session:
         assert session.scalar(select(Achievement.checksum_key)) == f"Car/{car.id}/sign"
+
+
+def test_an_operational_error_from_the_users_own_query_is_the_users(
+    stepped: Stepped, car: Car
+) -> None:
+    """Whatever its class, an exception raised by a step body is the body's: handled per
+    ``handle_exceptions`` (the step fails with the error stored), never retried as
+    Stepped's own store error."""
+    from sqlalchemy.exc import OperationalError
+
+    app = stepped.app
+
+    @app.stepped_action
+    def report(step: Step, car: Car) -> None:
+        raise OperationalError("SELECT * FROM warehouse", {}, Exception("warehouse db is down"))
+
+    with stepped.capture():
+        action = report.now(car)
+    done = stepped.get_action(action.id)
+    assert done.status == "failed"
+    (failed_step,) = done.steps
+    assert failed_step.error is not None
+    assert failed_step.error["type"] == "OperationalError"
+    assert "warehouse db is down" in failed_step.error["message"]
+    with (
+        handle_stepped_action_exceptions(stepped, only=(KeyError,)),
+        pytest.raises(OperationalError),
+    ):
+        report.now(car)  # not handled: it propagates to Celery, as any other class
