@@ -24,7 +24,7 @@ from .effects import Delivery, Effects
 from .events import Events, Facts
 from .join import changed, counted_steps_of_performing, report_parents
 from .lanes import Lanes
-from .messages import advance_message, insurance_message
+from .messages import Message, advance_message, insurance_message
 from .models import Achievement, Action, ParentLink
 from .staging import stage
 from .statuses import COMPLETION_STATUSES, ActionStatus
@@ -78,8 +78,7 @@ class Completer:
             if successful and row.checksum is not None:
                 _achieve(s, row.checksum_key, row.checksum, now)
             ready = report_parents(s, action_id, status, successful, now)
-            insurance = [insurance_message(action_id), *map(advance_message, ready)]
-            staged = stage(s, insurance, now)  # report and lane release: durable
+            staged = stage(s, _insurance(action_id, ready, delivery), now)
             s.commit()
         self.events.action_completed(action_id, status, _facts(row, now))
         effects = self.release(row.concurrency_key, action_id).ready(*ready)
@@ -128,7 +127,7 @@ class Completer:
             status, key = action.status, action.concurrency_key
             now = self.clock()
             ready = report_parents(s, action_id, status, successful, now)
-            staged = stage(s, map(advance_message, ready), now)
+            staged = stage(s, _insurance(None, ready, delivery), now)
             if delivery.recovering:
                 ready.extend(s.scalars(_open_parent_steps(action_id)).all())
             s.commit()
@@ -157,18 +156,23 @@ class Completer:
             action_id = other
 
 
+def _insurance(action_id: int | None, ready: list[int], delivery: Delivery) -> list[Message]:
+    """What must survive a crash right after the commit: outside a task (a web request
+    completing an action), the report and lane release of the action and the advance of
+    each ready step; inside a task its redelivery does that, so nothing."""
+    if delivery.in_worker:
+        return []
+    resume = [] if action_id is None else [insurance_message(action_id)]
+    return [*resume, *map(advance_message, ready)]
+
+
 def _set_final(s: Session, action_id: int, status: str, now: datetime) -> Any:
     """Give an open action its final status (once); its row, or None when it was final."""
-    done = changed(
-        s,
+    return s.execute(
         update(Action)
         .where(Action.id == action_id, Action.status.in_(OPEN))
-        .values(status=status, completed_at=now, updated_at=now),
-    )
-    if not done:
-        return None
-    return s.execute(
-        select(
+        .values(status=status, completed_at=now, updated_at=now)
+        .returning(
             Action.actor_type,
             Action.actor_id,
             Action.name,
@@ -176,8 +180,8 @@ def _set_final(s: Session, action_id: int, status: str, now: datetime) -> Any:
             Action.checksum_key,
             Action.concurrency_key,
             Action.started_at,
-        ).where(Action.id == action_id)
-    ).one()
+        )
+    ).first()
 
 
 def _facts(row: Any, now: datetime) -> Facts:

@@ -25,6 +25,9 @@ class Delivery:
 
     recovering: bool = False
     local: bool = False
+    #: True inside a task (or a locally run message): a crash there is finished by the
+    #: message's redelivery, so follow-ups need no insurance entry in the outbox.
+    in_worker: bool = False
 
 
 @dataclass

@@ -95,7 +95,9 @@ class Engine:
 
     def delivery(self) -> Delivery:
         """How the current message runs."""
-        return Delivery(recovering=_recovering.get(), local=self.outboxes.local)
+        return Delivery(
+            recovering=_recovering.get(), local=self.outboxes.local, in_worker=_in_worker.get()
+        )
 
     def _inline(self) -> bool:
         return _in_worker.get() or self.outboxes.local

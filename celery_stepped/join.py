@@ -79,10 +79,14 @@ def report_parents(
     s: Session, action_id: int, status: str, successful: bool, now: datetime
 ) -> list[int]:
     """Count the outcome for every step still waiting on the action (once each)."""
-    link_ids = s.scalars(
-        select(ParentLink.id).where(ParentLink.action_id == action_id, ParentLink.state == WAITING)
+    step_ids = s.scalars(
+        update(ParentLink)
+        .where(ParentLink.action_id == action_id, ParentLink.state == WAITING)
+        .values(state=LinkState.DONE.value, outcome=status, updated_at=now)
+        .returning(ParentLink.step_id)
+        .execution_options(synchronize_session=False)
     ).all()
-    ready = [finish_link(s, link_id, status, successful, now) for link_id in link_ids]
+    ready = [count_member(s, step_id, successful) for step_id in step_ids]
     return [step_id for step_id in ready if step_id is not None]
 
 

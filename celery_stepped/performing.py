@@ -105,7 +105,8 @@ class Performer:
                 # Identical work succeeded while this one waited in its lane: skip it.
                 s.rollback()
                 return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
-            s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
+            if checksum is not None:  # reuse is opt-in: only a checksum erases one
+                s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
             effects = Effects()
             if timeout is not None:
                 effects.messages.append(timeout_message(action_id, name, timeout))

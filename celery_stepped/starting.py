@@ -73,6 +73,18 @@ def timeout_seconds(spec: Any, actor: Any) -> float | None:
     raise TypeError(f"timeout must give seconds or a timedelta, got {spec!r}")
 
 
+def _needs_actor(definition: SteppedAction[Any]) -> bool:
+    """True when starting runs user code: ``before``, or a key, timeout or checksum block."""
+    timeout = definition.resolved("timeout_spec")
+    blocks = (
+        definition.resolved("concurrency_key_spec"),
+        definition.resolved("checksum_key_spec"),
+        definition.resolved("checksum_fn"),
+        None if isinstance(timeout, timedelta) else timeout,
+    )
+    return bool(definition.before_hooks()) or any(callable(block) for block in blocks)
+
+
 def _call_before(hook: Callable[..., Any], action: Action, actor: Any) -> None:
     hook(action, actor, *action.arguments)
 
@@ -181,6 +193,10 @@ class Starter:
 
     def prepare(self, definition: SteppedAction[Any], call: StartCall, root: bool) -> Action:
         """Keys and timeout, ``before``, then the checksum; raise ShortCircuit to stop."""
+        if not _needs_actor(definition):  # plain keys, no hooks: no query, no transaction
+            action = self.transient(definition, call, root, ActionStatus.PENDING.value)
+            self._keys(definition, action, None, call.args)
+            return action
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
             args = self.actors.load(call.args, s)
