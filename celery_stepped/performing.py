@@ -209,16 +209,22 @@ class Performer:
     ) -> Ran:
         """Run one step body in one transaction; its messages go into ``effects``.
 
-        The body runs before Stepped writes anything, so no write lock is held while it
-        runs; its changes, the ``Step`` row and the members are then written in one
-        short transaction. The row is unique per (action, index): a second delivery
-        that ran the body concurrently rolls its changes back.
+        The body runs before Stepped writes anything, so on SQLite no write lock is held
+        while it runs; its changes, the ``Step`` row and the members are then written in
+        one short transaction. "Already ran" is checked in that same transaction, under a
+        row lock of the action on PostgreSQL, so a body runs once per step there; on
+        SQLite two deliveries running at the very same moment may both run the body, and
+        the unique (action, index) row lets only one of them commit.
         """
         started = self.clock()
         with self.session_factory() as s:
-            action = s.get_one(Action, action_id)
+            # PostgreSQL: a second delivery waits here for the first one's commit, then
+            # finds its Step row below and does not run the body again.
+            action = s.get_one(Action, action_id, with_for_update=True)
             if action.status != PERFORMING:
                 return Ran("stopped")
+            if _step_exists(s, action_id, index):
+                return Ran("exists")
             context = self._run_body(s, action, index, body)
             if isinstance(context, dict):
                 return self._failed_step(action_id, index, started, context)
@@ -342,6 +348,11 @@ class Performer:
             )
             s.expunge_all()
         return self.member_messages(links)
+
+
+def _step_exists(s: Session, action_id: int, index: int) -> bool:
+    found = select(Step.id).where(Step.action_id == action_id, Step.definition_index == index)
+    return s.scalar(found) is not None
 
 
 def _achieved(s: Session, checksum_key: str) -> str | None:
