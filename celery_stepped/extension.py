@@ -84,6 +84,9 @@ class Stepped:
         redis_url: Redis URL of the lanes (or ``redis=`` a client); falls back to
             ``app.conf.stepped_redis_url``.
         queue: queue of the internal tasks (``app.conf.stepped_queue``).
+        namespace: carried by every Redis key of this instance, so apps sharing a
+            Redis database keep apart (``app.conf.stepped_namespace``; default: the
+            app's main name, or ``"celery"``).
         handle_exceptions: exception classes turned into failure
             (``app.conf.stepped_handle_exceptions``).
 
@@ -104,6 +107,7 @@ class Stepped:
         redis: redis_lib.Redis | None = None,
         queue: str | None = None,
         handle_exceptions: tuple[type[BaseException], ...] | None = None,
+        namespace: str | None = None,
     ) -> None:
         conf = app.conf
         self.app = app
@@ -133,7 +137,8 @@ class Stepped:
             _configure_sqlite(self.engine)
         self.redis: redis_lib.Redis = redis or redis_lib.Redis.from_url(str(redis_url))
         self.clock: Callable[[], datetime] = utcnow
-        self.lanes = Lanes(self.redis)
+        self.namespace: str = namespace or conf.get("stepped_namespace") or app.main or "celery"
+        self.lanes = Lanes(self.redis, namespace=self.namespace)
         self.registry = Registry()
         self.actors = ActorRegistry(self.session_factory)
         self.runtime = Runtime(self)
