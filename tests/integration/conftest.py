@@ -1,10 +1,13 @@
 """Fixtures of the integration suite: real ``celery worker`` processes on real Redis and SQL.
 
 Each test module gets one :class:`Cluster` (module scope): a database of its own (a
-SQLite file, or ``STEPPED_DATABASE_URL``), the test process's Stepped instance built
-by :func:`tests.integration.worker_app.build`, and the worker subprocesses it started.
-Workers are always stopped by the fixture's finalizer, also when a test fails. Between
-tests the rows, the lanes and the probe are emptied; the workers keep running.
+SQLite file, or the run's PostgreSQL schema), a name of its own (``<run>-<module>``:
+its lanes' namespace and the prefix of its broker and probe keys, see
+:mod:`tests.isolation`), the test process's Stepped instance built by
+:func:`tests.integration.worker_app.build`, and the worker subprocesses it started.
+Workers are always stopped by the fixture's finalizer, also when a test fails; the
+module's Redis keys are deleted then. Between tests the rows, the lanes and the probe
+are emptied; the workers keep running.
 """
 
 from __future__ import annotations
@@ -18,23 +21,17 @@ from typing import Any
 import pytest
 import redis
 from celery.result import AsyncResult
+from kombu.transport.redis import PrefixedStrictRedis
 from sqlalchemy import delete, select
 
 from celery_stepped.embedded import WorkerProcess
 from celery_stepped.models import Achievement, Action, ParentLink, Step
 from celery_stepped.statuses import FINAL_STATUSES
-from tests.conftest import (
-    BROKER_DB,
-    LANES_DB,
-    load_car,
-    make_car,
-    reset_database,
-    stored_actions,
-)
+from tests.conftest import load_car, make_car, reset_database, stored_actions
 from tests.integration import worker_app
+from tests.isolation import RUN, delete_matching, delete_owned, prefix_pattern
 from tests.models import Car
 
-PROBE_DB = 4
 ROOT = Path(__file__).resolve().parents[2]
 #: How long a test waits for a tree before it fails.
 WAIT = float(os.environ.get("STEPPED_TEST_WAIT", "60"))
@@ -45,18 +42,22 @@ class Cluster:
 
     def __init__(
         self,
-        redis_base: str,
+        redis_url: str,
         database_url: str,
         logs: Path,
+        name: str,
         visibility_timeout: float | None = None,
         duplicate: bool = False,
     ) -> None:
         self.logs_dir = logs
+        self.name = name
+        self.broker_prefix = f"{name}:broker:"
         self.env = {
-            worker_app.ENV_BROKER: f"{redis_base}/{BROKER_DB}",
-            worker_app.ENV_LANES: f"{redis_base}/{LANES_DB}",
+            worker_app.ENV_BROKER: redis_url,
+            worker_app.ENV_LANES: redis_url,
             worker_app.ENV_DATABASE: database_url,
-            worker_app.ENV_PROBE: f"{redis_base}/{PROBE_DB}",
+            worker_app.ENV_PROBE: redis_url,
+            worker_app.ENV_NAME: name,
         }
         if visibility_timeout is not None:
             self.env[worker_app.ENV_VISIBILITY] = str(visibility_timeout)
@@ -67,9 +68,14 @@ class Cluster:
             self.env[worker_app.ENV_LANES],
             database_url,
             self.env[worker_app.ENV_PROBE],
+            name,
             duplicate=duplicate,
         )
-        self.broker = redis.Redis.from_url(self.env[worker_app.ENV_BROKER])
+        #: The broker's Redis as the workers see it: every key prefixed like theirs.
+        self.broker = PrefixedStrictRedis(
+            connection_pool=redis.ConnectionPool.from_url(redis_url),
+            global_keyprefix=self.broker_prefix,
+        )
         self.started = 0
         self.workers: list[WorkerProcess] = []
 
@@ -119,8 +125,12 @@ class Cluster:
         with self.stepped.session() as s:
             for model in (ParentLink, Step, Achievement, Action, Car):
                 s.execute(delete(model))
-        self.stepped.redis.flushdb()
+        self.stepped.lanes.clear()
         self.probe.flush()
+
+    def flush_broker(self) -> None:
+        """The broker loses every message (this module's broker keys only)."""
+        delete_matching(self.stepped.redis, prefix_pattern(self.broker_prefix))
 
     def make_car(self, **values: Any) -> Car:
         """Insert a car and return it detached."""
@@ -251,15 +261,27 @@ def make_cluster(
     visibility_timeout: float | None = None,
     duplicate: bool = False,
 ) -> Cluster:
-    """A module's cluster: fresh database and Redis databases, then the workers."""
+    """A module's cluster: a fresh database, Redis keys of its own, then the workers.
+
+    ``redis_base`` is unused (the run's Redis database comes from the ``redis_url``
+    fixture); it stays for the modules that build their own cluster.
+    """
     directory = tmp_path_factory.mktemp("integration")
-    database_url = os.environ.get("STEPPED_DATABASE_URL") or f"sqlite:///{directory / 'stepped.db'}"
-    for db in (LANES_DB, BROKER_DB, PROBE_DB):
-        redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
-    cluster = Cluster(redis_base, database_url, directory, visibility_timeout, duplicate)
+    database_url = request.getfixturevalue("database_server")
+    database_url = database_url or f"sqlite:///{directory / 'stepped.db'}"
+    name = f"{RUN}-{request.module.__name__.rsplit('.', 1)[-1]}"
+    cluster = Cluster(
+        request.getfixturevalue("redis_url"),
+        database_url,
+        directory,
+        name,
+        visibility_timeout,
+        duplicate,
+    )
 
     def finish() -> None:
         cluster.stop_workers()
+        delete_owned(cluster.stepped.redis, name)
         cluster.stepped.redis.close()
         cluster.probe.redis.close()
         cluster.broker.close()
