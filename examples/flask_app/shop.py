@@ -6,7 +6,7 @@ webhook), then ``pack`` and a one-second cool-off wait in parallel, then ``ship`
 Run it (a Redis server and a worker; see README.md beside this file)::
 
     SHOP_REDIS_URL=redis://127.0.0.1:6379 SHOP_DATABASE_URL=sqlite:///shop.db \\
-        celery -A shop worker -Q stepped,celery          # in examples/flask_app
+        celery -A shop worker -Q shop                    # in examples/flask_app
     SHOP_REDIS_URL=... SHOP_DATABASE_URL=... flask --app shop run
 
 Routes: ``POST /orders`` ``{"item": "lamp"}``, ``GET /orders/<id>`` (the order and its
@@ -30,8 +30,14 @@ from celery_stepped.models import Action
 REDIS_URL = os.environ.get("SHOP_REDIS_URL", "redis://127.0.0.1:6379")
 DATABASE_URL = os.environ.get("SHOP_DATABASE_URL", "sqlite:///shop.db")
 
-celery_app = Celery("shop", broker=f"{REDIS_URL}/0")
-stepped = Stepped(celery_app, database_url=DATABASE_URL, redis_url=f"{REDIS_URL}/1")
+# The shop's own Redis databases (broker /2, lanes /3 in the namespace "shop") and queue,
+# so the garage example on the same Redis (/0 and /1, queue "garage") never takes its work.
+QUEUE = "shop"
+celery_app = Celery("shop", broker=f"{REDIS_URL}/2")
+celery_app.conf.task_default_queue = QUEUE
+stepped = Stepped(
+    celery_app, database_url=DATABASE_URL, redis_url=f"{REDIS_URL}/3", queue=QUEUE, namespace="shop"
+)
 
 
 class ShopBase(DeclarativeBase):

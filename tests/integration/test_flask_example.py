@@ -11,20 +11,25 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import redis
 
-from celery_stepped.embedded import WorkerProcess
+from celery_stepped.embedded import EmbeddedRedis, WorkerProcess
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flask_app"
 
 
 @pytest.fixture(scope="module")
-def shop(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    """The example module (imported once), its tables, and a real worker running its tasks."""
-    database = tmp_path_factory.mktemp("shop") / "shop.db"
-    env = {"SHOP_REDIS_URL": redis_base, "SHOP_DATABASE_URL": f"sqlite:///{database}"}
-    for db in (0, 1):
-        redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    """The example module (imported once), its tables, and a real worker running its tasks.
+
+    The example uses fixed Redis database numbers, which another run on a shared Redis
+    server may be using: it gets a Redis server of its own.
+    """
+    with EmbeddedRedis() as server:
+        yield from _shop(server.url, tmp_path_factory.mktemp("shop") / "shop.db")
+
+
+def _shop(redis_url: str, database: Path) -> Iterator[ModuleType]:
+    env = {"SHOP_REDIS_URL": redis_url, "SHOP_DATABASE_URL": f"sqlite:///{database}"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -32,7 +37,9 @@ def shop(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         sys.modules.pop("shop", None)
         module = importlib.import_module("shop")
     module.create_tables()
-    worker = WorkerProcess("shop:celery_app", cwd=str(EXAMPLE), env=env, concurrency=2)
+    worker = WorkerProcess(
+        "shop:celery_app", queues=module.QUEUE, cwd=str(EXAMPLE), env=env, concurrency=2
+    )
     worker.start()
     try:
         yield module
@@ -40,8 +47,7 @@ def shop(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         worker.stop()
         sys.modules.pop("shop", None)
         module.stepped.engine.dispose()
-        for db in (0, 1):
-            redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
+        module.stepped.redis.close()
 
 
 def poll(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
