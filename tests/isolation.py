@@ -50,7 +50,7 @@ def prefix_pattern(prefix: str) -> str:
 def delete_matching(client: redis.Redis, pattern: str) -> int:
     """Delete every key matching ``pattern`` (found by SCAN); how many there were."""
     deleted = 0
-    batch: list[bytes] = []
+    batch: list[bytes | str] = []
     for key in client.scan_iter(match=pattern, count=DELETE_BATCH):
         batch.append(key)
         if len(batch) >= DELETE_BATCH:

@@ -51,31 +51,30 @@ class Probe:
     def __init__(self, url: str, prefix: str) -> None:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.prefix = prefix
-        self.COUNTS = f"{prefix}counts"
-        self.CONTENT = f"{prefix}content-types"
-        self.PIDS = f"{prefix}pids"
+        self.counts_key = f"{prefix}counts"
+        self.content_key = f"{prefix}content-types"
+        self.pids_key = f"{prefix}pids"
 
     def bump(self, field: str, amount: int = 1) -> None:
         """Add ``amount`` to the counter ``field``."""
-        self.redis.hincrby(self.COUNTS, field, amount)
+        self.redis.hincrby(self.counts_key, field, amount)
 
     def counts(self, prefix: str = "") -> dict[str, int]:
         """Every counter whose name starts with ``prefix``."""
-        return {
-            k: int(v) for k, v in self.redis.hgetall(self.COUNTS).items() if k.startswith(prefix)
-        }
+        counts = self.redis.hgetall(self.counts_key)
+        return {k: int(v) for k, v in counts.items() if k.startswith(prefix)}
 
     def count(self, field: str) -> int:
         """One counter (0 when never bumped)."""
-        return int(self.redis.hget(self.COUNTS, field) or 0)
+        return int(self.redis.hget(self.counts_key, field) or 0)
 
     def content_types(self) -> dict[str, int]:
         """How many ``stepped.*`` messages each content type carried."""
-        return {k: int(v) for k, v in self.redis.hgetall(self.CONTENT).items()}
+        return {k: int(v) for k, v in self.redis.hgetall(self.content_key).items()}
 
     def pids(self) -> set[int]:
-        """The processes that recorded themselves in :attr:`PIDS`."""
-        return {int(pid) for pid in self.redis.smembers(self.PIDS)}
+        """The processes that recorded themselves in :attr:`pids_key`."""
+        return {int(pid) for pid in self.redis.smembers(self.pids_key)}
 
     def release(self, name: str) -> None:
         """Let the body blocked on ``name`` go on."""
@@ -167,7 +166,7 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
 
     @fan_leaf.step
     def fan_leaf_body(step: Any, car: Car, i: int) -> None:
-        probe.redis.sadd(probe.PIDS, os.getpid())
+        probe.redis.sadd(probe.pids_key, os.getpid())
         honk(step, car)
 
     # -- a lane: one performing, the newest pending supersedes ------------------------------
@@ -431,7 +430,7 @@ def _from_env() -> Celery | None:
 
     def record_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
         if request is not None and str(request.name).startswith("stepped."):
-            probe.redis.hincrby(probe.CONTENT, str(request.content_type), 1)
+            probe.redis.hincrby(probe.content_key, str(request.content_type), 1)
 
     celery_signals.task_received.connect(record_content_type, weak=False)
     return app
