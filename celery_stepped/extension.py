@@ -63,6 +63,9 @@ class Stepped:
         redis_url: Redis URL of the lanes (or ``redis=`` a client); falls back to
             ``app.conf.stepped_redis_url``.
         queue: queue of the internal tasks (``app.conf.stepped_queue``).
+        namespace: carried by every Redis key of this instance, so apps sharing a
+            Redis database keep apart (``app.conf.stepped_namespace``; default: the
+            app's main name, or ``"celery"``).
         handle_exceptions: exception classes turned into failure
             (``app.conf.stepped_handle_exceptions``).
 
@@ -81,6 +84,7 @@ class Stepped:
         redis: redis_lib.Redis | None = None,
         queue: str | None = None,
         handle_exceptions: tuple[type[BaseException], ...] | None = None,
+        namespace: str | None = None,
     ) -> None:
         conf = app.conf
         database_url = database_url or conf.get("stepped_database_url")
@@ -95,6 +99,7 @@ class Stepped:
         self.engine: SqlEngine = self.database.engine
         self.redis: redis_lib.Redis = redis or redis_lib.Redis.from_url(str(redis_url))
         self.clock: Callable[[], datetime] = utcnow
+        self.namespace: str = namespace or conf.get("stepped_namespace") or app.main or "celery"
         self.events = Events(self, tuple(handled))
         self._wire()
         app.stepped = self
@@ -103,7 +108,7 @@ class Stepped:
     def _wire(self) -> None:
         """Build the parts, each with its collaborators."""
         sessions, clock = self.session_factory, self._now
-        self.lanes = Lanes(self.redis)
+        self.lanes = Lanes(self.redis, namespace=self.namespace)
         self.registry = Registry()
         self.actors = ActorRegistry(sessions)
         self.outboxes = Outboxes(

@@ -7,7 +7,7 @@ the same URLs so both sides share one set of definitions.
 
 Step bodies record their effects in SQL with atomic statements (``log = log || x``,
 ``honks = honks + 1``), so a body that ran twice but committed once shows once. A
-:class:`Probe` (a Redis database of its own) counts what happened outside SQL: signal
+:class:`Probe` (Redis keys of its own prefix) counts what happened outside SQL: signal
 deliveries in every process, body executions, message content types; it also holds
 the flags a blocking body waits for.
 """
@@ -30,12 +30,15 @@ from sqlalchemy.exc import OperationalError
 
 from celery_stepped import Stepped, signals
 from celery_stepped.messages import Message
+from tests.isolation import delete_matching, prefix_pattern
 from tests.models import Car
 
 ENV_BROKER = "STEPPED_TEST_BROKER_URL"
 ENV_LANES = "STEPPED_TEST_LANES_URL"
 ENV_DATABASE = "STEPPED_TEST_DATABASE_URL"
 ENV_PROBE = "STEPPED_TEST_PROBE_URL"
+#: The cluster's name: its lanes' namespace and the start of its broker and probe keys.
+ENV_NAME = "STEPPED_TEST_NAME"
 #: Seconds before Redis restores an unacknowledged message (the redelivery tests).
 ENV_VISIBILITY = "STEPPED_TEST_VISIBILITY_TIMEOUT"
 #: "1": publish every internal message twice (the duplicate delivery tests).
@@ -78,55 +81,61 @@ def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:
 
 
 class Probe:
-    """Counters and flags in Redis, shared by the test process and every worker."""
+    """Counters and flags in Redis, shared by the test process and every worker.
 
-    COUNTS = "probe:counts"
-    CONTENT = "probe:content-types"
-    PIDS = "probe:pids"
+    Every key starts with ``prefix``; :meth:`flush` deletes those keys and no other.
+    """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, prefix: str) -> None:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.prefix = prefix
+        self.counts_key = f"{prefix}counts"
+        self.content_key = f"{prefix}content-types"
+        self.pids_key = f"{prefix}pids"
 
     def bump(self, field: str, amount: int = 1) -> None:
         """Add ``amount`` to the counter ``field``."""
-        self.redis.hincrby(self.COUNTS, field, amount)
+        self.redis.hincrby(self.counts_key, field, amount)
 
     def counts(self, prefix: str = "") -> dict[str, int]:
         """Every counter whose name starts with ``prefix``."""
-        return {
-            k: int(v) for k, v in self.redis.hgetall(self.COUNTS).items() if k.startswith(prefix)
-        }
+        counts = self.redis.hgetall(self.counts_key)
+        return {k: int(v) for k, v in counts.items() if k.startswith(prefix)}
 
     def count(self, field: str) -> int:
         """One counter (0 when never bumped)."""
-        return int(self.redis.hget(self.COUNTS, field) or 0)
+        return int(self.redis.hget(self.counts_key, field) or 0)
 
     def content_types(self) -> dict[str, int]:
         """How many ``stepped.*`` messages each content type carried."""
-        return {k: int(v) for k, v in self.redis.hgetall(self.CONTENT).items()}
+        return {k: int(v) for k, v in self.redis.hgetall(self.content_key).items()}
+
+    def pids(self) -> set[int]:
+        """The processes that recorded themselves in :attr:`pids_key`."""
+        return {int(pid) for pid in self.redis.smembers(self.pids_key)}
 
     def release(self, name: str) -> None:
         """Let the body blocked on ``name`` go on."""
-        self.redis.set(f"probe:release:{name}", 1)
+        self.redis.set(f"{self.prefix}release:{name}", 1)
 
     def entered(self, name: str) -> int | None:
         """The pid of the process that entered the block ``name`` most recently."""
-        pid = self.redis.get(f"probe:entered:{name}")
+        pid = self.redis.get(f"{self.prefix}entered:{name}")
         return None if pid is None else int(pid)
 
     def block(self, name: str, limit: float = 90) -> None:
         """In a step body: record this pid, then wait until ``release(name)``."""
-        self.redis.set(f"probe:entered:{name}", os.getpid())
+        self.redis.set(f"{self.prefix}entered:{name}", os.getpid())
         self.bump(f"entered:{name}")
         deadline = time.monotonic() + limit
-        while not self.redis.exists(f"probe:release:{name}"):
+        while not self.redis.exists(f"{self.prefix}release:{name}"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"block {name!r} was never released")
             time.sleep(0.05)
 
     def flush(self) -> None:
-        """Forget everything."""
-        self.redis.flushdb()
+        """Forget everything (the probe's own keys only)."""
+        delete_matching(self.redis, prefix_pattern(self.prefix))
 
 
 def append(step: Any, car: Car, token: str) -> None:
@@ -195,7 +204,7 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
 
     @fan_leaf.step
     def fan_leaf_body(step: Any, car: Car, i: int) -> None:
-        probe.redis.sadd(Probe.PIDS, os.getpid())
+        probe.redis.sadd(probe.pids_key, os.getpid())
         honk(step, car)
 
     # -- a lane: one performing, the newest pending supersedes ------------------------------
@@ -421,13 +430,16 @@ def build(
     lanes_url: str,
     database_url: str,
     probe_url: str,
+    name: str,
     visibility_timeout: float | None = None,
     duplicate: bool = False,
 ) -> tuple[Celery, Stepped, Probe]:
     """The app, its Stepped instance and the probe, with every test action defined.
 
-    The app's default serializer is pickle and the worker accepts JSON only, so an
-    internal message that did not force JSON would be refused (and counted).
+    ``name`` is the lanes' namespace; broker keys start with ``<name>:broker:`` (kombu's
+    ``global_keyprefix``), probe keys with ``<name>:probe:``. The app's default
+    serializer is pickle and the worker accepts JSON only, so an internal message that
+    did not force JSON would be refused (and counted).
     """
     app = Celery("stepped_integration", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -441,14 +453,16 @@ def build(
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    transport: dict[str, Any] = {"global_keyprefix": f"{name}:broker:"}
     if visibility_timeout is not None:
-        app.conf.broker_transport_options = {
-            "visibility_timeout": visibility_timeout,
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-        }
-    stepped = Stepped(app, database_url=database_url, redis_url=lanes_url)
-    probe = Probe(probe_url)
+        transport.update(
+            visibility_timeout=visibility_timeout,
+            unacked_restore_interval=1,
+            unacked_restore_throttle=1,
+        )
+    app.conf.broker_transport_options = transport
+    stepped = Stepped(app, database_url=database_url, redis_url=lanes_url, namespace=name)
+    probe = Probe(probe_url, f"{name}:probe:")
     define_actions(stepped, probe)
     connect_probe(stepped, probe)
     if duplicate:
@@ -465,6 +479,7 @@ def _from_env() -> Celery | None:
         os.environ[ENV_LANES],
         os.environ[ENV_DATABASE],
         os.environ[ENV_PROBE],
+        os.environ[ENV_NAME],
         float(visibility) if visibility else None,
         os.environ.get(ENV_DUPLICATE) == "1",
     )
@@ -475,7 +490,7 @@ def _from_env() -> Celery | None:
 
     def record_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
         if request is not None and str(request.name).startswith("stepped."):
-            probe.redis.hincrby(Probe.CONTENT, str(request.content_type), 1)
+            probe.redis.hincrby(probe.content_key, str(request.content_type), 1)
 
     celery_signals.task_received.connect(record_content_type, weak=False)
     return app
