@@ -23,6 +23,7 @@ from .completing import Completer
 from .effects import Delivery, Effects
 from .events import Events
 from .join import counted_steps_of_performing, finish_link
+from .members import task_outcome
 from .messages import (
     Message,
     MessageKind,
@@ -172,6 +173,12 @@ class Engine:
         """Run one message in this process (eager mode, captures); False when it changed
         nothing (a timeout not due yet)."""
         with self.delivering():
+            if message.kind is MessageKind.TASK:
+                link_id, payload = message.args
+                self.finish_member(
+                    link_id, task_outcome(self.outboxes.app, payload, message.task_id)
+                )
+                return True
             if message.kind is MessageKind.JOB:
                 again = run_task_locally(self.outboxes.app, message)
                 if again is not None:
@@ -188,6 +195,7 @@ class Engine:
             TaskName.WAIT: self.finish_wait,
             TaskName.TIMEOUT: self.fire_timeout,
             TaskName.COMPLETE: self.complete_message,
+            TaskName.MEMBER: self.finish_member,
         }
 
     def start(self, payload: dict[str, Any]) -> int | None:
@@ -206,6 +214,7 @@ class Engine:
             action = self.starter.prepare(definition, call, root)
         except ShortCircuit as short:
             self.drive(Effects().ready(*self.starter.finish_link(call, short.status)))
+            self.events.short_circuited(call.name, short.status, call.request, call.canvas)
             return self.starter.transient(definition, call, root, short.status)
         if action.checksum is not None:
             shared = self.starter.share(action, call)
@@ -268,6 +277,14 @@ class Engine:
         """``stepped.wait``: a timed wait elapsed."""
         with self.session_factory() as s:
             ready = finish_link(s, int(link_id), "succeeded", True, self.clock())
+            s.commit()
+        self.drive(Effects().ready(ready) if ready else self._follow_link(int(link_id)))
+
+    def finish_member(self, link_id: int, outcome: str) -> None:
+        """``stepped.member``: a plain task member ended (or its timeout elapsed first)."""
+        successful = outcome == ActionStatus.SUCCEEDED.value
+        with self.session_factory() as s:
+            ready = finish_link(s, int(link_id), outcome, successful, self.clock())
             s.commit()
         self.drive(Effects().ready(ready) if ready else self._follow_link(int(link_id)))
 

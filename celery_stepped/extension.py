@@ -17,6 +17,7 @@ from celery.result import AsyncResult
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.orm import Session
 
+from . import signals
 from .actors import ActorRegistry
 from .client import Client, check_status
 from .completing import Completer
@@ -33,6 +34,7 @@ from .outbox import BrokerOutbox, EagerOutbox, JobQueue, Outboxes
 from .performing import Performer
 from .registry import Registry
 from .repair import Repair, RepairReport
+from .results import RootReport
 from .starting import Starter
 from .superseding import LaneEntry
 from .tasks import register_tasks, watch_worker_queues
@@ -123,6 +125,11 @@ class Stepped:
         )
         self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
         self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
+        self.report = RootReport(self.app, sessions)
+        signals.action_completed.connect(self.report.on_completed, sender=self, weak=False)
+        signals.action_short_circuited.connect(
+            self.report.on_short_circuit, sender=self, weak=False
+        )
         watch_worker_queues(self.app, self.queue)
         self.action = Definer(self.app, self.registry, self.client).action
         self.repairer = Repair(

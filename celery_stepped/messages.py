@@ -21,8 +21,10 @@ __all__ = [
     "advance_message",
     "complete_message",
     "job_message",
+    "member_message",
     "resume_message",
     "start_message",
+    "task_message",
     "timeout_message",
     "wait_message",
 ]
@@ -37,6 +39,7 @@ class TaskName(StrEnum):
     WAIT = "stepped.wait"
     TIMEOUT = "stepped.timeout"
     COMPLETE = "stepped.complete"
+    MEMBER = "stepped.member"
 
 
 class MessageKind(StrEnum):
@@ -48,6 +51,10 @@ class MessageKind(StrEnum):
     COMPLETE = "complete"
     JOB = "job"
     ADVANCE = "advance"
+    #: A plain Celery task, member of a step's join (``step.task``).
+    TASK = "task"
+    #: A task member's report (``stepped.member``): its outcome, or its timeout.
+    MEMBER = "member"
 
 
 @dataclass
@@ -69,6 +76,10 @@ class Message:
     queue: str | None = None
     task_id: str = field(default_factory=lambda: str(uuid4()))
     retries: int = 0
+    #: Seconds after which the broker's worker drops the message (a root's ``expires=``).
+    expires: float | None = None
+    #: Broker priority (a root's ``priority=``).
+    priority: int | None = None
 
     def label(self) -> str:
         """A readable name for ``celery events`` and Flower: ``stepped.start trip(Car/1, 5)``."""
@@ -101,16 +112,22 @@ class StartCall:
     args: list[Any]
     link: int | None = None
     request: str | None = None
+    #: A root's Celery canvas (``link``, ``link_error``, ``chain``, ``chord``, ...),
+    #: applied when it is final (:mod:`celery_stepped.results`).
+    canvas: dict[str, Any] | None = None
 
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``stepped.start`` message."""
-        return {
+        payload: dict[str, Any] = {
             "actor": self.actor,
             "name": self.name,
             "args": self.args,
             "link": self.link,
             "request": self.request,
         }
+        if self.canvas:
+            payload["canvas"] = self.canvas
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> StartCall:
@@ -121,10 +138,18 @@ class StartCall:
             list(payload.get("args") or []),
             payload.get("link"),
             payload.get("request"),
+            payload.get("canvas"),
         )
 
 
-def start_message(call: StartCall, queue: str | None = None) -> Message:
+def start_message(
+    call: StartCall,
+    queue: str | None = None,
+    *,
+    countdown: float | None = None,
+    expires: float | None = None,
+    priority: int | None = None,
+) -> Message:
     """``stepped.start``: start an action (a root, or a child for a parent link)."""
     options: dict[str, Any] = {"task_id": call.request} if call.request else {}
     return Message(
@@ -132,9 +157,12 @@ def start_message(call: StartCall, queue: str | None = None) -> Message:
         call.name,
         TaskName.START,
         [call.payload()],
+        countdown=countdown,
         display_args=call.args,
         actor=call.actor,
         queue=queue,
+        expires=expires,
+        priority=priority,
         **options,
     )
 
@@ -198,3 +226,35 @@ def complete_message(action_id: int, status: str, name: str, actor: list[str]) -
 def job_message(action_id: int, task_name: str) -> Message:
     """The user's Celery task of a job-backed action, called with the action id."""
     return Message(MessageKind.JOB, task_name, task_name, [action_id], display_args=[action_id])
+
+
+def task_message(link_id: int, call: dict[str, Any], queue: str | None = None) -> Message:
+    """A user's Celery signature, member ``link_id`` of a step (``step.task``).
+
+    ``args`` is ``[link_id, signature]``; the outbox sends the signature with the
+    member's callbacks (``stepped.member``) on ``queue`` (None: the Stepped queue).
+    """
+    sig = dict(call["signature"])
+    return Message(
+        MessageKind.TASK,
+        str(sig["task"]),
+        str(sig["task"]),
+        [link_id, sig],
+        display_args=list(sig.get("args") or []),
+        queue=queue,
+    )
+
+
+def member_message(
+    link_id: int, outcome: str, countdown: float | None = None, queue: str | None = None
+) -> Message:
+    """``stepped.member``: task member ``link_id`` ended with ``outcome`` (or timed out)."""
+    return Message(
+        MessageKind.MEMBER,
+        "member",
+        TaskName.MEMBER,
+        [link_id, outcome],
+        countdown=countdown,
+        display_args=[outcome],
+        queue=queue,
+    )

@@ -21,6 +21,7 @@ from .actors import ActorRegistry
 from .effects import Delivery, Effects
 from .events import Events, error_record
 from .join import close_step
+from .members import task_member_messages
 from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
 from .models import Achievement, Action, ParentLink, Step
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
@@ -302,6 +303,9 @@ class Performer:
             call = dict(link.call or {})
             if link.kind == LinkKind.WAIT:
                 messages.append(wait_message(link.id, float(call.get("seconds", 0))))
+                continue
+            if link.kind == LinkKind.TASK:
+                messages.extend(task_member_messages(link.id, call))
                 continue
             start = StartCall(call["actor"], call["name"], call["args"], link.id)
             queue = self.lookup(start.actor[0], start.name).resolved("action_queue")

@@ -19,6 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
+from .members import send_revoked_errbacks
+
 __all__ = ["TASK_OPTIONS", "recovering", "register_tasks", "watch_worker_queues"]
 
 logger = logging.getLogger("celery_stepped")
@@ -91,3 +93,4 @@ def _check_queues(sender: Any = None, **_: Any) -> None:
 
 
 celery_signals.worker_ready.connect(_check_queues, weak=False)
+celery_signals.task_revoked.connect(send_revoked_errbacks, weak=False)

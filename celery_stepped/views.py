@@ -193,6 +193,8 @@ class _TreeBuilder:
         base = {"kind": link.kind, "state": link.state, "outcome": link.outcome}
         if link.kind == "wait":
             return {**base, "seconds": call.get("seconds")}
+        if link.kind == "task":
+            return {**base, **_task_member(link, call)}
         actor = call.get("actor") or ["?", "?"]
         member = {**base, "name": call.get("name"), "actor": f"{actor[0]}/{actor[1]}"}
         if link.action_id is None:
@@ -203,6 +205,21 @@ class _TreeBuilder:
         if link.action_id in path or link.action_id not in self.loaded.actions:
             return {**member, "action": {"id": link.action_id, "cycle": True}}
         return {**member, "action": self.node(link.action_id, path)}
+
+
+def _task_member(link: ParentLink, call: dict[str, Any]) -> dict[str, Any]:
+    """A plain task member: its task name, arguments, timeout and timings."""
+    sig = dict(call.get("signature") or {})
+    done = link.state != "waiting"
+    return {
+        "name": sig.get("task"),
+        "args": list(sig.get("args") or []),
+        "kwargs": dict(sig.get("kwargs") or {}),
+        "timeout": call.get("timeout"),
+        "started_at": _iso(link.created_at),
+        "completed_at": _iso(link.updated_at) if done else None,
+        "duration_seconds": (link.updated_at - link.created_at).total_seconds() if done else None,
+    }
 
 
 def _skip_reason(outcome: str, has_checksum: bool) -> str:
@@ -223,7 +240,9 @@ def action_trees(stepped: Stepped, action_ids: Sequence[int]) -> list[dict[str, 
     Each step holds ``index`` (0-based, in the definition), ``number`` (``index + 1``,
     as in ``step 2/3``), ``name``, ``status``, timings, ``error`` (the exception its
     body raised, same shape, or None) and its ``members`` in the order the step started
-    them: ``{"kind": "wait", "seconds", "state"}`` or ``{"kind": "action", "name",
+    them: ``{"kind": "wait", "seconds", "state"}``, ``{"kind": "task", "name", "args",
+    "kwargs", "timeout", "state", "outcome", timings}`` (a plain Celery task, ``step.task``)
+    or ``{"kind": "action", "name",
     "actor", "state", "outcome", "action": <node> | None}``. A member whose action never
     persisted (a checksum already achieved, a ``before`` that completed or cancelled it)
     has ``"action": None`` and ``"skipped": True``.

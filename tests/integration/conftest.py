@@ -28,6 +28,7 @@ from celery_stepped.embedded import WorkerProcess
 from celery_stepped.models import Achievement, Action, ParentLink, Step
 from celery_stepped.statuses import FINAL_STATUSES
 from tests.conftest import (
+    BACKEND_DB,
     BROKER_DB,
     LANES_DB,
     load_car,
@@ -39,6 +40,8 @@ from tests.integration import worker_app
 from tests.models import Car
 
 PROBE_DB = 4
+#: Queues some modules' workers consume besides ``stepped`` and ``celery``.
+EXTRA_QUEUES = ("body",)
 ROOT = Path(__file__).resolve().parents[2]
 #: The Flask example (``examples/flask_app``): ``shop.py`` and ``run.py``.
 SHOP = ROOT / "examples" / "flask_app"
@@ -56,6 +59,7 @@ class Cluster:
         logs: Path,
         visibility_timeout: float | None = None,
         duplicate: bool = False,
+        backend: bool = False,
     ) -> None:
         self.logs_dir = logs
         self.env = {
@@ -68,12 +72,15 @@ class Cluster:
             self.env[worker_app.ENV_VISIBILITY] = str(visibility_timeout)
         if duplicate:
             self.env[worker_app.ENV_DUPLICATE] = "1"
+        if backend:
+            self.env[worker_app.ENV_BACKEND] = f"{redis_base}/{BACKEND_DB}"
         self.app, self.stepped, self.probe = worker_app.build(
             self.env[worker_app.ENV_BROKER],
             self.env[worker_app.ENV_LANES],
             database_url,
             self.env[worker_app.ENV_PROBE],
             duplicate=duplicate,
+            backend_url=self.env.get(worker_app.ENV_BACKEND),
         )
         self.broker = redis.Redis.from_url(self.env[worker_app.ENV_BROKER])
         self.started = 0
@@ -81,11 +88,11 @@ class Cluster:
 
     # -- workers -------------------------------------------------------------------------
 
-    def start_worker(self, concurrency: int = 2) -> WorkerProcess:
-        """Start one more ``celery worker -Q stepped,celery`` process and wait until ready."""
+    def start_worker(self, concurrency: int = 2, queues: str = "stepped,celery") -> WorkerProcess:
+        """Start one more ``celery worker -Q <queues>`` process and wait until ready."""
         worker = WorkerProcess(
             "tests.integration.worker_app",
-            queues="stepped,celery",
+            queues=queues,
             concurrency=concurrency,
             env=self.env,
             cwd=str(ROOT),
@@ -127,6 +134,8 @@ class Cluster:
                 s.execute(delete(model))
         self.stepped.redis.flushdb()
         self.probe.flush()
+        if worker_app.ENV_BACKEND in self.env:
+            redis.Redis.from_url(self.env[worker_app.ENV_BACKEND]).flushdb()
 
     def make_car(self, **values: Any) -> Car:
         """Insert a car and return it detached."""
@@ -218,7 +227,7 @@ class Cluster:
         stays unacknowledged while it runs, or while a worker holds it for its ETA)."""
 
         def idle() -> bool:
-            queued = any(self.broker.llen(q) for q in ("stepped", "celery"))
+            queued = any(self.broker.llen(q) for q in ("stepped", "celery", *EXTRA_QUEUES))
             return not queued and not self.broker.hlen("unacked")
 
         self.wait_for("the workers to go idle", idle)
@@ -256,13 +265,15 @@ def make_cluster(
     concurrency: int = 2,
     visibility_timeout: float | None = None,
     duplicate: bool = False,
+    backend: bool = False,
 ) -> Cluster:
-    """A module's cluster: fresh database and Redis databases, then the workers."""
+    """A module's cluster: fresh database and Redis databases, then the workers
+    (``backend=True``: with a Redis result backend)."""
     directory = tmp_path_factory.mktemp("integration")
     database_url = os.environ.get("STEPPED_DATABASE_URL") or f"sqlite:///{directory / 'stepped.db'}"
-    for db in (LANES_DB, BROKER_DB, PROBE_DB):
+    for db in (LANES_DB, BROKER_DB, PROBE_DB, BACKEND_DB):
         redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
-    cluster = Cluster(redis_base, database_url, directory, visibility_timeout, duplicate)
+    cluster = Cluster(redis_base, database_url, directory, visibility_timeout, duplicate, backend)
 
     def finish() -> None:
         cluster.stop_workers()

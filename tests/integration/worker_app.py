@@ -38,6 +38,8 @@ ENV_PROBE = "STEPPED_TEST_PROBE_URL"
 ENV_VISIBILITY = "STEPPED_TEST_VISIBILITY_TIMEOUT"
 #: "1": publish every internal message twice (the duplicate delivery tests).
 ENV_DUPLICATE = "STEPPED_TEST_DUPLICATE"
+#: A Redis result backend URL (the canvas tests).
+ENV_BACKEND = "STEPPED_TEST_BACKEND_URL"
 
 
 class Probe:
@@ -319,6 +321,53 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
         append(step, car, "blocker-2")
 
 
+# -- issue 13: stepped actions and plain Celery canvas --------------------------------------
+
+
+def define_canvas(stepped: Stepped, probe: Probe) -> None:
+    """Actions and plain tasks of ``test_canvas.py`` (chains, chords, task members, routing)."""
+    app = stepped.app
+
+    def task(name: str, **options: Any) -> Any:
+        return app.task(name=name, serializer="json", acks_late=True, shared=False, **options)
+
+    canvas_drive = app.stepped_action("canvas_drive", actor=Car, concurrency_key=_key("cd"))
+
+    @canvas_drive.step
+    def canvas_drive_body(step: Any, car: Car, token: str) -> None:
+        append(step, car, f"drive-{token}")
+
+    canvas_fail = app.stepped_action("canvas_fail", actor=Car)
+
+    @canvas_fail.step
+    def canvas_fail_body(step: Any, car: Car) -> None:
+        append(step, car, "fail")
+        step.status = "failed"
+
+    @task("tests.canvas.note")
+    def note(previous: Any, car_id: int, token: str) -> str:
+        with stepped.session() as session:
+            session.execute(
+                update(Car).where(Car.id == car_id).values(log=Car.log + f"{token}-{previous};")
+            )
+        return f"noted-{token}"
+
+    @task("tests.canvas.collect")
+    def collect(results: list[Any]) -> list[Any]:
+        probe.bump("collected")
+        return sorted(results)
+
+    @task("tests.canvas.errback")
+    def errback(task_id: str) -> None:
+        probe.bump(f"errback:{task_id}")
+
+    define_members(stepped, probe, task)
+
+
+def define_members(stepped: Stepped, probe: Probe, task: Any) -> None:
+    """Plain tasks as members of a step's join (``step.task``) and a routed step body."""
+
+
 def _key(prefix: str) -> Any:
     """A concurrency key of its own per argument list, so siblings never share a lane."""
 
@@ -373,13 +422,16 @@ def build(
     probe_url: str,
     visibility_timeout: float | None = None,
     duplicate: bool = False,
+    backend_url: str | None = None,
 ) -> tuple[Celery, Stepped, Probe]:
     """The app, its Stepped instance and the probe, with every test action defined.
 
     The app's default serializer is pickle and the worker accepts JSON only, so an
     internal message that did not force JSON would be refused (and counted).
     """
-    app = Celery("stepped_integration", broker=broker_url, set_as_current=False)
+    app = Celery(
+        "stepped_integration", broker=broker_url, backend=backend_url, set_as_current=False
+    )
     app.conf.update(
         task_serializer="pickle",
         accept_content=["json"],
@@ -396,6 +448,7 @@ def build(
     stepped = Stepped(app, database_url=database_url, redis_url=lanes_url)
     probe = Probe(probe_url)
     define_actions(stepped, probe)
+    define_canvas(stepped, probe)
     connect_probe(stepped, probe)
     if duplicate:
         send_everything_twice(stepped)
@@ -413,6 +466,7 @@ def _from_env() -> Celery | None:
         os.environ[ENV_PROBE],
         float(visibility) if visibility else None,
         os.environ.get(ENV_DUPLICATE) == "1",
+        os.environ.get(ENV_BACKEND),
     )
 
     def record_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
