@@ -366,6 +366,58 @@ def define_canvas(stepped: Stepped, probe: Probe) -> None:
 
 def define_members(stepped: Stepped, probe: Probe, task: Any) -> None:
     """Plain tasks as members of a step's join (``step.task``) and a routed step body."""
+    app = stepped.app
+
+    def note(car_id: int, token: str) -> None:
+        with stepped.session() as session:
+            session.execute(update(Car).where(Car.id == car_id).values(log=Car.log + f"{token};"))
+
+    @task("tests.canvas.mail")
+    def mail(car_id: int, token: str, fail: bool = False) -> str:
+        probe.bump(f"ran:{token}")
+        if fail:
+            raise ValueError(f"{token} bounced")
+        note(car_id, token)
+        return token
+
+    @task("tests.canvas.blocking_member", reject_on_worker_lost=True)
+    def blocking_member(car_id: int, name: str) -> str:
+        probe.bump(f"ran:{name}")
+        probe.block(name)
+        note(car_id, name)
+        return name
+
+    members_three = app.stepped_action("members_three", actor=Car)
+
+    @members_three.step
+    def three_out(step: Any, car: Car) -> None:
+        for i in (1, 2, 3):
+            step.task(mail.s(car.id, f"m{i}", i == 2))
+
+    @members_three.step
+    def three_never(step: Any, car: Car) -> None:
+        append(step, car, "never")
+
+    members_late = app.stepped_action("members_late", actor=Car)
+
+    @members_late.step
+    def late_out(step: Any, car: Car) -> None:
+        step.task(mail.s(car.id, "expired").set(expires="2000-01-01T00:00:00+00:00"))
+        step.task(blocking_member.s(car.id, "slow"), timeout=0.5)
+        step.task(mail.s(car.id, "fine"))
+
+    members_redelivered = app.stepped_action("members_redelivered", actor=Car)
+
+    @members_redelivered.step
+    def redelivered_out(step: Any, car: Car) -> None:
+        step.task(blocking_member.s(car.id, "member"))
+        step.task(mail.s(car.id, "quick"))
+
+    @members_redelivered.step
+    def redelivered_after(step: Any, car: Car) -> None:
+        probe.bump("ran:members-after")
+        probe.block("members-after")
+        append(step, car, "after")
 
 
 def _key(prefix: str) -> Any:
