@@ -156,7 +156,8 @@ class Client:
         if action is None:
             return None
         actor_ref = [action.actor_type, action.actor_id]
-        return self.outboxes.send_one(complete_message(action.id, status, name, actor_ref))
+        queue = self.lookup(action.actor_type, name).resolved("action_queue")
+        return self.outboxes.send_one(complete_message(action.id, status, name, actor_ref, queue))
 
     # -- reading ---------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from .performing import Performer
 from .registry import Registry
 from .repair import Repair, RepairReport
 from .results import RootReport
+from .routing import Routes, queue_of_definition
 from .starting import Starter
 from .superseding import LaneEntry
 from .tasks import register_tasks, watch_worker_queues
@@ -122,6 +123,7 @@ class Stepped:
             lookup,
             events,
             clock,
+            Routes(sessions, queue_of_definition(lookup), self.queue),
         )
         self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
         self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)

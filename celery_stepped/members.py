@@ -14,7 +14,7 @@ later one (a redelivered task, the timeout after success) change nothing.
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task
@@ -30,6 +30,7 @@ __all__ = [
     "send_revoked_errbacks",
     "task_call",
     "task_member_messages",
+    "task_member_view",
     "task_outcome",
 ]
 
@@ -102,3 +103,20 @@ def send_revoked_errbacks(sender: Task | None = None, request: Any = None, **_: 
     for errback in errbacks:
         if isinstance(errback, dict) and errback.get("task") == MEMBER_TASK:
             signature(errback, app=sender.app).apply_async()
+
+
+def task_member_view(
+    call: dict[str, Any], state: str, started: datetime, ended: datetime
+) -> dict[str, Any]:
+    """What ``views`` shows of a task member: task name, arguments, timeout, timings."""
+    sig = dict(call.get("signature") or {})
+    done = state != "waiting"
+    return {
+        "name": sig.get("task"),
+        "args": list(sig.get("args") or []),
+        "kwargs": dict(sig.get("kwargs") or {}),
+        "timeout": call.get("timeout"),
+        "started_at": started.isoformat(),
+        "completed_at": ended.isoformat() if done else None,
+        "duration_seconds": (ended - started).total_seconds() if done else None,
+    }

@@ -182,12 +182,12 @@ def resume_message(
     )
 
 
-def advance_message(step_id: int) -> Message:
+def advance_message(step_id: int, queue: str | None = None) -> Message:
     """``stepped.advance``: the body of a step's chord (its members all reported)."""
-    return Message(MessageKind.ADVANCE, "advance", TaskName.ADVANCE, [step_id])
+    return Message(MessageKind.ADVANCE, "advance", TaskName.ADVANCE, [step_id], queue=queue)
 
 
-def wait_message(link_id: int, seconds: float) -> Message:
+def wait_message(link_id: int, seconds: float, queue: str | None = None) -> Message:
     """``stepped.wait``: a timed wait of ``seconds`` elapsed."""
     return Message(
         MessageKind.WAIT,
@@ -196,10 +196,13 @@ def wait_message(link_id: int, seconds: float) -> Message:
         [link_id],
         countdown=seconds,
         display_args=[seconds],
+        queue=queue,
     )
 
 
-def timeout_message(action_id: int, name: str, countdown: float) -> Message:
+def timeout_message(
+    action_id: int, name: str, countdown: float, queue: str | None = None
+) -> Message:
     """``stepped.timeout``: check the action's timeout in ``countdown`` seconds."""
     return Message(
         MessageKind.TIMEOUT,
@@ -208,10 +211,13 @@ def timeout_message(action_id: int, name: str, countdown: float) -> Message:
         [action_id],
         countdown=countdown,
         display_args=[action_id],
+        queue=queue,
     )
 
 
-def complete_message(action_id: int, status: str, name: str, actor: list[str]) -> Message:
+def complete_message(
+    action_id: int, status: str, name: str, actor: list[str], queue: str | None = None
+) -> Message:
     """``stepped.complete``: complete an action from outside (``complete_later``)."""
     return Message(
         MessageKind.COMPLETE,
@@ -220,6 +226,7 @@ def complete_message(action_id: int, status: str, name: str, actor: list[str]) -
         [action_id, status],
         display_args=[status],
         actor=actor,
+        queue=queue,
     )
 
 

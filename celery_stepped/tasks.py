@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
 from .members import send_revoked_errbacks
+from .routing import delivered_from
 
 __all__ = ["TASK_OPTIONS", "recovering", "register_tasks", "watch_worker_queues"]
 
@@ -53,9 +54,16 @@ def recovering(task: Task) -> bool:
     return bool(delivery.get("redelivered") or request.retries)
 
 
+def queue_of(task: Task) -> str | None:
+    """The queue this delivery came from (its routing key), if the broker says."""
+    delivery = task.request.delivery_info or {}
+    queue = delivery.get("routing_key")
+    return str(queue) if queue else None
+
+
 def _task(app: Celery, name: str, handler: Callable[..., Any], delivering: Delivering) -> Task:
     def run(self: Task, *args: Any) -> None:
-        with delivering(recovering(self)):
+        with delivering(recovering(self)), delivered_from(queue_of(self)):
             handler(*args)
 
     run.__name__ = name.rsplit(".", 1)[-1]

@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .errors import ActionNotFound, SteppedError
+from .members import task_member_view
 from .models import Action, ParentLink, Step
 from .statuses import ActionStatus
 
@@ -194,7 +195,7 @@ class _TreeBuilder:
         if link.kind == "wait":
             return {**base, "seconds": call.get("seconds")}
         if link.kind == "task":
-            return {**base, **_task_member(link, call)}
+            return {**base, **task_member_view(call, link.state, link.created_at, link.updated_at)}
         actor = call.get("actor") or ["?", "?"]
         member = {**base, "name": call.get("name"), "actor": f"{actor[0]}/{actor[1]}"}
         if link.action_id is None:
@@ -205,21 +206,6 @@ class _TreeBuilder:
         if link.action_id in path or link.action_id not in self.loaded.actions:
             return {**member, "action": {"id": link.action_id, "cycle": True}}
         return {**member, "action": self.node(link.action_id, path)}
-
-
-def _task_member(link: ParentLink, call: dict[str, Any]) -> dict[str, Any]:
-    """A plain task member: its task name, arguments, timeout and timings."""
-    sig = dict(call.get("signature") or {})
-    done = link.state != "waiting"
-    return {
-        "name": sig.get("task"),
-        "args": list(sig.get("args") or []),
-        "kwargs": dict(sig.get("kwargs") or {}),
-        "timeout": call.get("timeout"),
-        "started_at": _iso(link.created_at),
-        "completed_at": _iso(link.updated_at) if done else None,
-        "duration_seconds": (link.updated_at - link.created_at).total_seconds() if done else None,
-    }
 
 
 def _skip_reason(outcome: str, has_checksum: bool) -> str:

@@ -406,6 +406,8 @@ def define_members(stepped: Stepped, probe: Probe, task: Any) -> None:
         step.task(blocking_member.s(car.id, "slow"), timeout=0.5)
         step.task(mail.s(car.id, "fine"))
 
+    define_routed(stepped, probe, mail)
+
     members_redelivered = app.stepped_action("members_redelivered", actor=Car)
 
     @members_redelivered.step
@@ -418,6 +420,38 @@ def define_members(stepped: Stepped, probe: Probe, task: Any) -> None:
         probe.bump("ran:members-after")
         probe.block("members-after")
         append(step, car, "after")
+
+
+def define_routed(stepped: Stepped, probe: Probe, mail: Any) -> None:
+    """An action on the ``body`` queue whose members run on the default queues."""
+    app = stepped.app
+    routed = app.stepped_action("routed", actor=Car, queue="body")
+
+    def seen(name: str) -> None:
+        probe.redis.sadd(f"probe:pids:{name}", os.getpid())
+
+    @routed.step
+    def routed_out(step: Any, car: Car) -> None:
+        seen("routed")
+        step.do("routed_child")
+        step.task(mail.s(car.id, "routed-mail"))
+
+    @routed.step
+    def routed_wait(step: Any, car: Car) -> None:
+        seen("routed")
+        step.wait(0.2)
+
+    @routed.step
+    def routed_last(step: Any, car: Car) -> None:
+        seen("routed")
+        append(step, car, "routed-last")
+
+    routed_child = app.stepped_action("routed_child", actor=Car)
+
+    @routed_child.step
+    def routed_child_body(step: Any, car: Car) -> None:
+        seen("routed-child")
+        append(step, car, "child")
 
 
 def _key(prefix: str) -> Any:
