@@ -53,6 +53,25 @@ def test_later_returns_a_result_that_tracks_the_root(it: Cluster) -> None:
     assert failing.get(timeout=WAIT, propagate=False).status == "failed"
 
 
+def test_the_result_is_started_while_performing_and_reports_short_circuits(
+    it: Cluster,
+) -> None:
+    car = it.make_car()
+    outbound = action(it, "canvas_outbound")
+    result = outbound.later(car)
+    it.wait_ready(it.root_of(result))
+    assert result.state == states.STARTED
+    assert not result.ready()
+    outbound.complete_now(car)
+    assert result.get(timeout=WAIT) == "succeeded"
+
+    cancelled = action(it, "canvas_cancelled").later(car)
+    with pytest.raises(ActionFailed) as raised:
+        cancelled.get(timeout=WAIT)
+    assert (raised.value.status, raised.value.action_id) == ("cancelled", None)
+    assert cancelled.action_id is None  # cancelled in before: no row at all
+
+
 def test_a_chain_stepped_plain_stepped_runs_in_order(it: Cluster) -> None:
     car = it.make_car()
     drive, note = action(it, "canvas_drive"), task(it, "note")

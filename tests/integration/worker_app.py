@@ -344,6 +344,18 @@ def define_canvas(stepped: Stepped, probe: Probe) -> None:
         append(step, car, "fail")
         step.status = "failed"
 
+    canvas_cancelled = app.stepped_action("canvas_cancelled", actor=Car)
+
+    @canvas_cancelled.before
+    def canvas_cancel(action: Any, car: Car) -> None:
+        action.cancel()
+
+    canvas_outbound = app.stepped_action("canvas_outbound", actor=Car, outbound=True)
+
+    @canvas_outbound.step
+    def canvas_outbound_body(step: Any, car: Car) -> None:
+        append(step, car, "outbound")
+
     @task("tests.canvas.note")
     def note(previous: Any, car_id: int, token: str) -> str:
         with stepped.session() as session:
