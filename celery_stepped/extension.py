@@ -13,6 +13,7 @@ from typing import Any
 
 import redis as redis_lib
 from celery import Celery
+from celery import signals as celery_signals
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.orm import Session
@@ -28,7 +29,7 @@ from .engine import Engine
 from .errors import ConfigurationError
 from .events import Events
 from .lanes import Lanes
-from .messages import Message
+from .messages import Message, TaskName
 from .models import Action, Base, utcnow
 from .outbox import BrokerOutbox, EagerOutbox, JobQueue, Outboxes
 from .performing import Performer
@@ -132,6 +133,8 @@ class Stepped:
         signals.action_short_circuited.connect(
             self.report.on_short_circuit, sender=self, weak=False
         )
+        start_task = self.tasks[TaskName.START]
+        celery_signals.task_revoked.connect(self.report.on_revoked, sender=start_task, weak=False)
         watch_worker_queues(self.app, self.queue)
         self.action = Definer(self.app, self.registry, self.client).action
         self.repairer = Repair(

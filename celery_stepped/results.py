@@ -142,6 +142,18 @@ class RootReport:
         if request_id:
             self.report(request_id, status, None, canvas or {})
 
+    def on_revoked(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """``task_revoked`` receiver for ``stepped.start``: a root whose start message
+        expired (or was revoked) before it created the action ends ``cancelled``."""
+        args = list(getattr(request, "args", None) or [])
+        payload = args[0] if args and isinstance(args[0], dict) else {}
+        request_id = payload.get("request")
+        if not request_id or payload.get("link") is not None:
+            return
+        if find_request(self.session_factory, request_id) is None:
+            cancelled = ActionStatus.CANCELLED.value
+            self.report(request_id, cancelled, None, payload.get("canvas") or {})
+
     def report(
         self, request_id: str, status: str, action_id: int | None, canvas: dict[str, Any]
     ) -> None:

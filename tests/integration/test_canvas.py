@@ -72,6 +72,16 @@ def test_the_result_is_started_while_performing_and_reports_short_circuits(
     assert cancelled.action_id is None  # cancelled in before: no row at all
 
 
+def test_a_start_that_expired_reports_the_root_cancelled(it: Cluster) -> None:
+    car = it.make_car()
+    result = action(it, "canvas_drive").later(car, "late", expires="2000-01-01T00:00:00+00:00")
+    with pytest.raises(ActionFailed) as raised:
+        result.get(timeout=WAIT)
+    assert (raised.value.status, raised.value.action_id) == ("cancelled", None)
+    it.quiet()
+    assert it.actions("canvas_drive") == []
+
+
 def test_a_chain_stepped_plain_stepped_runs_in_order(it: Cluster) -> None:
     car = it.make_car()
     drive, note = action(it, "canvas_drive"), task(it, "note")
