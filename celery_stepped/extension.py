@@ -129,12 +129,7 @@ class Stepped:
         self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
         self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
         self.report = RootReport(self.app, sessions)
-        signals.action_completed.connect(self.report.on_completed, sender=self, weak=False)
-        signals.action_short_circuited.connect(
-            self.report.on_short_circuit, sender=self, weak=False
-        )
-        start_task = self.tasks[TaskName.START]
-        celery_signals.task_revoked.connect(self.report.on_revoked, sender=start_task, weak=False)
+        self._connect_report()
         watch_worker_queues(self.app, self.queue)
         self.action = Definer(self.app, self.registry, self.client).action
         self.repairer = Repair(
@@ -146,6 +141,16 @@ class Stepped:
             self.outboxes,
             clock,
         )
+
+    def _connect_report(self) -> None:
+        """Report final roots to Celery (``results.RootReport``): completed, short
+        circuited, or whose start message expired."""
+        signals.action_completed.connect(self.report.on_completed, sender=self, weak=False)
+        signals.action_short_circuited.connect(
+            self.report.on_short_circuit, sender=self, weak=False
+        )
+        start_task = self.tasks[TaskName.START]
+        celery_signals.task_revoked.connect(self.report.on_revoked, sender=start_task, weak=False)
 
     def _now(self) -> datetime:
         return self.clock()
