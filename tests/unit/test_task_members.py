@@ -141,3 +141,18 @@ def test_arguments_that_are_not_json_fail_the_step(stepped: Stepped, car: Car) -
         action = bad.now(car)
     assert stepped.get_action(action.id).steps[0].error["type"] == "TypeError"
     assert MessageKind.TASK.value == "task"
+
+
+def test_repair_sends_a_waiting_task_member_again(stepped: Stepped, car: Car) -> None:
+    notify = define(stepped)
+    with stepped.capture() as jobs:
+        action = notify.now(car, [5])
+        jobs.messages.clear()  # the broker lost them
+        report = stepped.repair(apply=True)
+        resent = [(r.task, r.target) for r in report.resends]
+        with stepped.session() as s:
+            link_id = s.query(ParentLink.id).scalar()
+        assert ("tests.unit.members.mail", link_id) in resent
+        assert [job.kind for job in jobs.enqueued] == ["task", "member"]
+        jobs.perform_all()
+    assert stepped.get_action(action.id).status == "succeeded"
