@@ -95,6 +95,16 @@ def test_a_chain_stepped_plain_stepped_runs_in_order(it: Cluster) -> None:
     assert result.parent.get(timeout=WAIT) == "noted-plain"
 
 
+def test_a_plain_tasks_result_reaches_the_stepped_action_after_its_actor(it: Cluster) -> None:
+    car = it.make_car()
+    drive, note = action(it, "canvas_drive"), task(it, "note")
+    result = (note.s("start", car.id, "first") | drive.s(car)).apply_async()
+    assert result.get(timeout=WAIT) == "succeeded"
+    # canvas_drive(car, token) ran with the plain task's return value as its token.
+    assert it.log_tokens(car.id) == ["first-start", "drive-noted-first"]
+    assert it.actions("canvas_drive")[0].arguments == ["noted-first"]
+
+
 def test_a_failed_action_stops_the_chain_and_runs_link_error(it: Cluster) -> None:
     car = it.make_car()
     fail, note, errback = action(it, "canvas_fail"), task(it, "note"), task(it, "errback")
