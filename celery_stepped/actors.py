@@ -17,7 +17,7 @@ from sqlalchemy.orm import Mapper, Session
 
 from .errors import ActorNotFound, ConfigurationError
 
-__all__ = ["ActorRegistry", "ActorType"]
+__all__ = ["REF", "ActorRegistry", "ActorType", "is_reference"]
 
 REF = "__stepped_actor__"
 
@@ -30,6 +30,14 @@ class ActorType:
     type_name: str
     identify: Callable[[Any], str]
     load: Callable[[str], Any] | None  # None: a mapped class loaded through the session
+
+
+def is_reference(value: Any) -> bool:
+    """True for an actor reference ``{"__stepped_actor__": [type_name, identity]}``."""
+    if not isinstance(value, dict) or set(value) != {REF}:
+        return False
+    ref = value[REF]
+    return isinstance(ref, list | tuple) and len(ref) == 2 and all(isinstance(p, str) for p in ref)
 
 
 def _mapper_of(cls: type) -> Mapper[Any] | None:
@@ -190,6 +198,8 @@ class ActorRegistry:
             return value
         if isinstance(value, list | tuple):
             return [self.dump(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if is_reference(value):  # dumped before (a stepped signature's arguments)
+            return {REF: [str(part) for part in value[REF]]}
         if isinstance(value, dict):
             out = {}
             for k, v in value.items():

@@ -64,8 +64,16 @@ class Runner(Protocol):
     def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:
         """Start a root action in this process."""
 
-    def start_later(self, name: str, actor: Any, args: list[Any]) -> AsyncResult:
-        """Enqueue the start of a root action."""
+    def start_later(
+        self, name: str, actor: Any, args: list[Any], options: dict[str, Any]
+    ) -> AsyncResult:
+        """Enqueue the start of a root action with Celery's call ``options``."""
+
+    def dump_arguments(self, args: list[Any]) -> list[Any]:
+        """Arguments as JSON, actors as references (TypeError otherwise)."""
+
+    def result(self, task_id: str) -> AsyncResult:
+        """The ``AsyncResult`` tracking the root action started by request ``task_id``."""
 
     def complete_outbound(self, actor: Any, name: str, status: str) -> Action | None:
         """Complete the performing outbound action ``name`` on ``actor``."""
@@ -283,10 +291,12 @@ class SteppedAction(Task, Generic[P]):
         _no_kwargs(kwargs)
         return self.runner.start_now(self.action_name, actor, list(args))
 
-    def later(self, actor: Any, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
-        """Enqueue the start of a root action; returns the Celery ``AsyncResult``."""
-        _no_kwargs(kwargs)
-        return self.runner.start_later(self.action_name, actor, list(args))
+    def later(self, actor: Any, *args: P.args, **options: P.kwargs) -> AsyncResult:
+        """Enqueue the start of a root action; returns an ``AsyncResult`` tracking it.
+
+        Keywords are Celery's call options (``canvas.CALL_OPTIONS``); others raise TypeError.
+        """
+        return self.runner.start_later(self.action_name, actor, list(args), dict(options))
 
     def complete_now(self, actor: Any, status: str = "succeeded") -> Action | None:
         """Complete the performing outbound action of this name on ``actor``."""
@@ -299,6 +309,8 @@ class SteppedAction(Task, Generic[P]):
     def signature(self, args: Any = None, *starargs: Any, **starkwargs: Any) -> SteppedSignature:
         """A :class:`SteppedSignature` for this action."""
         starkwargs.setdefault("app", self.app)
+        if args:
+            args = self.runner.dump_arguments(list(args))
         return SteppedSignature(self, args, *starargs, **starkwargs)
 
     subtask = signature
@@ -312,13 +324,18 @@ class SteppedAction(Task, Generic[P]):
         return action.id
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
-        """``delay``/``apply_async`` enqueue the action like :meth:`later`."""
+        """``delay``/``apply_async`` enqueue the action like :meth:`later`, with the
+        same options (and those Celery's canvas adds inside a chain, group or chord)."""
         args = list(args or ())
         if kwargs:
             _no_kwargs(kwargs)
         if not args:
             raise TypeError(f"{self.action_name} needs an actor as its first argument")
-        return self.runner.start_later(self.action_name, args[0], args[1:])
+        return self.runner.start_later(self.action_name, args[0], args[1:], options)
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult:
+        """The result of a root start: tracks the action (see :mod:`celery_stepped.results`)."""
+        return self.runner.result(task_id)
 
     def __repr__(self) -> str:
         owner = self.actor_class.__name__ if self.actor_class else "any actor"

@@ -24,6 +24,7 @@ from .completing import Completer
 from .effects import Delivery, Effects
 from .events import Events, error_record
 from .join import counted_steps_of_performing, report_link
+from .members import task_outcome
 from .messages import (
     Message,
     MessageKind,
@@ -36,6 +37,7 @@ from .messages import (
 from .models import Action, ParentLink, Step
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
+from .routing import Routes
 from .staging import discard, due
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
 from .statuses import ActionStatus
@@ -69,7 +71,9 @@ class Engine:
         lookup: Callable[[str, str], SteppedAction[Any]],
         events: Events,
         clock: Callable[[], datetime],
+        routes: Routes | None = None,
     ) -> None:
+        self.routes = routes
         self.session_factory = session_factory
         self.starter = starter
         self.entry = entry
@@ -130,10 +134,10 @@ class Engine:
     def _follow_up(self, effects: Effects) -> Iterator[Effects]:
         inline, delivery = self._inline(), self.delivery()
         for step_id in dict.fromkeys(effects.ready_steps):
-            yield self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
+            yield self._advance_or_route(step_id, inline)
         if effects.handoff and _in_worker.get():
             # Lane handoff inline, as Stepped's Performance#forward: same task, no message.
-            yield from (self.carry_on(action_id) for action_id in effects.handoff)
+            yield from (self._carry_on_or_route(action_id) for action_id in effects.handoff)
         elif effects.handoff:
             yield Effects(self._resume_messages(effects.handoff))
         for action_id in effects.finished:
@@ -143,12 +147,35 @@ class Engine:
         for action_id in effects.perform:
             yield self.perform(action_id)
 
+    def _advance_or_route(self, step_id: int, inline: bool) -> Effects:
+        """Advance the step here, or send it to its action's queue (``routing``)."""
+        if self.routes is None:
+            return self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
+        queue = self.routes.elsewhere(step_id=step_id)
+        if inline and queue is None:
+            return self.advance_step(step_id)
+        return Effects([advance_message(step_id, queue or self.routes.of_step(step_id))])
+
+    def _carry_on_or_route(self, action_id: int) -> Effects:
+        """A promoted action carries on here, or on its own queue (``routing``)."""
+        if self.routes is None or self.routes.elsewhere(action_id=action_id) is None:
+            return self.carry_on(action_id)
+        return Effects(self._resume_messages([action_id]))
+
     def _resume_messages(self, action_ids: list[int]) -> list[Message]:
         with self.session_factory() as s:
             # Whatever their status now: a resume carries any action on from its records.
             rows = s.execute(select(Action).where(Action.id.in_(action_ids))).scalars()
+            queue_of = self.routes.queue_of if self.routes else (lambda *_: None)
             return [
-                resume_message(a.id, a.name, a.arguments, [a.actor_type, a.actor_id]) for a in rows
+                resume_message(
+                    a.id,
+                    a.name,
+                    a.arguments,
+                    [a.actor_type, a.actor_id],
+                    queue_of(a.actor_type, a.name),
+                )
+                for a in rows
             ]
 
     # -- transitions driven from here ----------------------------------------------------
@@ -234,6 +261,12 @@ class Engine:
         """Run one message in this process (eager mode, captures); False when it changed
         nothing (a timeout not due yet)."""
         with self.delivering():
+            if message.kind is MessageKind.TASK:
+                link_id, payload = message.args
+                self.finish_member(
+                    link_id, task_outcome(self.outboxes.app, payload, message.task_id)
+                )
+                return True
             if message.kind is MessageKind.JOB:
                 again = run_task_locally(self.outboxes.app, message)
                 if again is not None:
@@ -250,6 +283,7 @@ class Engine:
             TaskName.WAIT: self.finish_wait,
             TaskName.TIMEOUT: self.fire_timeout,
             TaskName.COMPLETE: self.complete_message,
+            TaskName.MEMBER: self.finish_member,
         }
 
     def start(self, payload: dict[str, Any]) -> int | None:
@@ -268,6 +302,7 @@ class Engine:
             action = self.starter.prepare(definition, call, root)
         except ShortCircuit as short:
             self.drive(self.starter.finish_link(call, short.status))
+            self.events.short_circuited(call.name, short.status, call.request, call.canvas)
             return self.starter.transient(definition, call, root, short.status)
         if action.checksum is not None:
             shared = self.starter.share(action, call)
@@ -331,6 +366,14 @@ class Engine:
         reported = report_link(self.session_factory, int(link_id), "succeeded", True, self.clock())
         self.drive(reported if reported.ready_steps else self._follow_link(int(link_id)))
 
+    def finish_member(self, link_id: int, outcome: str) -> None:
+        """``stepped.member``: a plain task member ended (or its timeout elapsed first)."""
+        successful = outcome == ActionStatus.SUCCEEDED.value
+        reported = report_link(
+            self.session_factory, int(link_id), outcome, successful, self.clock()
+        )
+        self.drive(reported if reported.ready_steps else self._follow_link(int(link_id)))
+
     def fire_timeout(self, action_id: int) -> bool:
         """``stepped.timeout``: time the action out if it still performs past its limit."""
         with self.session_factory() as s:
@@ -345,7 +388,8 @@ class Engine:
             return False
         remaining = (started + timedelta(seconds=limit) - self.clock()).total_seconds()
         if remaining > 0:
-            self.outboxes.send([timeout_message(int(action_id), name, remaining)])
+            queue = self.routes.of_action(int(action_id)) if self.routes else None
+            self.outboxes.send([timeout_message(int(action_id), name, remaining, queue)])
             return False
         self.complete(int(action_id), ActionStatus.TIMED_OUT.value)
         return True

@@ -13,10 +13,12 @@ from typing import Any
 
 import redis as redis_lib
 from celery import Celery
+from celery import signals as celery_signals
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.orm import Session
 
+from . import signals
 from .actors import ActorRegistry
 from .client import Client, check_status
 from .completing import Completer
@@ -27,12 +29,14 @@ from .engine import Engine
 from .errors import ConfigurationError
 from .events import Events
 from .lanes import Lanes
-from .messages import Message
+from .messages import Message, TaskName
 from .models import Action, Base, utcnow
 from .outbox import BrokerOutbox, EagerOutbox, JobQueue, Outboxes
 from .performing import Performer
 from .registry import Registry
 from .repair import Repair, RepairReport
+from .results import RootReport
+from .routing import Routes, queue_of_definition
 from .starting import Starter
 from .superseding import LaneEntry
 from .tasks import RetryPolicy, Watch, register_tasks, watch_worker
@@ -125,6 +129,7 @@ class Stepped:
             lookup,
             events,
             clock,
+            Routes(sessions, queue_of_definition(lookup), self.queue),
         )
         self.client = Client(
             sessions, self.actors, self.registry, self.core, self.outboxes, lookup, clock
@@ -134,6 +139,8 @@ class Stepped:
             sessions, self.lanes, self.core.entry, self.core.performer, lookup, self.outboxes, clock
         )
         self._register_tasks()
+        self.report = RootReport(self.app, sessions)
+        self._connect_report()
 
     def _register_tasks(self) -> None:
         """The internal tasks, their retry policy, and what a worker checks at start."""
@@ -148,6 +155,16 @@ class Stepped:
         sweep_after = float(conf.get("stepped_outbox_sweep_after") or 60)
         sweep_every = float(conf.get("stepped_outbox_sweep_every") or 30)
         watch_worker(self.app, Watch(self.queue, self.core.sweep, sweep_after, sweep_every))
+
+    def _connect_report(self) -> None:
+        """Report final roots to Celery (``results.RootReport``): completed, short
+        circuited, or whose start message expired."""
+        signals.action_completed.connect(self.report.on_completed, sender=self, weak=False)
+        signals.action_short_circuited.connect(
+            self.report.on_short_circuit, sender=self, weak=False
+        )
+        start_task = self.tasks[TaskName.START]
+        celery_signals.task_revoked.connect(self.report.on_revoked, sender=start_task, weak=False)
 
     def _now(self) -> datetime:
         return self.clock()

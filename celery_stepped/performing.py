@@ -21,6 +21,7 @@ from .actors import ActorRegistry
 from .effects import Delivery, Effects
 from .events import Events, error_record
 from .join import close_step
+from .members import task_member_messages
 from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
 from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
@@ -109,11 +110,17 @@ class Performer:
                 s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
             effects = Effects()
             if timeout is not None:
-                effects.messages.append(timeout_message(action_id, name, timeout))
+                queue = self.queue_of(actor_type, name)
+                effects.messages.append(timeout_message(action_id, name, timeout, queue))
             effects.staged = stage(s, effects.messages, now)
             s.commit()
         self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
         return effects
+
+    def queue_of(self, actor_type: str, name: str) -> str | None:
+        """The action's own queue: its waits, timeout and task reports go there."""
+        queue: str | None = self.lookup(actor_type, name).resolved("action_queue")
+        return queue
 
     @staticmethod
     def _began_before(s: Session, action_id: int, delivery: Delivery) -> Effects | None:
@@ -316,19 +323,22 @@ class Performer:
         if not links and action.current_step_index == step.definition_index:
             action.current_step_index = step.definition_index + 1
         s.flush()
-        return messages + self.member_messages(links)
+        return messages + self.member_messages(links, self.queue_of(action.actor_type, action.name))
 
-    def member_messages(self, links: list[ParentLink]) -> list[Message]:
-        """The chord header of a step: one message per member link."""
+    def member_messages(self, links: list[ParentLink], queue: str | None = None) -> list[Message]:
+        """The chord header of a step: one message per member link (``queue``: the step's
+        action's, for its waits and task reports)."""
         messages = []
         for link in links:
             call = dict(link.call or {})
             if link.kind == LinkKind.WAIT:
-                messages.append(wait_message(link.id, float(call.get("seconds", 0))))
+                messages.append(wait_message(link.id, float(call.get("seconds", 0)), queue))
+                continue
+            if link.kind == LinkKind.TASK:
+                messages.extend(task_member_messages(link.id, call, queue))
                 continue
             start = StartCall(call["actor"], call["name"], call["args"], link.id)
-            queue = self.lookup(start.actor[0], start.name).resolved("action_queue")
-            messages.append(start_message(start, queue))
+            messages.append(start_message(start, self.queue_of(start.actor[0], start.name)))
         return messages
 
     def unclaimed(self, step_id: int, delivery: Delivery) -> list[Message]:

@@ -298,6 +298,7 @@ class Starter:
             if call.link is not None:
                 action.ancestry = ancestry_of(s, call.link)
             action.request_id = call.request
+            action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
             s.add(action)
             try:

@@ -22,6 +22,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
+from .members import send_revoked_errbacks
+from .routing import delivered_from
+
 __all__ = [
     "STORE_ERRORS",
     "TASK_OPTIONS",
@@ -76,6 +79,13 @@ def recovering(task: Task) -> bool:
     return bool(delivery.get("redelivered") or request.retries)
 
 
+def queue_of(task: Task) -> str | None:
+    """The queue this delivery came from (its routing key), if the broker says."""
+    delivery = task.request.delivery_info or {}
+    queue = delivery.get("routing_key")
+    return str(queue) if queue else None
+
+
 def _task(
     app: Celery,
     name: str,
@@ -86,7 +96,7 @@ def _task(
 ) -> Task:
     def run(self: Task, *args: Any) -> None:
         try:
-            with delivering(recovering(self)):
+            with delivering(recovering(self)), delivered_from(queue_of(self)):
                 handler(*args)
         except STORE_ERRORS as exc:
             retries = self.request.retries or 0
@@ -179,3 +189,4 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 celery_signals.worker_ready.connect(_on_worker_ready, weak=False)
 celery_signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+celery_signals.task_revoked.connect(send_revoked_errbacks, weak=False)

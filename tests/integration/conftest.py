@@ -36,6 +36,8 @@ from tests.integration import worker_app
 from tests.isolation import RUN, delete_matching, delete_owned, prefix_pattern
 from tests.models import Car
 
+#: Queues some modules' workers consume besides ``stepped`` and ``celery``.
+EXTRA_QUEUES = ("body",)
 ROOT = Path(__file__).resolve().parents[2]
 #: The Flask example (``examples/flask_app``): ``shop.py`` and ``run.py``.
 SHOP = ROOT / "examples" / "flask_app"
@@ -54,6 +56,7 @@ class Cluster:
         name: str,
         visibility_timeout: float | None = None,
         duplicate: bool = False,
+        backend: bool = False,
     ) -> None:
         self.logs_dir = logs
         self.name = name
@@ -69,6 +72,8 @@ class Cluster:
             self.env[worker_app.ENV_VISIBILITY] = str(visibility_timeout)
         if duplicate:
             self.env[worker_app.ENV_DUPLICATE] = "1"
+        if backend:
+            self.env[worker_app.ENV_BACKEND] = redis_url
         self.app, self.stepped, self.probe = worker_app.build(
             self.env[worker_app.ENV_BROKER],
             self.env[worker_app.ENV_LANES],
@@ -76,6 +81,7 @@ class Cluster:
             self.env[worker_app.ENV_PROBE],
             name,
             duplicate=duplicate,
+            backend_url=self.env.get(worker_app.ENV_BACKEND),
         )
         #: The broker's Redis as the workers see it: every key prefixed like theirs.
         self.broker = PrefixedStrictRedis(
@@ -87,11 +93,11 @@ class Cluster:
 
     # -- workers -------------------------------------------------------------------------
 
-    def start_worker(self, concurrency: int = 2) -> WorkerProcess:
-        """Start one more ``celery worker -Q stepped,celery`` process and wait until ready."""
+    def start_worker(self, concurrency: int = 2, queues: str = "stepped,celery") -> WorkerProcess:
+        """Start one more ``celery worker -Q <queues>`` process and wait until ready."""
         worker = WorkerProcess(
             "tests.integration.worker_app",
-            queues="stepped,celery",
+            queues=queues,
             concurrency=concurrency,
             env=self.env,
             cwd=str(ROOT),
@@ -133,6 +139,8 @@ class Cluster:
                 s.execute(delete(model))
         self.stepped.lanes.clear()
         self.probe.flush()
+        if worker_app.ENV_BACKEND in self.env:
+            redis.Redis.from_url(self.env[worker_app.ENV_BACKEND]).flushdb()
 
     def flush_broker(self) -> None:
         """The broker loses every message (this module's broker keys only)."""
@@ -228,7 +236,7 @@ class Cluster:
         stays unacknowledged while it runs, or while a worker holds it for its ETA)."""
 
         def idle() -> bool:
-            queued = any(self.broker.llen(q) for q in ("stepped", "celery"))
+            queued = any(self.broker.llen(q) for q in ("stepped", "celery", *EXTRA_QUEUES))
             return not queued and not self.broker.hlen("unacked")
 
         self.wait_for("the workers to go idle", idle)
@@ -267,9 +275,11 @@ def make_cluster(
     visibility_timeout: float | None = None,
     duplicate: bool = False,
     env: Mapping[str, str] | None = None,
+    backend: bool = False,
 ) -> Cluster:
     """A module's cluster: a fresh database, Redis keys of its own, then the workers
-    (with ``env`` added to their environment).
+    (with ``env`` added to their environment; ``backend=True``: with a Redis result
+    backend, its keys prefixed ``<name>:backend:``).
 
     ``redis_base`` is unused (the run's Redis database comes from the ``redis_url``
     fixture); it stays for the modules that build their own cluster.
@@ -285,6 +295,7 @@ def make_cluster(
         name,
         visibility_timeout,
         duplicate,
+        backend,
     )
     cluster.env.update(env or {})
 

@@ -80,6 +80,10 @@ def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:
     broker.send = send_or_die  # type: ignore[method-assign]
 
 
+#: A Redis result backend URL (the canvas tests).
+ENV_BACKEND = "STEPPED_TEST_BACKEND_URL"
+
+
 class Probe:
     """Counters and flags in Redis, shared by the test process and every worker.
 
@@ -378,6 +382,151 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
         step.do("store_down")
 
 
+# -- issue 13: stepped actions and plain Celery canvas --------------------------------------
+
+
+def define_canvas(stepped: Stepped, probe: Probe) -> None:
+    """Actions and plain tasks of ``test_canvas.py`` (chains, chords, task members, routing)."""
+    app = stepped.app
+
+    def task(name: str, **options: Any) -> Any:
+        return app.task(name=name, serializer="json", acks_late=True, shared=False, **options)
+
+    canvas_drive = app.stepped_action("canvas_drive", actor=Car, concurrency_key=_key("cd"))
+
+    @canvas_drive.step
+    def canvas_drive_body(step: Any, car: Car, token: str) -> None:
+        append(step, car, f"drive-{token}")
+
+    canvas_fail = app.stepped_action("canvas_fail", actor=Car)
+
+    @canvas_fail.step
+    def canvas_fail_body(step: Any, car: Car) -> None:
+        append(step, car, "fail")
+        step.status = "failed"
+
+    canvas_cancelled = app.stepped_action("canvas_cancelled", actor=Car)
+
+    @canvas_cancelled.before
+    def canvas_cancel(action: Any, car: Car) -> None:
+        action.cancel()
+
+    canvas_outbound = app.stepped_action("canvas_outbound", actor=Car, outbound=True)
+
+    @canvas_outbound.step
+    def canvas_outbound_body(step: Any, car: Car) -> None:
+        append(step, car, "outbound")
+
+    @task("tests.canvas.note")
+    def note(previous: Any, car_id: int, token: str) -> str:
+        with stepped.session() as session:
+            session.execute(
+                update(Car).where(Car.id == car_id).values(log=Car.log + f"{token}-{previous};")
+            )
+        return f"noted-{token}"
+
+    @task("tests.canvas.collect")
+    def collect(results: list[Any]) -> list[Any]:
+        probe.bump("collected")
+        return sorted(results)
+
+    @task("tests.canvas.errback")
+    def errback(task_id: str) -> None:
+        probe.bump(f"errback:{task_id}")
+
+    define_members(stepped, probe, task)
+
+
+def define_members(stepped: Stepped, probe: Probe, task: Any) -> None:
+    """Plain tasks as members of a step's join (``step.task``) and a routed step body."""
+    app = stepped.app
+
+    def note(car_id: int, token: str) -> None:
+        with stepped.session() as session:
+            session.execute(update(Car).where(Car.id == car_id).values(log=Car.log + f"{token};"))
+
+    @task("tests.canvas.mail")
+    def mail(car_id: int, token: str, fail: bool = False) -> str:
+        probe.bump(f"ran:{token}")
+        if fail:
+            raise ValueError(f"{token} bounced")
+        note(car_id, token)
+        return token
+
+    @task("tests.canvas.blocking_member", reject_on_worker_lost=True)
+    def blocking_member(car_id: int, name: str) -> str:
+        probe.bump(f"ran:{name}")
+        probe.block(name)
+        note(car_id, name)
+        return name
+
+    members_three = app.stepped_action("members_three", actor=Car)
+
+    @members_three.step
+    def three_out(step: Any, car: Car) -> None:
+        for i in (1, 2, 3):
+            step.task(mail.s(car.id, f"m{i}", i == 2))
+
+    @members_three.step
+    def three_never(step: Any, car: Car) -> None:
+        append(step, car, "never")
+
+    members_late = app.stepped_action("members_late", actor=Car)
+
+    @members_late.step
+    def late_out(step: Any, car: Car) -> None:
+        step.task(mail.s(car.id, "expired").set(expires="2000-01-01T00:00:00+00:00"))
+        step.task(blocking_member.s(car.id, "slow"), timeout=0.5)
+        step.task(mail.s(car.id, "fine"))
+
+    define_routed(stepped, probe, mail)
+
+    members_redelivered = app.stepped_action("members_redelivered", actor=Car)
+
+    @members_redelivered.step
+    def redelivered_out(step: Any, car: Car) -> None:
+        step.task(blocking_member.s(car.id, "member"))
+        step.task(mail.s(car.id, "quick"))
+
+    @members_redelivered.step
+    def redelivered_after(step: Any, car: Car) -> None:
+        probe.bump("ran:members-after")
+        probe.block("members-after")
+        append(step, car, "after")
+
+
+def define_routed(stepped: Stepped, probe: Probe, mail: Any) -> None:
+    """An action on the ``body`` queue whose members run on the default queues."""
+    app = stepped.app
+    routed = app.stepped_action("routed", actor=Car, queue="body")
+
+    def seen(name: str) -> None:
+        probe.redis.sadd(f"probe:pids:{name}", os.getpid())
+
+    @routed.step
+    def routed_out(step: Any, car: Car) -> None:
+        seen("routed")
+        step.do("routed_child")
+        step.task(mail.s(car.id, "routed-mail"))
+
+    @routed.step
+    def routed_wait(step: Any, car: Car) -> None:
+        seen("routed")
+        step.wait(0.2)
+
+    @routed.step
+    def routed_last(step: Any, car: Car) -> None:
+        seen("routed")
+        append(step, car, "routed-last")
+
+    routed_child = app.stepped_action("routed_child", actor=Car)
+
+    @routed_child.step
+    def routed_child_body(step: Any, car: Car) -> None:
+        seen("routed-child")
+        append(step, car, "child")
+
+
 def _key(prefix: str) -> Any:
     """A concurrency key of its own per argument list, so siblings never share a lane."""
 
@@ -433,6 +582,7 @@ def build(
     name: str,
     visibility_timeout: float | None = None,
     duplicate: bool = False,
+    backend_url: str | None = None,
 ) -> tuple[Celery, Stepped, Probe]:
     """The app, its Stepped instance and the probe, with every test action defined.
 
@@ -441,7 +591,9 @@ def build(
     serializer is pickle and the worker accepts JSON only, so an internal message that
     did not force JSON would be refused (and counted).
     """
-    app = Celery("stepped_integration", broker=broker_url, set_as_current=False)
+    app = Celery(
+        "stepped_integration", broker=broker_url, backend=backend_url, set_as_current=False
+    )
     app.conf.update(
         stepped_outbox_sweep_after=float(os.environ.get("STEPPED_TEST_SWEEP_AFTER", 60)),
         stepped_outbox_sweep_every=float(os.environ.get("STEPPED_TEST_SWEEP_EVERY", 30)),
@@ -461,9 +613,12 @@ def build(
             unacked_restore_throttle=1,
         )
     app.conf.broker_transport_options = transport
+    if backend_url is not None:
+        app.conf.result_backend_transport_options = {"global_keyprefix": f"{name}:backend:"}
     stepped = Stepped(app, database_url=database_url, redis_url=lanes_url, namespace=name)
     probe = Probe(probe_url, f"{name}:probe:")
     define_actions(stepped, probe)
+    define_canvas(stepped, probe)
     connect_probe(stepped, probe)
     if duplicate:
         send_everything_twice(stepped)
@@ -482,6 +637,7 @@ def _from_env() -> Celery | None:
         os.environ[ENV_NAME],
         float(visibility) if visibility else None,
         os.environ.get(ENV_DUPLICATE) == "1",
+        os.environ.get(ENV_BACKEND),
     )
     if os.environ.get(ENV_CRASH):
         crash_before_sending(stepped, probe, os.environ[ENV_CRASH])
