@@ -13,7 +13,6 @@ import contextvars
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ from .models import Action, ParentLink, Step
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
 from .routing import Routes
-from .staging import discard, due
+from .staging import as_redelivery, discard, due, named_by
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
 from .statuses import ActionStatus
 from .superseding import LaneEntry
@@ -126,7 +125,7 @@ class Engine:
         now = self.clock()
         entries = due(self.session_factory, now, older_than)
         self.outboxes.send(
-            [_as_redelivery(message, created, now) for _, message, created in entries]
+            [as_redelivery(message, created, now) for _, message, created in entries]
         )
         discard(self.session_factory, [entry_id for entry_id, _, _ in entries])
         return len(entries)
@@ -222,7 +221,7 @@ class Engine:
         store may still be down, and then this raises too)."""
         error = error_record(exc)
         error["message"] = f"gave up after repeated store errors in {task}: {exc}"
-        action_id, link_id = self._named(task, args)
+        action_id, link_id = named_by(self.session_factory, task, args)
         if link_id is not None:  # a child never created: its parent step counts a failure
             self.drive(report_link(self.session_factory, link_id, "failed", False, self.clock()))
         if action_id is None:
@@ -235,25 +234,6 @@ class Engine:
             )
             s.commit()
         self.complete(action_id, ActionStatus.FAILED.value)
-
-    def _named(self, task: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
-        """``(action id, unclaimed link id)`` that a message is about."""
-        with self.session_factory() as s:
-            if task == TaskName.START:
-                call = StartCall.from_payload(args[0])
-                if call.link is None:
-                    found = select(Action.id).where(Action.request_id == call.request)
-                    return s.scalar(found), None
-                link = s.get(ParentLink, call.link)
-                if link is None or link.action_id is not None:
-                    return (None if link is None else link.action_id), None
-                return None, call.link
-            if task == TaskName.ADVANCE:
-                return s.scalar(select(Step.action_id).where(Step.id == int(args[0]))), None
-            if task == TaskName.WAIT:
-                of_link = select(Step.action_id).join(ParentLink, ParentLink.step_id == Step.id)
-                return s.scalar(of_link.where(ParentLink.id == int(args[0]))), None
-        return (None if args[0] is None else int(args[0])), None
 
     # -- entry points of the internal tasks ----------------------------------------------
 
@@ -404,12 +384,3 @@ class Engine:
         completed, effects = self.completer.complete(action_id, status, self.delivery())
         self.drive(effects)
         return completed
-
-
-def _as_redelivery(message: Message, created: datetime, now: datetime) -> Message:
-    """A swept message: marked as a retry (its first run may have done part of the work),
-    its countdown shortened by the time it already waited."""
-    countdown = message.countdown
-    if countdown is not None:
-        countdown = max(0.0, countdown - (now - created).total_seconds())
-    return replace(message, retries=max(message.retries, 1), countdown=countdown)
