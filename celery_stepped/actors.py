@@ -16,6 +16,7 @@ from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, Session
 
 from .errors import ActorNotFound, ConfigurationError
+from .models import Base as SteppedBase
 
 __all__ = ["REF", "ActorRegistry", "ActorType", "is_reference"]
 
@@ -49,11 +50,12 @@ def _mapper_of(cls: type) -> Mapper[Any] | None:
 
 
 def _all_mapped_classes() -> list[type]:
+    """Every mapped class of the app: Stepped's own records are never actors."""
     from sqlalchemy.orm import mapperlib
 
     classes: list[type] = []
     for reg in list(mapperlib._all_registries()):
-        classes.extend(m.class_ for m in reg.mappers)
+        classes.extend(m.class_ for m in reg.mappers if not issubclass(m.class_, SteppedBase))
     return classes
 
 
@@ -79,6 +81,7 @@ class ActorRegistry:
         self._session_factory = session_factory
         self._by_class: dict[type, ActorType] = {}
         self._by_name: dict[str, ActorType] = {}
+        self._resolved: dict[str, ActorType] = {}
 
     def register(
         self,
@@ -92,6 +95,7 @@ class ActorRegistry:
         if not callable(identify) or not callable(load):
             raise TypeError("register_actor needs callables identify(obj) and load(identity)")
         actor_type = ActorType(cls, type_name or cls.__name__, identify, load)
+        self._resolved.clear()
         self._by_class[cls] = actor_type
         self._by_name[actor_type.type_name] = actor_type
         return actor_type
@@ -102,7 +106,7 @@ class ActorRegistry:
         for klass in cls.__mro__:
             if klass in self._by_class:
                 return self._by_class[klass]
-        if _mapper_of(cls) is not None:
+        if _mapper_of(cls) is not None and not issubclass(cls, SteppedBase):
             mapped = ActorType(cls, cls.__name__, _mapped_identity, None)
             self._check_unique_name(mapped)
             return mapped
@@ -116,7 +120,9 @@ class ActorRegistry:
         if isinstance(obj, type) or obj is None:
             return False
         cls = type(obj)
-        return any(k in self._by_class for k in cls.__mro__) or _mapper_of(cls) is not None
+        if any(k in self._by_class for k in cls.__mro__):
+            return True
+        return _mapper_of(cls) is not None and not issubclass(cls, SteppedBase)
 
     def _check_unique_name(self, actor_type: ActorType) -> None:
         if actor_type.type_name in self._by_name:
@@ -130,9 +136,15 @@ class ActorRegistry:
             )
 
     def resolve(self, type_name: str) -> ActorType:
-        """The actor type registered or mapped under ``type_name``."""
+        """The actor type registered or mapped under ``type_name`` (cached)."""
         if type_name in self._by_name:
             return self._by_name[type_name]
+        found = self._resolved.get(type_name)
+        if found is None:
+            found = self._resolved[type_name] = self._resolve_mapped(type_name)
+        return found
+
+    def _resolve_mapped(self, type_name: str) -> ActorType:
         matches = [
             c
             for c in _all_mapped_classes()

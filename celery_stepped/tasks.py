@@ -156,6 +156,18 @@ def _check_queues(app: Celery, queue: str) -> None:
         )
 
 
+def _check_content(app: Celery) -> None:
+    """Pickle lets a forged message run code in any task, Stepped's included."""
+    accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
+    if accepted & {"pickle", "application/x-python-serialize"}:
+        logger.warning(
+            "this worker accepts pickle (accept_content=%s): anyone who can write to the "
+            "broker can run code in it. Stepped sends JSON only; accept ['json'] unless "
+            "another task needs pickle (see the README's security section)",
+            sorted(accepted),
+        )
+
+
 def _sweep(watch: Watch) -> None:
     try:
         sent = watch.sweep(watch.sweep_after)
@@ -178,6 +190,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     if app is None or watch is None:
         return
     _check_queues(app, watch.queue)
+    _check_content(app)
     name = "stepped-outbox-sweep"
     threading.Thread(target=_sweep_forever, args=(watch,), name=name, daemon=True).start()
 
