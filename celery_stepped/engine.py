@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from .completing import Completer
 from .effects import Delivery, Effects
-from .events import Events, error_record
+from .events import Events, error_record, logger
 from .join import counted_steps_of_performing, report_link
 from .members import task_outcome
 from .messages import (
@@ -39,7 +39,7 @@ from .performing import Performer
 from .routing import Routes
 from .staging import as_redelivery, discard, due, named_by
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
-from .statuses import ActionStatus
+from .statuses import ActionStatus, LinkKind
 from .superseding import LaneEntry
 
 if TYPE_CHECKING:
@@ -343,16 +343,23 @@ class Engine:
 
     def finish_wait(self, link_id: int) -> None:
         """``stepped.wait``: a timed wait elapsed."""
-        reported = report_link(self.session_factory, int(link_id), "succeeded", True, self.clock())
-        self.drive(reported if reported.ready_steps else self._follow_link(int(link_id)))
+        self._report_member(int(link_id), LinkKind.WAIT, ActionStatus.SUCCEEDED.value)
 
     def finish_member(self, link_id: int, outcome: str) -> None:
         """``stepped.member``: a plain task member ended (or its timeout elapsed first)."""
+        self._report_member(int(link_id), LinkKind.TASK, outcome)
+
+    def _report_member(self, link_id: int, kind: LinkKind, outcome: str) -> None:
+        """Count a wait's or a task's outcome, once; a message naming a link of another
+        kind (a forged or misrouted one) is ignored with a log line."""
+        with self.session_factory() as s:
+            found = s.scalar(select(ParentLink.kind).where(ParentLink.id == link_id))
+        if found != kind:
+            logger.warning("%s member %s: no such link (it is %s): ignored", kind, link_id, found)
+            return
         successful = outcome == ActionStatus.SUCCEEDED.value
-        reported = report_link(
-            self.session_factory, int(link_id), outcome, successful, self.clock()
-        )
-        self.drive(reported if reported.ready_steps else self._follow_link(int(link_id)))
+        reported = report_link(self.session_factory, link_id, outcome, successful, self.clock())
+        self.drive(reported if reported.ready_steps else self._follow_link(link_id))
 
     def fire_timeout(self, action_id: int) -> bool:
         """``stepped.timeout``: time the action out if it still performs past its limit."""

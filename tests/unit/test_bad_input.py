@@ -40,3 +40,45 @@ def test_a_worker_that_accepts_pickle_is_warned(caplog: pytest.LogCaptureFixture
 def test_a_timeout_must_be_positive(stepped: Stepped, timeout: float) -> None:
     with pytest.raises(ValueError, match="more than 0 seconds"):
         stepped.app.stepped_action("late", actor=Car, timeout=timeout)
+
+
+def test_a_forged_wait_naming_a_child_actions_link_is_ignored(
+    stepped: Stepped, car: Car, caplog: pytest.LogCaptureFixture
+) -> None:
+    from typing import Any
+
+    from celery_stepped.messages import wait_message
+    from celery_stepped.testing import perform_stepped_actions
+
+    app = stepped.app
+
+    @app.stepped_action(outbound=True)
+    def approve(car: Car) -> None:
+        pass
+
+    @app.stepped_action
+    def service(step: Any, car: Car) -> None:
+        step.do(approve)
+
+    with stepped.capture():
+        root = service.now(car)
+        perform_stepped_actions(stepped)  # approve performs, waiting to be completed
+        (step,) = stepped.get_action(root.id).steps
+        (child,) = step.actions
+        link_id = _link_of(stepped, step.id)
+        stepped.core.run_message(wait_message(link_id, 0))  # forged: not a wait
+        assert stepped.get_action(root.id).steps[0].pending_actions_count == 1
+        assert stepped.get_action(child.id).status == "performing"
+        assert any("ignored" in r.getMessage() for r in caplog.records)
+        stepped.complete(child.id)
+        perform_stepped_actions(stepped)
+    assert stepped.get_action(root.id).status == "succeeded"
+
+
+def _link_of(stepped: Stepped, step_id: int) -> int:
+    from sqlalchemy import select
+
+    from celery_stepped.models import ParentLink
+
+    with stepped.session() as s:
+        return int(s.scalar(select(ParentLink.id).where(ParentLink.step_id == step_id)))
