@@ -143,3 +143,11 @@ def test_completing_an_unknown_action_says_so(stepped: Stepped) -> None:
         stepped.complete(999999)
     with pytest.raises(ValueError, match="status must be one of"):
         stepped.complete(1, "exploded")
+
+
+@pytest.mark.parametrize("key", [5, 2.5, {"lane": 1}, ["a", None], True])
+def test_keys_of_the_wrong_type_are_refused_at_definition(stepped: Stepped, key: object) -> None:
+    with pytest.raises(TypeError, match="concurrency_key takes a string"):
+        stepped.app.stepped_action("wash", actor=Car, concurrency_key=key)
+    with pytest.raises(TypeError, match="checksum_key takes a string"):
+        stepped.app.stepped_action("dry", actor=Car, checksum_key=key)
