@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
 from .effects import Delivery, Effects
-from .events import Events, Facts
+from .errors import ActorNotFound
+from .events import Events, Facts, logger
 from .join import changed, counted_steps_of_performing, report_parents
 from .lanes import Lanes
 from .messages import Message, advance_message, insurance_message
@@ -100,8 +101,13 @@ class Completer:
             return 0
         action = s.get_one(Action, action_id)
         action._load_actor = self.actors.load_ref
-        actor = self.actors.load_ref(action.actor_type, action.actor_id, s)
-        args = self.actors.load(action.arguments, s)
+        try:
+            actor = self.actors.load_ref(action.actor_type, action.actor_id, s)
+            args = self.actors.load(action.arguments, s)
+        except ActorNotFound as gone:  # nothing to call them on: they count as failed
+            logger.warning("action #%s: %s: its after callbacks did not run", action_id, gone)
+            action.after_callbacks_failed_count = len(callbacks)
+            return len(callbacks)
         failed = 0
         for callback in callbacks:
             savepoint = s.begin_nested()

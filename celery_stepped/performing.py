@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
 from .effects import Delivery, Effects
-from .events import Events, error_record
+from .errors import ActorNotFound
+from .events import Events, error_record, logger
 from .join import close_step
 from .members import task_member_messages
 from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
@@ -255,9 +256,15 @@ class Performer:
     def _run_body(
         self, s: Session, action: Action, index: int, body: Callable[..., Any]
     ) -> StepContext | dict[str, Any]:
-        """The body's run: its context, or the error record of a handled exception."""
-        actor = self.actors.load_ref(action.actor_type, action.actor_id, s)
-        args = self.actors.load(action.arguments, s)
+        """The body's run: its context, or the error record of a handled exception (or
+        of an actor that no longer exists: the step fails whatever is handled)."""
+        try:
+            actor = self.actors.load_ref(action.actor_type, action.actor_id, s)
+            args = self.actors.load(action.arguments, s)
+        except ActorNotFound as gone:
+            s.rollback()
+            logger.warning("action #%s %s: %s: it fails", action.id, action.name, gone)
+            return error_record(gone)
         context = StepContext(s, action, actor, self.actors.dump, self.actors.identify, self.check)
         try:
             body(context, actor, *args)

@@ -151,3 +151,44 @@ def test_keys_of_the_wrong_type_are_refused_at_definition(stepped: Stepped, key:
         stepped.app.stepped_action("wash", actor=Car, concurrency_key=key)
     with pytest.raises(TypeError, match="checksum_key takes a string"):
         stepped.app.stepped_action("dry", actor=Car, checksum_key=key)
+
+
+def test_an_actor_deleted_while_its_action_waits_fails_it_and_frees_the_lane(
+    stepped: Stepped, car: Car
+) -> None:
+    from typing import Any
+
+    from sqlalchemy import delete
+
+    from celery_stepped.testing import perform_stepped_actions
+    from tests.conftest import make_car
+
+    app = stepped.app
+    other = make_car(stepped)
+
+    @app.stepped_action(outbound=True, concurrency_key="booth")
+    def hold(car: Car) -> None:
+        pass
+
+    @app.stepped_action(concurrency_key="booth")
+    def paint(car: Car) -> None:
+        car.honk()
+
+    @paint.failed
+    def note(action: Any, car: Car) -> None:
+        car.note("failed")
+
+    with stepped.capture():
+        held = hold.now(other)
+        queued = paint.now(car)  # waits behind the hold
+        with stepped.session() as s:
+            s.execute(delete(Car).where(Car.id == car.id))  # the actor is gone
+        stepped.complete(held.id)
+        perform_stepped_actions(stepped)
+    done = stepped.get_action(queued.id)
+    assert done.status == "failed"
+    (step,) = done.steps
+    assert step.error is not None and step.error["type"] == "ActorNotFound"
+    assert f"Car/{car.id} does not exist" in step.error["message"]
+    assert done.after_callbacks_failed_count == 1  # nothing to call it on
+    assert stepped.lanes.get("booth") is None  # the lane moved on
