@@ -29,7 +29,7 @@ from .step import Step as StepContext
 if TYPE_CHECKING:
     from .definition import SteppedAction
 
-__all__ = ["Performer"]
+__all__ = ["Performer", "ran_every_step"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
@@ -147,10 +147,8 @@ class Performer:
             if at is None or at.action_status != PERFORMING:
                 return _recover_final(action_id, at, delivery)
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
-            if at.step_index >= len(bodies):
-                return _after_last_step(action_id, at.outbound)
             if at.step_id is None:
-                return self._run_from(action_id, at, bodies)
+                return self._run_from(action_id, at.step_index, at.outbound, bodies)
             if at.step_status == StepStatus.PERFORMING.value:
                 if at.pending:
                     return Effects(messages=self.unclaimed(at.step_id, delivery))
@@ -158,11 +156,17 @@ class Performer:
                 continue
             if at.step_status == StepStatus.FAILED.value:
                 return Effects(complete=[(action_id, ActionStatus.FAILED.value)])
-            self._bump(action_id, at.step_index)
+            # The step at the index succeeded: the next one runs (and takes the index).
+            return self._run_from(action_id, at.step_index + 1, at.outbound, bodies)
 
-    def _run_from(self, action_id: int, at: Position, bodies: list[Any]) -> Effects:
-        """Run bodies from ``at.step_index`` on while each closes at once."""
-        index, effects = at.step_index, Effects()
+    def _run_from(self, action_id: int, index: int, outbound: bool, bodies: list[Any]) -> Effects:
+        """Run bodies from ``index`` on while each closes at once.
+
+        ``current_step_index`` moves to a step in the transaction that writes its row,
+        so it stays at the last step that ran (an index past the last step, left by
+        earlier versions, just finds no body to run).
+        """
+        effects = Effects()
         while index < len(bodies):
             ran = self.perform_step(action_id, index, bodies[index], effects)
             if ran.outcome != "done":
@@ -171,7 +175,7 @@ class Performer:
                 effects.complete.append((action_id, ActionStatus.FAILED.value))
                 return effects
             index += 1
-        return effects.add(_after_last_step(action_id, at.outbound))
+        return effects.add(_after_last_step(action_id, outbound))
 
     def close(self, step_id: int) -> None:
         """Close a step whose members all reported (once)."""
@@ -180,15 +184,6 @@ class Performer:
             s.commit()
         if status is not None:
             self.events.step_completed(step_id, status)
-
-    def _bump(self, action_id: int, index: int) -> None:
-        with self.session_factory() as s:
-            s.execute(
-                update(Action)
-                .where(Action.id == action_id, Action.current_step_index == index)
-                .values(current_step_index=index + 1, updated_at=self.clock())
-            )
-            s.commit()
 
     def perform_step(
         self, action_id: int, index: int, body: Callable[..., Any], effects: Effects
@@ -210,6 +205,7 @@ class Performer:
                 return self._failed_step(action_id, index, started, context)
             step = _new_step(action_id, index, started, context, self.clock())
             s.add(step)
+            action.current_step_index = max(action.current_step_index, index)
             try:
                 s.flush()
             except IntegrityError:
@@ -256,6 +252,8 @@ class Performer:
             )
             s.add(step)
             try:
+                s.flush()
+                s.execute(_move_index(action_id, index))
                 s.commit()
             except IntegrityError:
                 s.rollback()
@@ -284,8 +282,6 @@ class Performer:
             for intent in context.members
         ]
         s.add_all(links)
-        if not links and action.current_step_index == step.definition_index:
-            action.current_step_index = step.definition_index + 1
         s.flush()
         return messages + self.member_messages(links)
 
@@ -340,6 +336,15 @@ def _new_step(
     )
 
 
+def _move_index(action_id: int, index: int) -> Any:
+    """UPDATE moving ``current_step_index`` on to the step at ``index`` (never back)."""
+    return (
+        update(Action)
+        .where(Action.id == action_id, Action.current_step_index < index)
+        .values(current_step_index=index)
+    )
+
+
 def _after_last_step(action_id: int, outbound: bool) -> Effects:
     """Every step done: a non-outbound action succeeds, an outbound one waits."""
     if outbound:
@@ -353,3 +358,15 @@ def _recover_final(action_id: int, at: Position | None, delivery: Delivery) -> E
     if at is None or not ActionStatus(at.action_status).is_final or not delivery.recovering:
         return Effects()
     return Effects(finished=[action_id])
+
+
+def ran_every_step(s: Session, action_id: int, index: int, step_count: int) -> bool:
+    """True when the action's steps all ran and succeeded: the step at its
+    ``current_step_index`` is the last one and closed as succeeded (an index past the
+    last step, left by earlier versions, counts as done too)."""
+    if index != step_count - 1:
+        return index >= step_count
+    status = s.scalar(
+        select(Step.status).where(Step.action_id == action_id, Step.definition_index == index)
+    )
+    return status == StepStatus.SUCCEEDED.value

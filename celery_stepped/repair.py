@@ -37,7 +37,7 @@ from .lanes import Lanes
 from .messages import Message, advance_message, resume_message, timeout_message, wait_message
 from .models import Action, ParentLink, Step
 from .outbox import Outboxes
-from .performing import Performer
+from .performing import Performer, ran_every_step
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .superseding import LaneEntry
 
@@ -288,7 +288,7 @@ class Repair:
         except SteppedError as exc:
             report.problems.append(f"action {action.id} ({action.name}): {exc}")
             return None
-        if index >= count:
+        if ran_every_step(s, action.id, index, count):
             return None if action.outbound else "every step done, the action never completed"
         step = s.scalar(
             select(Step).where(Step.action_id == action.id, Step.definition_index == index)

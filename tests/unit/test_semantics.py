@@ -1,0 +1,108 @@
+"""Semantics that follow the Ruby engine Stepped Actions (issue 11).
+
+Each test says whether it keeps Stepped's choice or where celery_stepped differs.
+"""
+
+from __future__ import annotations
+
+from celery_stepped import Step, Stepped, StepStatus
+from celery_stepped.models import Action
+from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
+from tests.models import Car
+
+# -- 1. current_step_index ------------------------------------------------------------------
+
+
+def test_current_step_index_stays_at_the_last_step_performed(stepped: Stepped, car: Car) -> None:
+    """As in Stepped: the index of the step performing, or of the last one that ran;
+    never past the last step (a one-step action ends at 0)."""
+    app = stepped.app
+    honk = app.stepped_action("honk", actor=Car)
+    trip = app.stepped_action("trip", actor=Car)
+
+    @trip.step
+    def leave(step: Step, car: Car) -> None:
+        car.note("left")
+
+    @trip.step
+    def arrive(step: Step, car: Car) -> None:
+        step.do("honk")
+
+    with stepped.capture():
+        one = honk.now(car)
+        assert (one.status, one.current_step_index) == ("succeeded", 0)
+        root = trip.now(car)
+        assert (root.status, root.current_step_index) == ("performing", 1)
+        perform_stepped_actions(stepped)
+    done = stepped.get_action(root.id)
+    assert (done.status, done.current_step_index) == ("succeeded", 1)
+    assert [s.definition_index for s in done.steps] == [0, 1]
+
+
+def test_a_failed_step_keeps_its_index(stepped: Stepped, car: Car) -> None:
+    """As in Stepped: the action fails at the step that failed; later steps never run."""
+    wreck = stepped.app.stepped_action("wreck", actor=Car)
+
+    @wreck.step
+    def crash(step: Step, car: Car) -> None:
+        raise ValueError("crash")
+
+    @wreck.step
+    def never(step: Step, car: Car) -> None:
+        car.note("never")
+
+    with stepped.capture(), handle_stepped_action_exceptions(stepped):
+        action = wreck.now(car)
+    assert (action.status, action.current_step_index) == ("failed", 0)
+    assert [(s.definition_index, s.status) for s in action.steps] == [(0, "failed")]
+
+
+def test_an_outbound_action_is_ready_once_its_last_step_closed(stepped: Stepped, car: Car) -> None:
+    """The readers of the index (perform_stepped_actions, repair) recognise a closed
+    last step: the outbound action is offered for completion only then, and repair
+    sees nothing stalled."""
+    charge = stepped.app.stepped_action("charge", actor=Car, outbound=True)
+    stepped.app.stepped_action("honk", actor=Car)
+
+    @charge.step
+    def ask(step: Step, car: Car) -> None:
+        car.note("asked")
+
+    @charge.step
+    def remind(step: Step, car: Car) -> None:
+        step.do("honk")
+
+    offered: list[list[tuple[int, str]]] = []
+
+    def complete(action: Action) -> str:
+        steps = stepped.get_action(action.id).steps
+        offered.append([(s.definition_index, s.status) for s in steps])
+        assert stepped.repair().lines == []  # waiting to be completed is not stalled
+        return "succeeded"
+
+    with stepped.capture():
+        action = charge.now(car)
+        assert (action.status, action.current_step_index) == ("performing", 1)
+        perform_stepped_actions(stepped, complete_outbound=complete)
+    assert offered == [[(0, "succeeded"), (1, "succeeded")]]
+    done = stepped.get_action(action.id)
+    assert (done.status, done.current_step_index) == ("succeeded", 1)
+
+
+def test_repair_finds_a_performing_action_whose_last_step_closed(
+    stepped: Stepped, car: Car
+) -> None:
+    """A non-outbound action whose last step closed but that never completed (a crash
+    between the two) is recognised as done at its index, and resumed to completion."""
+    honk = stepped.app.stepped_action("honk", actor=Car)
+    with stepped.capture():
+        action = honk.now(car)
+        with stepped.session() as session:
+            session.get_one(Action, action.id).status = "performing"
+        report = stepped.repair(apply=True)
+        assert [r.reason for r in report.resends] == [
+            "honk: every step done, the action never completed"
+        ]
+        perform_stepped_actions(stepped)
+    assert stepped.get_action(action.id).status == "succeeded"
+    assert [s.status for s in stepped.get_action(action.id).steps] == [StepStatus.SUCCEEDED]
