@@ -24,6 +24,7 @@ from .effects import Delivery, Effects
 from .events import Events
 from .join import counted_steps_of_performing, finish_link
 from .messages import (
+    CompleteCall,
     Message,
     MessageKind,
     StartCall,
@@ -33,6 +34,7 @@ from .messages import (
     timeout_message,
 )
 from .models import Action, ParentLink, Step
+from .outbound import performing_outbound
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
@@ -283,10 +285,20 @@ class Engine:
         self.complete(int(action_id), ActionStatus.TIMED_OUT.value)
         return True
 
-    def complete_message(self, action_id: int | None, status: str) -> None:
-        """``stepped.complete``: the message of ``complete_later``."""
-        if action_id is not None:
-            self.complete(int(action_id), status)
+    def complete_message(self, *args: Any) -> None:
+        """``stepped.complete``: the message of ``complete_later``. It completes the
+        outbound action performing now (earlier versions' messages name an action id)."""
+        call = CompleteCall.from_args(args)
+        action_id = call.action_id
+        if call.actor is not None and call.name is not None:
+            with self.session_factory() as s:
+                actor_type, actor_id = call.actor
+                found = s.scalar(performing_outbound(actor_type, actor_id, call.name))
+                action_id = None if found is None else found.id
+        if action_id is None:
+            self.events.nothing_to_complete(call.name, call.actor, call.status)
+            return
+        self.complete(action_id, call.status)
 
     def complete(self, action_id: int, status: str) -> bool:
         """Complete an open action from outside; True when this call completed it."""

@@ -47,6 +47,16 @@ class Events:
         logger.info("action #%s: -> %s", action_id, status)
         signals.action_completed.send(sender=self.sender, action_id=action_id, status=status)
 
+    def nothing_to_complete(self, name: str | None, actor: list[str] | None, status: str) -> None:
+        """A ``stepped.complete`` message found no performing outbound action."""
+        target = "/".join(actor or []) or "?"
+        logger.info(
+            "stepped.complete: no performing outbound action %s on %s, %s not applied",
+            name,
+            target,
+            status,
+        )
+
     def step_started(self, action_id: int, index: int) -> None:
         """A step body committed (``index`` is the 0-based definition index)."""
         logger.debug("action #%s: step %s started", action_id, index + 1)

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import uuid4
 
 __all__ = [
+    "CompleteCall",
     "Message",
     "MessageKind",
     "StartCall",
@@ -171,13 +172,42 @@ def timeout_message(action_id: int, name: str, countdown: float) -> Message:
     )
 
 
-def complete_message(action_id: int, status: str, name: str, actor: list[str]) -> Message:
-    """``stepped.complete``: complete an action from outside (``complete_later``)."""
+@dataclass
+class CompleteCall:
+    """What a ``stepped.complete`` message carries.
+
+    ``complete_later`` names the actor and the action: the performing outbound action
+    is looked up when the message runs. Messages of earlier versions carry
+    ``[action_id, status]`` instead (``action_id`` set, ``actor`` and ``name`` None).
+    """
+
+    status: str
+    actor: list[str] | None = None
+    name: str | None = None
+    action_id: int | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON payload of the ``stepped.complete`` message."""
+        return {"actor": self.actor, "name": self.name, "status": self.status}
+
+    @classmethod
+    def from_args(cls, args: tuple[Any, ...] | list[Any]) -> CompleteCall:
+        """Rebuild the call from a message's args (either form)."""
+        if len(args) == 1 and isinstance(args[0], dict):
+            payload = args[0]
+            return cls(str(payload["status"]), list(payload["actor"]), str(payload["name"]))
+        action_id, status = args
+        return cls(str(status), action_id=None if action_id is None else int(action_id))
+
+
+def complete_message(status: str, name: str, actor: list[str]) -> Message:
+    """``stepped.complete``: complete the performing outbound action ``name`` on
+    ``actor``, found when the message runs (``complete_later``)."""
     return Message(
         MessageKind.COMPLETE,
         name,
         TaskName.COMPLETE,
-        [action_id, status],
+        [CompleteCall(status, actor, name).payload()],
         display_args=[status],
         actor=actor,
     )

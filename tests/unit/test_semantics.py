@@ -5,9 +5,16 @@ Each test says whether it keeps Stepped's choice or where celery_stepped differs
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import pytest
+from celery.result import AsyncResult
+
 from celery_stepped import Step, Stepped, StepStatus
 from celery_stepped.models import Action
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
+from tests.conftest import load_car, stored_actions
 from tests.models import Car
 
 # -- 1. current_step_index ------------------------------------------------------------------
@@ -106,3 +113,68 @@ def test_repair_finds_a_performing_action_whose_last_step_closed(
         perform_stepped_actions(stepped)
     assert stepped.get_action(action.id).status == "succeeded"
     assert [s.status for s in stepped.get_action(action.id).steps] == [StepStatus.SUCCEEDED]
+
+
+# -- 6. complete_later resolves the action when its message runs ---------------------------
+
+
+def define_charge(stepped: Stepped) -> Any:
+    charge = stepped.app.stepped_action("charge", actor=Car, outbound=True)
+
+    @charge.step
+    def ask(step: Step, car: Car) -> None:
+        car.note("asked")
+
+    return charge
+
+
+def test_complete_later_finds_the_action_performing_when_its_message_runs(
+    stepped: Stepped, car: Car
+) -> None:
+    """As in Stepped (whose complete_later job looks the action up when it performs):
+    ``charge.later(car); charge.complete_later(car)`` completes the charge even though
+    it was not performing when complete_later was called."""
+    charge = define_charge(stepped)
+    with stepped.capture() as jobs:
+        charge.later(car)
+        result = charge.complete_later(car, status="failed")
+        assert isinstance(result, AsyncResult)
+        assert stored_actions(stepped, "charge") == []  # nothing started yet
+        assert [(j.kind, j.name, j.args) for j in jobs.enqueued] == [
+            ("action", "charge", []),
+            ("complete", "charge", ["failed"]),
+        ]
+        perform_stepped_actions(stepped)
+    (action,) = stored_actions(stepped, "charge")
+    assert action.status == "failed"
+    assert load_car(stepped, car.id).log == "asked;"
+    assert stepped.lanes.count() == 0
+
+
+def test_complete_later_with_nothing_performing_then_is_a_logged_no_op(
+    stepped: Stepped, car: Car, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API's "no such action: a no-op" is decided when the message runs: the call
+    returns its AsyncResult, the message changes nothing and says so in the log."""
+    charge = define_charge(stepped)
+    with stepped.capture():
+        first = charge.now(car)
+        assert charge.complete_later(car) is not None
+        stepped.complete(first.id, "cancelled")  # gone before the message runs
+        with caplog.at_level(logging.INFO, logger="celery_stepped"):
+            perform_stepped_actions(stepped)
+    assert stepped.get_action(first.id).status == "cancelled"
+    assert f"no performing outbound action charge on Car/{car.id}" in caplog.text
+
+
+def test_complete_messages_of_earlier_versions_name_the_action(stepped: Stepped, car: Car) -> None:
+    """``stepped.complete`` still accepts ``[action_id, status]`` (messages already
+    queued when a worker is upgraded)."""
+    charge = define_charge(stepped)
+    with stepped.capture():
+        action = charge.now(car)
+        stepped.app.tasks["stepped.complete"].apply(args=[action.id, "cancelled"])
+        perform_stepped_actions(stepped)
+        stepped.app.tasks["stepped.complete"].apply(args=[None, "failed"])  # a no-op
+    assert stepped.get_action(action.id).status == "cancelled"
+    assert stepped.lanes.count() == 0
