@@ -93,11 +93,34 @@ class Definer:
         job = options.get("job")
         if job is not None and not hasattr(job, "apply_async"):
             raise TypeError("job= takes a Celery task")
+        definition = self._build(name, actor, options)
+        self.registry.add(definition)
+        self._register_task(definition)
+        return definition
+
+    def implicit(self, actor_class: type, name: str) -> SteppedAction[Any]:
+        """The implicit definition of ``name`` for ``actor_class`` (the registry caches
+        it): one generated step calling the actor's method ``name``."""
+        definition = self._build(name, actor_class, {})
+        definition.implicit = True
+        self._register_task(definition)
+        return definition
+
+    def _build(self, name: str, actor: type | None, options: dict[str, Any]) -> SteppedAction[Any]:
         cls = type(f"SteppedAction_{name}", (SteppedAction,), {"__module__": __name__})
         definition: SteppedAction[Any] = cls(
             self.runner, self.registry, name, actor=actor, **options
         )
-        self.registry.add(definition)
-        if definition.name not in self.app.tasks:
-            self.app.register_task(definition)
         return definition
+
+    def _register_task(self, definition: SteppedAction[Any]) -> None:
+        """The Celery task of the name: the first definition of it, unless that was an
+        implicit one and this one is declared (calls dispatch by name either way)."""
+        existing = self.app.tasks.get(definition.name)
+        if existing is not None and getattr(existing, "implicit", False):
+            if definition.implicit:
+                return
+            self.app.tasks.unregister(definition.name)
+            existing = None
+        if existing is None:
+            self.app.register_task(definition)

@@ -134,6 +134,8 @@ class SteppedAction(Task, Generic[P]):
         self.checksum_fn = checksum
         self.action_queue = queue
         self.parent = parent
+        #: True for an implicit definition (a method of the actor, no declared action).
+        self.implicit = False
         self._steps: list[StepFn] = []
         self._prepended: list[StepFn] = []
         self._before: list[StepFn] = []

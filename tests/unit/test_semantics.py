@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from celery_stepped import Step, Stepped, StepStatus
+from celery_stepped import Step, Stepped, StepStatus, UnknownAction
 from celery_stepped.models import Action
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
-from tests.conftest import load_car, stored_actions
-from tests.models import Car
+from tests.conftest import load_car, make_car, stored_actions
+from tests.models import Car, SportsCar
 
 # -- 1. current_step_index ------------------------------------------------------------------
 
@@ -178,3 +178,80 @@ def test_complete_messages_of_earlier_versions_name_the_action(stepped: Stepped,
         stepped.app.tasks["stepped.complete"].apply(args=[None, "failed"])  # a no-op
     assert stepped.get_action(action.id).status == "cancelled"
     assert stepped.lanes.count() == 0
+
+
+# -- 7. implicit actions: a method of the actor ---------------------------------------------
+
+
+def test_step_do_with_a_method_name_runs_an_implicit_one_step_action(
+    stepped: Stepped, car: Car
+) -> None:
+    """As in Stepped's registry: ``step.do("honk")`` with no declared ``honk`` runs
+    ``car.honk()`` as a one-step child action; ``step.do`` of a name that is neither
+    still raises UnknownAction at once, inside the body."""
+    trip = stepped.app.stepped_action("trip", actor=Car)
+    refused: list[BaseException] = []
+
+    @trip.step
+    def leave(step: Step, car: Car) -> None:
+        step.do("honk")
+        step.on([car, None], "note", "waved")
+        try:
+            step.do("fly")
+        except UnknownAction as exc:
+            refused.append(exc)
+
+    with stepped.capture():
+        root = trip.now(car)
+        perform_stepped_actions(stepped)
+    assert stepped.get_action(root.id).status == "succeeded"
+    assert [(a.name, a.status, a.current_step_index) for a in stored_actions(stepped)[1:]] == [
+        ("honk", "succeeded", 0),
+        ("note", "succeeded", 0),
+    ]
+    stored = load_car(stepped, car.id)
+    assert (stored.honks, stored.log) == (1, "waved;")
+    assert len(refused) == 1 and "fly" in str(refused[0])
+
+
+def test_a_name_dispatches_to_the_implicit_action_of_an_actor_without_one(
+    stepped: Stepped, car: Car
+) -> None:
+    """``honk.now(car)`` dispatches by name: with ``honk`` declared for SportsCar only,
+    a plain Car runs its own ``honk`` method; a name that is neither raises."""
+    sports_honk = stepped.app.stepped_action("honk", actor=SportsCar)
+
+    @sports_honk.step
+    def loud(step: Step, car: Car) -> None:
+        car.note("loud")
+
+    with stepped.capture():
+        action = sports_honk.now(car)
+        assert (action.status, action.name) == ("succeeded", "honk")
+        sports = make_car(stepped, SportsCar)
+        sports_honk.now(sports)
+        with pytest.raises(UnknownAction):
+            stepped.client.start_now("fly", car, [])
+    assert load_car(stepped, car.id).honks == 1
+    assert (load_car(stepped, sports.id).honks, load_car(stepped, sports.id).log) == (0, "loud;")
+
+
+def test_an_implicit_action_never_shadows_a_later_declared_one(stepped: Stepped, car: Car) -> None:
+    """The implicit definition is cached on first lookup; declaring the name later
+    wins, for lookups and for the Celery task of that name."""
+    implicit = stepped.registry.find(Car, "honk")
+    assert implicit.implicit and stepped.registry.find(Car, "honk") is implicit
+    assert stepped.app.tasks["stepped.action.honk"] is implicit
+    with stepped.capture():
+        implicit.now(car)
+        declared = stepped.app.stepped_action("honk", actor=Car)
+
+        @declared.step
+        def twice(step: Step, car: Car) -> None:
+            car.honk()
+            car.honk()
+
+        assert stepped.registry.find(Car, "honk") is declared
+        assert stepped.app.tasks["stepped.action.honk"] is declared
+        implicit.now(car)  # dispatches by name: the declared definition runs
+    assert load_car(stepped, car.id).honks == 3
