@@ -46,6 +46,8 @@ class Position(NamedTuple):
     step_id: int | None
     step_status: str | None
     pending: int | None
+    #: True while the step waits on members (its ``completed_at`` is not set).
+    step_open: bool | None
 
 
 class Ran(NamedTuple):
@@ -130,6 +132,7 @@ class Performer:
                     Step.id,
                     Step.status,
                     Step.pending_actions_count,
+                    Step.completed_at.is_(None),
                 )
                 .outerjoin(
                     Step,
@@ -149,7 +152,7 @@ class Performer:
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
             if at.step_id is None:
                 return self._run_from(action_id, at.step_index, at.outbound, bodies)
-            if at.step_status == StepStatus.PERFORMING.value:
+            if at.step_open:  # performing, or failed by its body while its members run
                 if at.pending:
                     return Effects(messages=self.unclaimed(at.step_id, delivery))
                 self.close(at.step_id)
@@ -215,7 +218,7 @@ class Performer:
             s.commit()
         self.events.step_started(action_id, index)
         effects.messages.extend(messages)
-        if context.members and step.status == StepStatus.PERFORMING.value:
+        if step.completed_at is None:
             return Ran("waiting")
         self.events.step_completed(step.id, step.status)
         return Ran("done", step.status)
@@ -265,8 +268,6 @@ class Performer:
         """The step's join members as rows; the messages that start them (and its job)."""
         action = context.action
         messages: list[Message] = []
-        if step.status == StepStatus.FAILED.value:
-            return messages
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
         now = self.clock()
@@ -320,10 +321,14 @@ class Performer:
 def _new_step(
     action_id: int, index: int, started: datetime, context: StepContext, now: datetime
 ) -> Step:
-    """The Step row as the body left it: failed, closed at once, or waiting on members."""
+    """The Step row as the body left it: closed at once, or open while its members run.
+
+    A body that set ``step.status = "failed"`` still starts the members it asked for,
+    as in Stepped: the step is ``failed`` from the start and closes once they are final.
+    """
     members = len(context.members)
     if context.status == StepStatus.FAILED.value:
-        status, members = StepStatus.FAILED.value, 0
+        status = StepStatus.FAILED.value
     else:
         status = StepStatus.PERFORMING.value if members else StepStatus.SUCCEEDED.value
     return Step(

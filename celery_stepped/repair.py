@@ -38,7 +38,7 @@ from .messages import Message, advance_message, resume_message, timeout_message,
 from .models import Action, ParentLink, Step
 from .outbox import Outboxes
 from .performing import Performer, ran_every_step
-from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
+from .statuses import ActionStatus, LinkKind, LinkState
 from .superseding import LaneEntry
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class Repair:
             .where(
                 ParentLink.state == LinkState.WAITING.value,
                 ParentLink.action_id.is_(None),
-                Step.status == StepStatus.PERFORMING.value,
+                Step.completed_at.is_(None),
             )
             .order_by(ParentLink.id)
         ).all()
@@ -295,7 +295,7 @@ class Repair:
         )
         if step is None:
             return f"step {index + 1} never ran"
-        if step.status != StepStatus.PERFORMING.value:
+        if step.completed_at is not None:
             return f"step {index + 1} {step.status}, the action never moved on"
         return None  # waiting on members, or reported above as unadvanced
 
@@ -324,7 +324,7 @@ def _unreported_steps(s: Session, report: RepairReport) -> list[Message]:
         select(Step.id)
         .join(Action, Action.id == Step.action_id)
         .where(
-            Step.status == StepStatus.PERFORMING.value,
+            Step.completed_at.is_(None),
             Step.pending_actions_count <= 0,
             Action.status == PERFORMING,
         )

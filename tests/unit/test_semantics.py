@@ -13,7 +13,9 @@ from celery.result import AsyncResult
 
 from celery_stepped import Step, Stepped, StepStatus, UnknownAction
 from celery_stepped.models import Action
+from celery_stepped.rendering import tree_lines
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
+from celery_stepped.views import action_tree
 from tests.conftest import load_car, make_car, stored_actions
 from tests.models import Car, SportsCar
 
@@ -255,3 +257,70 @@ def test_an_implicit_action_never_shadows_a_later_declared_one(stepped: Stepped,
         assert stepped.app.tasks["stepped.action.honk"] is declared
         implicit.now(car)  # dispatches by name: the declared definition runs
     assert load_car(stepped, car.id).honks == 3
+
+
+# -- 8. step.status = "failed" still starts the step's children -----------------------------
+
+
+def test_a_step_failed_by_its_body_still_runs_its_children_then_fails(
+    stepped: Stepped, car: Car
+) -> None:
+    """As in Stepped: ``step.status = "failed"`` keeps the children the body asked
+    for; they run, the step is ``failed`` from the start, and it closes (failing its
+    action, later steps never run) only once they are all final."""
+    charge = define_charge(stepped)
+    stepped.app.stepped_action("honk", actor=Car)
+    trip = stepped.app.stepped_action("trip", actor=Car)
+
+    @trip.step
+    def leave(step: Step, car: Car) -> None:
+        step.do("honk")
+        step.do(charge)
+        step.status = "failed"
+
+    @trip.step
+    def never(step: Step, car: Car) -> None:
+        car.note("never")
+
+    with stepped.capture():
+        root = trip.now(car)
+        assert root.status == "performing"
+        assert [(s.status, s.pending_actions_count) for s in root.steps] == [("failed", 2)]
+        assert root.steps[0].completed_at is None
+        perform_stepped_actions(stepped)
+        waiting = stepped.get_action(root.id)
+        assert waiting.status == "performing"  # the outbound charge is still open
+        assert [(s.status, s.pending_actions_count) for s in waiting.steps] == [("failed", 1)]
+        assert stepped.repair().lines == []  # an open failed step is not stalled
+        lines = tree_lines(action_tree(stepped, root.id))
+        assert lines[1].startswith("└─ step 1/2 leave: failed, waiting on 1 of 2")
+        assert charge.complete_now(car) is not None
+        perform_stepped_actions(stepped)
+    done = stepped.get_action(root.id)
+    assert done.status == "failed"
+    assert [(s.status, s.unsuccessful_actions_count) for s in done.steps] == [("failed", 0)]
+    assert done.steps[0].completed_at is not None
+    assert [(a.name, a.status) for a in done.steps[0].actions] == [
+        ("honk", "succeeded"),
+        ("charge", "succeeded"),
+    ]
+    stored = load_car(stepped, car.id)
+    assert (stored.honks, stored.log) == (1, "asked;")
+
+
+def test_a_step_failed_by_its_body_without_children_fails_at_once(
+    stepped: Stepped, car: Car
+) -> None:
+    """As in Stepped: with nothing to wait on the step closes failed in the body's run."""
+    wreck = stepped.app.stepped_action("wreck", actor=Car)
+
+    @wreck.step
+    def give_up(step: Step, car: Car) -> None:
+        car.note("gave up")
+        step.status = "failed"
+
+    with stepped.capture() as jobs:
+        action = wreck.now(car)
+        assert jobs.enqueued == []
+    assert (action.status, [s.status for s in action.steps]) == ("failed", ["failed"])
+    assert load_car(stepped, car.id).log == "gave up;"
