@@ -29,7 +29,7 @@ from .join import changed, finish_link
 from .lanes import Lanes
 from .messages import StartCall
 from .models import Achievement, Action, ParentLink, Step
-from .statuses import ActionStatus, LinkState
+from .statuses import FINAL_STATUSES, ActionStatus, LinkState
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -82,6 +82,13 @@ class ShortCircuit(Exception):
     def __init__(self, status: str) -> None:
         super().__init__(status)
         self.status = status
+
+
+def _ended_in_before(action: Action) -> str | None:
+    """The final status ``before`` gave the action (``cancel()``, ``complete()`` or any
+    final ``action.status = ...``), or None when it goes on."""
+    status = str(action.status)
+    return status if status in FINAL_STATUSES else action._short_circuit
 
 
 def _tenancy(call: StartCall) -> str:
@@ -200,11 +207,13 @@ class Starter:
     ) -> None:
         for hook in definition.before_hooks():
             self._guarded(s, partial(_call_before, hook, action, actor), "before")
-            if action._short_circuit is not None:
+            if _ended_in_before(action) is not None:
                 break
         s.commit()  # the actor's changes in before are kept, also when it stops the action
-        if action._short_circuit is not None:
-            raise ShortCircuit(action._short_circuit)
+        ended = _ended_in_before(action)
+        if ended is not None:
+            raise ShortCircuit(ended)
+        action.status = ActionStatus.PENDING.value  # only a final status is kept from before
 
     @staticmethod
     def _keys(definition: SteppedAction[Any], action: Action, actor: Any, args: list[Any]) -> None:

@@ -324,3 +324,65 @@ def test_a_step_failed_by_its_body_without_children_fails_at_once(
         assert jobs.enqueued == []
     assert (action.status, [s.status for s in action.steps]) == ("failed", ["failed"])
     assert load_car(stepped, car.id).log == "gave up;"
+
+
+# -- 5. before: any final status ends the action --------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled", "succeeded", "timed_out"])
+def test_a_final_status_set_in_before_ends_the_action(
+    stepped: Stepped, car: Car, status: str
+) -> None:
+    """As in Stepped (``completed?`` after the before chain): ``action.status = ...``
+    with any final status ends the action like ``cancel()``/``complete()``: it is not
+    persisted, its parent step hears the outcome, and its lane stays free."""
+    guarded = stepped.app.stepped_action("guarded", actor=Car, concurrency_key="booth")
+    trip = stepped.app.stepped_action("trip", actor=Car)
+
+    @guarded.before
+    def stop(action: Action, car: Car) -> None:
+        car.note("before")
+        if not car.honks:
+            action.status = status
+
+    @guarded.step
+    def go(step: Step, car: Car) -> None:
+        car.note("step")
+
+    @trip.step
+    def leave(step: Step, car: Car) -> None:
+        step.do(guarded)
+
+    with stepped.capture():
+        alone = guarded.now(car)
+        assert (alone.id, alone.status, alone.completed) == (None, status, True)
+        root = trip.now(car)
+        perform_stepped_actions(stepped)
+        assert stepped.lanes.get("booth") is None
+        assert [a.name for a in stored_actions(stepped)] == ["trip"]
+        with stepped.session() as session:
+            session.get_one(Car, car.id).honks = 1  # before lets it go on now
+        assert guarded.now(car).status == "succeeded"  # the lane was never held
+    assert stepped.get_action(root.id).status == (
+        "succeeded" if status == "succeeded" else "failed"
+    )
+    assert load_car(stepped, car.id).log == "before;before;before;step;"
+
+
+def test_a_non_final_status_set_in_before_is_not_kept(stepped: Stepped, car: Car) -> None:
+    """Only a final status ends the action; ``performing`` set in before is ignored and
+    the action enters its lane as usual."""
+    odd = stepped.app.stepped_action("odd", actor=Car)
+
+    @odd.before
+    def meddle(action: Action, car: Car) -> None:
+        action.status = "performing"
+
+    @odd.step
+    def go(step: Step, car: Car) -> None:
+        car.note("step")
+
+    with stepped.capture():
+        action = odd.now(car)
+    assert action.status == "succeeded" and action.id is not None
+    assert load_car(stepped, car.id).log == "step;"
