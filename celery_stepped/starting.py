@@ -3,10 +3,12 @@
 The engine calls these in order for a ``stepped.start`` message (or ``now()``):
 :meth:`Starter.existing` finds the action a redelivered message already created;
 :meth:`Starter.prepare` runs ``before`` and computes keys, timeout and checksum
-(``_ShortCircuit`` ends it there: cancelled, completed, failed or achieved, and no
-row is written); :meth:`Starter.share` attaches the caller to an identical action
-already performing; :meth:`Starter.create` writes the pending row and claims the
-parent link in one transaction. Entering the lane is the next transition
+(``ShortCircuit`` ends it there: cancelled, completed, failed or achieved, and no
+action row is written; what keys and ``before`` decided is recorded as a
+:class:`~celery_stepped.models.StartRecord` with ``before``'s changes, so a start
+message delivered twice runs ``before`` once); :meth:`Starter.share` attaches the
+caller to an identical action already performing; :meth:`Starter.create` writes the
+pending row and claims the parent link in one transaction. Entering the lane is the next transition
 (:mod:`celery_stepped.superseding`).
 """
 
@@ -28,7 +30,7 @@ from .events import Events
 from .join import changed, finish_link
 from .lanes import Lanes
 from .messages import StartCall
-from .models import Achievement, Action, ParentLink, Step
+from .models import Achievement, Action, ParentLink, StartRecord, Step
 from .statuses import FINAL_STATUSES, ActionStatus, LinkState
 
 if TYPE_CHECKING:
@@ -89,6 +91,38 @@ def _ended_in_before(action: Action) -> str | None:
     final ``action.status = ...``), or None when it goes on."""
     status = str(action.status)
     return status if status in FINAL_STATUSES else action._short_circuit
+
+
+def _start_key(call: StartCall) -> str | None:
+    """The key of a start's record: its parent link, or the request id of a root
+    started by a message; None for ``now()`` (never delivered twice)."""
+    if call.link is not None:
+        return f"link:{call.link}"
+    return None if call.request is None else f"request:{call.request}"
+
+
+def _outcome(action: Action, ended: str | None, arguments: list[Any]) -> dict[str, Any]:
+    """What keys and ``before`` decided, as JSON (see :func:`_replay`)."""
+    return {
+        "status": ended,
+        "arguments": arguments,
+        "concurrency_key": action.concurrency_key,
+        "checksum_key": action.checksum_key,
+        "timeout_seconds": action.timeout_seconds,
+        "job": action.job,
+    }
+
+
+def _replay(action: Action, outcome: dict[str, Any]) -> None:
+    """Give the action what keys and ``before`` decided; ShortCircuit if they ended it."""
+    if outcome["status"] is not None:
+        raise ShortCircuit(outcome["status"])
+    action.status = ActionStatus.PENDING.value  # only a final status is kept from before
+    action.arguments = list(outcome["arguments"])
+    action.concurrency_key = outcome["concurrency_key"]
+    action.checksum_key = outcome["checksum_key"]
+    action.timeout_seconds = outcome["timeout_seconds"]
+    action.job = outcome["job"]
 
 
 def _tenancy(call: StartCall) -> str:
@@ -176,22 +210,69 @@ class Starter:
         return action
 
     def prepare(self, definition: SteppedAction[Any], call: StartCall, root: bool) -> Action:
-        """Keys and timeout, ``before``, then the checksum; raise ShortCircuit to stop."""
+        """Keys and timeout, ``before``, then the checksum; raise ShortCircuit to stop.
+
+        Keys and ``before`` run once per start: what they decided is recorded with
+        ``before``'s own changes, and a delivery of the same message replays it.
+        """
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
-            args = self.actors.load(call.args, s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
-            action.arguments = args
-            self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
-            self._run_before(s, definition, action, actor)
-            loaded = list(action.arguments)
-            call.args = action.arguments = self.actors.dump(loaded)
+            outcome = self._recorded(s, call)
+            if outcome is None:
+                outcome = self._first_run(s, definition, call, action, actor)
+            _replay(action, outcome)
+            call.args = action.arguments
+            loaded = self.actors.load(action.arguments, s)
             self._guarded(s, lambda: self._checksum(definition, action, actor, loaded), "keys")
             if action.checksum is not None and action.checksum == s.scalar(
                 select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
             ):
                 raise ShortCircuit(ActionStatus.SUCCEEDED.value)
         return action
+
+    @staticmethod
+    def _recorded(s: Session, call: StartCall) -> dict[str, Any] | None:
+        """What keys and ``before`` decided for an earlier delivery of ``call``."""
+        key = _start_key(call)
+        if key is None:
+            return None
+        return s.scalar(select(StartRecord.outcome).where(StartRecord.key == key))
+
+    def _first_run(
+        self,
+        s: Session,
+        definition: SteppedAction[Any],
+        call: StartCall,
+        action: Action,
+        actor: Any,
+    ) -> dict[str, Any]:
+        """Run keys and ``before``; commit their changes with the record of the outcome.
+
+        A delivery running at the same time loses on the record's unique key: its
+        changes roll back and it takes the winner's outcome.
+        """
+        args = self.actors.load(call.args, s)
+        action.arguments = args
+        try:
+            self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
+            self._run_before(s, definition, action, actor)
+            ended = _ended_in_before(action)
+        except ShortCircuit as short:  # a handled exception, rolled back already
+            ended = short.status
+        outcome = _outcome(action, ended, self.actors.dump(list(action.arguments)))
+        key = _start_key(call)
+        if key is not None:
+            s.add(StartRecord(key=key, outcome=outcome, created_at=self.clock()))
+        try:
+            s.commit()  # before's changes are kept, also when it stops the action
+        except IntegrityError:
+            s.rollback()
+            recorded = self._recorded(s, call)
+            if recorded is None:
+                raise  # not a record of the same start: the changes broke a constraint
+            return recorded
+        return outcome
 
     def _guarded(self, s: Session, block: Callable[[], None], name: str) -> None:
         """Run a user block; a handled exception fails the action (nothing written)."""
@@ -209,11 +290,6 @@ class Starter:
             self._guarded(s, partial(_call_before, hook, action, actor), "before")
             if _ended_in_before(action) is not None:
                 break
-        s.commit()  # the actor's changes in before are kept, also when it stops the action
-        ended = _ended_in_before(action)
-        if ended is not None:
-            raise ShortCircuit(ended)
-        action.status = ActionStatus.PENDING.value  # only a final status is kept from before
 
     @staticmethod
     def _keys(definition: SteppedAction[Any], action: Action, actor: Any, args: list[Any]) -> None:

@@ -6,10 +6,12 @@ Each test says whether it keeps Stepped's choice or where celery_stepped differs
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import pytest
 from celery.result import AsyncResult
+from sqlalchemy.exc import OperationalError
 
 from celery_stepped import Step, Stepped, StepStatus, UnknownAction
 from celery_stepped.models import Action
@@ -386,3 +388,128 @@ def test_a_non_final_status_set_in_before_is_not_kept(stepped: Stepped, car: Car
         action = odd.now(car)
     assert action.status == "succeeded" and action.id is not None
     assert load_car(stepped, car.id).log == "step;"
+
+
+def define_guarded(stepped: Stepped, stop: bool) -> tuple[Any, Any]:
+    guarded = stepped.app.stepped_action("guarded", actor=Car)
+    trip = stepped.app.stepped_action("trip", actor=Car)
+
+    @guarded.before
+    def check(action: Action, car: Car, miles: int) -> None:
+        car.note("before")
+        action.arguments = [miles * 2]
+        if stop:
+            action.status = "cancelled"
+
+    @guarded.step
+    def go(step: Step, car: Car, miles: int) -> None:
+        car.mileage += miles
+
+    @trip.step
+    def leave(step: Step, car: Car) -> None:
+        step.do(guarded, 5)
+
+    return guarded, trip
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["goes-on", "cancelled"])
+@pytest.mark.parametrize("child", [False, True], ids=["root", "child"])
+def test_before_runs_once_when_the_start_message_is_delivered_twice(
+    stepped: Stepped, car: Car, stop: bool, child: bool
+) -> None:
+    """Stepped runs ``before`` once per start job; Celery's late acks may deliver a
+    start message twice, so what ``before`` decided (arguments, a final status) is
+    recorded and replayed, also for a root that ``before`` ended (no action row)."""
+    guarded, trip = define_guarded(stepped, stop)
+    with stepped.capture() as jobs:
+        root = trip.now(car) if child else None
+        if not child:
+            guarded.later(car, 5)
+        (start,) = jobs.take("action")
+        for _ in range(3):
+            stepped.core.run_message(start)
+        perform_stepped_actions(stepped)
+    stored = load_car(stepped, car.id)
+    assert stored.log == "before;"
+    assert stored.mileage == (0 if stop else 10)
+    assert [a.status for a in stored_actions(stepped, "guarded")] == ([] if stop else ["succeeded"])
+    if root is not None:
+        expected = "failed" if stop else "succeeded"
+        assert stepped.get_action(root.id).status == expected
+
+
+def test_a_start_that_crashed_after_before_replays_it(
+    stepped: Stepped, car: Car, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after ``before`` committed and before the action row was written: the
+    redelivered message does not run ``before`` again (its record commits with it)."""
+    guarded, _ = define_guarded(stepped, stop=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash(*_: Any) -> None:
+        raise Crash
+
+    with stepped.capture() as jobs:
+        guarded.later(car, 5)
+        (start,) = jobs.take("action")
+        with monkeypatch.context() as patch:
+            patch.setattr(stepped.core.starter, "create", crash)
+            with pytest.raises(Crash):
+                stepped.core.run_message(start)
+        assert stored_actions(stepped, "guarded") == []
+        stepped.core.run_message(start)
+        perform_stepped_actions(stepped)
+    (action,) = stored_actions(stepped, "guarded")
+    assert (action.status, action.arguments) == ("succeeded", [10])
+    assert (load_car(stepped, car.id).log, load_car(stepped, car.id).mileage) == ("before;", 10)
+
+
+def test_two_deliveries_at_once_commit_the_changes_of_before_once(
+    stepped: Stepped, car: Car
+) -> None:
+    """Two workers running the same start message at the same moment both run the
+    hook's code, but only one commits its changes with the record; the other rolls
+    back and replays it: on PostgreSQL the record's unique key decides, on SQLite the
+    database lock already does (the loser's commit fails and Celery retries it)."""
+    guarded = stepped.app.stepped_action("guarded", actor=Car)
+    inside = threading.Barrier(2, timeout=10)
+    calls: list[int] = []
+
+    @guarded.before
+    def check(action: Action, car: Car) -> None:
+        calls.append(1)
+        car.note("before")
+        if len(calls) <= 2:
+            inside.wait()  # both deliveries are in before at once
+
+    @guarded.step
+    def go(step: Step, car: Car) -> None:
+        car.mileage += 1
+
+    def deliver(start: Any, errors: list[BaseException]) -> None:
+        for _ in range(20):  # Celery retries a task that met a locked database
+            try:
+                stepped.core.run_message(start)
+                return
+            except OperationalError:
+                continue
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    with stepped.capture() as jobs:
+        guarded.later(car)
+        (start,) = jobs.take("action")
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=deliver, args=(start, errors)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        perform_stepped_actions(stepped)
+    assert len(calls) >= 2
+    assert [a.status for a in stored_actions(stepped, "guarded")] == ["succeeded"]
+    assert (load_car(stepped, car.id).log, load_car(stepped, car.id).mileage) == ("before;", 1)
