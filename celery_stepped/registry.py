@@ -23,8 +23,11 @@ ImplicitFactory = Callable[[type, str], "SteppedAction[Any]"]
 
 
 def has_method(actor_class: type, name: str) -> bool:
-    """True when ``actor_class`` has a public method ``name`` (an implicit action)."""
-    return not name.startswith("_") and callable(getattr(actor_class, name, None))
+    """True when ``actor_class`` (or a base class, not its metaclass) defines a public
+    method ``name``: an implicit action."""
+    if name.startswith("_") or not any(name in vars(klass) for klass in actor_class.__mro__):
+        return False
+    return callable(getattr(actor_class, name, None))
 
 
 class Registry:

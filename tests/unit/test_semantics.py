@@ -229,6 +229,9 @@ def test_a_name_dispatches_to_the_implicit_action_of_an_actor_without_one(
     def loud(step: Step, car: Car) -> None:
         car.note("loud")
 
+    for neither in ("fly", "mileage", "mro", "_sa_instance_state", "__init__"):
+        with pytest.raises(UnknownAction):
+            stepped.registry.find(Car, neither)  # no method: a column, type's, private
     with stepped.capture():
         action = sports_honk.now(car)
         assert (action.status, action.name) == ("succeeded", "honk")
