@@ -260,7 +260,8 @@ class Starter:
             ended = _ended_in_before(action)
         except ShortCircuit as short:  # a handled exception, rolled back already
             ended = short.status
-        outcome = _outcome(action, ended, self.actors.dump(list(action.arguments)))
+        arguments = [] if ended else self.actors.dump(list(action.arguments))
+        outcome = _outcome(action, ended, arguments)
         key = _start_key(call)
         if key is not None:
             s.add(StartRecord(key=key, outcome=outcome, created_at=self.clock()))
