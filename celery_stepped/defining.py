@@ -16,12 +16,17 @@ P = ParamSpec("P")
 
 
 class Definer:
-    """Builds :class:`SteppedAction` definitions and registers them (app and registry)."""
+    """Builds :class:`SteppedAction` definitions and registers them (app and registry).
+
+    It also builds the registry's implicit definitions (an actor's method run as a
+    one-step action), so it hands the registry :meth:`implicit` on construction.
+    """
 
     def __init__(self, app: Celery, registry: Registry, runner: Runner) -> None:
         self.app = app
         self.registry = registry
         self.runner = runner
+        registry.allow_implicit(self.implicit)
 
     @overload
     def action(self, name_or_fn: Callable[Concatenate[Any, P], Any]) -> SteppedAction[P]: ...

@@ -123,9 +123,7 @@ class Stepped:
         )
         self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
         self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
-        definer = Definer(self.app, self.registry, self.client)
-        self.registry.allow_implicit(definer.implicit)
-        self.action = definer.action
+        self.action = Definer(self.app, self.registry, self.client).action
         self.repairer = Repair(
             sessions,
             self.lanes,

@@ -43,7 +43,7 @@ class Registry:
         self._make_implicit: ImplicitFactory | None = None
 
     def allow_implicit(self, factory: ImplicitFactory) -> None:
-        """Make implicit definitions with ``factory`` (wired once, by ``Stepped``)."""
+        """Make implicit definitions with ``factory`` (the ``Definer`` of this registry)."""
         self._make_implicit = factory
 
     def add(self, definition: SteppedAction[Any]) -> None:
