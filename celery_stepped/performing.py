@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
+from uuid import uuid4
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -276,7 +277,7 @@ class Performer:
                 step_id=step.id,
                 kind=str(intent.kind),
                 state=LinkState.WAITING.value,
-                call=intent.call,
+                call=_member_call(intent.kind, intent.call),
                 created_at=now,
                 updated_at=now,
             )
@@ -294,7 +295,9 @@ class Performer:
             if link.kind == LinkKind.WAIT:
                 messages.append(wait_message(link.id, float(call.get("seconds", 0))))
                 continue
-            start = StartCall(call["actor"], call["name"], call["args"], link.id)
+            start = StartCall(
+                call["actor"], call["name"], call["args"], link.id, call.get("request")
+            )
             queue = self.lookup(start.actor[0], start.name).resolved("action_queue")
             messages.append(start_message(start, queue))
         return messages
@@ -339,6 +342,12 @@ def _new_step(
         started_at=started,
         completed_at=None if members else now,
     )
+
+
+def _member_call(kind: str, call: dict[str, Any]) -> dict[str, Any]:
+    """A member's call as its link keeps it: a child action's gets a request id, which
+    its start message carries (the key that lets ``before`` run once per start)."""
+    return {**call, "request": str(uuid4())} if kind == LinkKind.ACTION else call
 
 
 def _move_index(action_id: int, index: int) -> Any:

@@ -94,10 +94,8 @@ def _ended_in_before(action: Action) -> str | None:
 
 
 def _start_key(call: StartCall) -> str | None:
-    """The key of a start's record: its parent link, or the request id of a root
-    started by a message; None for ``now()`` (never delivered twice)."""
-    if call.link is not None:
-        return f"link:{call.link}"
+    """The key of a start's record: the request id its message carries (a root's from
+    ``later()``, a child's from its parent link); None for ``now()``."""
     return None if call.request is None else f"request:{call.request}"
 
 
@@ -349,7 +347,7 @@ class Starter:
         with self.session_factory() as s:
             if call.link is not None:
                 action.ancestry = ancestry_of(s, call.link)
-            action.request_id = call.request
+            action.request_id = call.request if call.link is None else None
             action.created_at = action.updated_at = self.clock()
             s.add(action)
             try:

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 from celery.result import AsyncResult
+from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
 
 from celery_stepped import Step, Stepped, StepStatus, UnknownAction
-from celery_stepped.models import Action
+from celery_stepped.models import Action, ParentLink
+from celery_stepped.models import Step as StepRow
 from celery_stepped.rendering import tree_lines
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
 from celery_stepped.views import action_tree
@@ -516,3 +518,31 @@ def test_two_deliveries_at_once_commit_the_changes_of_before_once(
     assert len(calls) >= 2
     assert [a.status for a in stored_actions(stepped, "guarded")] == ["succeeded"]
     assert (load_car(stepped, car.id).log, load_car(stepped, car.id).mileage) == ("before;", 1)
+
+
+def test_start_records_survive_trees_deleted_and_ids_reused(stepped: Stepped, car: Car) -> None:
+    """A start's record is keyed by the request id its message carries (a child's comes
+    from its parent link), never by a row id a database may hand out again after a
+    user deleted old trees: a new tree's child runs its own ``before``."""
+    _, trip = define_guarded(stepped, stop=False)
+    with stepped.capture():
+        first = trip.now(car)
+        perform_stepped_actions(stepped)
+        old_links = [link.id for link in stored_links(stepped)]
+        with stepped.session() as session:
+            for model in (ParentLink, StepRow, Action):
+                session.execute(delete(model))
+        second = trip.now(car)
+        perform_stepped_actions(stepped)
+    assert [link.id for link in stored_links(stepped)] == old_links  # ids handed out again
+    assert stepped.get_action(second.id).status == "succeeded"
+    assert first.id == second.id
+    stored = load_car(stepped, car.id)
+    assert (stored.log, stored.mileage) == ("before;before;", 20)
+
+
+def stored_links(stepped: Stepped) -> list[ParentLink]:
+    with stepped.session() as session:
+        links = list(session.scalars(select(ParentLink).order_by(ParentLink.id)).all())
+        session.expunge_all()
+    return links
