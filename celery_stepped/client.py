@@ -8,6 +8,7 @@ the caller, then hands it to the engine (``now``) or to the outbox (``later``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -18,11 +19,12 @@ from sqlalchemy.orm import Session, selectinload
 from .actors import ActorRegistry
 from .engine import Engine
 from .errors import ActionNotFound
-from .messages import StartCall, complete_message, start_message
+from .messages import Message, StartCall, complete_message, start_message
 from .models import Action, Step
 from .outbound import performing_outbound
 from .outbox import Outboxes
 from .registry import Registry
+from .staging import discard, stage
 from .statuses import COMPLETION_STATUSES
 
 if TYPE_CHECKING:
@@ -48,7 +50,9 @@ class Client:
         engine: Engine,
         outboxes: Outboxes,
         lookup: Callable[[str, str], SteppedAction[Any]],
+        clock: Callable[[], datetime],
     ) -> None:
+        self.clock = clock
         self.session_factory = session_factory
         self.actors = actors
         self.registry = registry
@@ -78,7 +82,17 @@ class Client:
         call = self.root_call(name, actor, args)
         call.request = str(uuid4())
         queue = self.lookup(call.actor[0], name).resolved("action_queue")
-        return self.outboxes.send_one(start_message(call, queue))
+        return self.send_durably(start_message(call, queue))
+
+    def send_durably(self, message: Message) -> AsyncResult:
+        """Stage ``message`` in SQL, send it, then drop the entry: a message the broker
+        never got (it died meanwhile) is sent again by the outbox sweep."""
+        with self.session_factory() as s:
+            staged = stage(s, [message], self.clock())
+            s.commit()
+        result = self.outboxes.send_one(message)
+        discard(self.session_factory, staged)
+        return result
 
     def load_arguments(self, value: Any) -> Any:
         """Arguments with actor references loaded."""
@@ -108,7 +122,7 @@ class Client:
         performing when the message runs (none then: the message does nothing)."""
         check_status(status)
         actor_ref = list(self.actors.identify(actor))
-        return self.outboxes.send_one(complete_message(status, name, actor_ref))
+        return self.send_durably(complete_message(status, name, actor_ref))
 
     # -- reading ---------------------------------------------------------------------
 

@@ -25,6 +25,9 @@ class Delivery:
 
     recovering: bool = False
     local: bool = False
+    #: True inside a task (or a locally run message): a crash there is finished by the
+    #: message's redelivery, so follow-ups need no insurance entry in the outbox.
+    in_worker: bool = False
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Effects:
     finished: list[int] = field(default_factory=list)
     #: Open actions to complete, with their final status.
     complete: list[tuple[int, str]] = field(default_factory=list)
+    #: Outbox entries written with the decision: deleted once it was acted upon.
+    staged: list[int] = field(default_factory=list)
 
     def add(self, other: Effects) -> Effects:
         """Merge ``other`` into this one; returns self."""
@@ -51,6 +56,7 @@ class Effects:
         self.handoff.extend(other.handoff)
         self.finished.extend(other.finished)
         self.complete.extend(other.complete)
+        self.staged.extend(other.staged)
         return self
 
     def ready(self, *step_ids: int | None) -> Effects:

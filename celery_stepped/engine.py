@@ -13,16 +13,17 @@ import contextvars
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .completing import Completer
 from .effects import Delivery, Effects
-from .events import Events
-from .join import counted_steps_of_performing, finish_link
+from .events import Events, error_record
+from .join import counted_steps_of_performing, report_link
 from .messages import (
     CompleteCall,
     Message,
@@ -37,6 +38,7 @@ from .models import Action, ParentLink, Step
 from .outbound import performing_outbound
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
+from .staging import discard, due
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
 from .statuses import ActionStatus
 from .superseding import LaneEntry
@@ -95,7 +97,9 @@ class Engine:
 
     def delivery(self) -> Delivery:
         """How the current message runs."""
-        return Delivery(recovering=_recovering.get(), local=self.outboxes.local)
+        return Delivery(
+            recovering=_recovering.get(), local=self.outboxes.local, in_worker=_in_worker.get()
+        )
 
     def _inline(self) -> bool:
         return _in_worker.get() or self.outboxes.local
@@ -108,13 +112,31 @@ class Engine:
         while work:
             done = work.popleft()
             self.outboxes.send(done.messages)
+            # Sent, and its follow-ups start now in this task: from here on a crash is
+            # finished by the redelivery of this task's message, not by a sweep (which
+            # could otherwise run a long step body a second time meanwhile).
+            discard(self.session_factory, done.staged)
             work.extend(self._follow_up(done))
+
+    def sweep(self, older_than: float) -> int:
+        """Send again what a crash left in the outbox (entries older than ``older_than``
+        seconds); they run as redeliveries. Returns how many were sent."""
+        now = self.clock()
+        entries = due(self.session_factory, now, older_than)
+        self.outboxes.send(
+            [_as_redelivery(message, created, now) for _, message, created in entries]
+        )
+        discard(self.session_factory, [entry_id for entry_id, _, _ in entries])
+        return len(entries)
 
     def _follow_up(self, effects: Effects) -> Iterator[Effects]:
         inline, delivery = self._inline(), self.delivery()
         for step_id in dict.fromkeys(effects.ready_steps):
             yield self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
-        if effects.handoff:
+        if effects.handoff and _in_worker.get():
+            # Lane handoff inline, as Stepped's Performance#forward: same task, no message.
+            yield from (self.carry_on(action_id) for action_id in effects.handoff)
+        elif effects.handoff:
             yield Effects(self._resume_messages(effects.handoff))
         for action_id in effects.finished:
             yield self.completer.finish(action_id, delivery)
@@ -137,6 +159,8 @@ class Engine:
         """The lane let this action perform: begin it and run its steps."""
         delivery = self.delivery()
         began = self.performer.begin(action_id, delivery)
+        if began is not None and began.complete:  # achieved while it waited: skipped
+            return began
         if began is not None:
             return began.add(self.performer.run_steps(action_id, delivery))
         if self._status(action_id) == ActionStatus.SUPERSEDED.value:
@@ -164,6 +188,47 @@ class Engine:
         with self.session_factory() as s:
             step_id = s.scalar(counted_steps_of_performing(ParentLink.id == link_id))
         return Effects().ready(step_id)
+
+    # -- giving up -----------------------------------------------------------------------
+
+    def give_up(self, task: str, args: tuple[Any, ...], exc: BaseException) -> None:
+        """A message whose store errors outlasted its retries: fail the action it names,
+        with the reason in its row, so its parents and lane move on (best effort: the
+        store may still be down, and then this raises too)."""
+        error = error_record(exc)
+        error["message"] = f"gave up after repeated store errors in {task}: {exc}"
+        action_id, link_id = self._named(task, args)
+        if link_id is not None:  # a child never created: its parent step counts a failure
+            self.drive(report_link(self.session_factory, link_id, "failed", False, self.clock()))
+        if action_id is None:
+            return
+        with self.session_factory() as s:
+            s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.status.in_((PENDING, PERFORMING)))
+                .values(error=error)
+            )
+            s.commit()
+        self.complete(action_id, ActionStatus.FAILED.value)
+
+    def _named(self, task: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
+        """``(action id, unclaimed link id)`` that a message is about."""
+        with self.session_factory() as s:
+            if task == TaskName.START:
+                call = StartCall.from_payload(args[0])
+                if call.link is None:
+                    found = select(Action.id).where(Action.request_id == call.request)
+                    return s.scalar(found), None
+                link = s.get(ParentLink, call.link)
+                if link is None or link.action_id is not None:
+                    return (None if link is None else link.action_id), None
+                return None, call.link
+            if task == TaskName.ADVANCE:
+                return s.scalar(select(Step.action_id).where(Step.id == int(args[0]))), None
+            if task == TaskName.WAIT:
+                of_link = select(Step.action_id).join(ParentLink, ParentLink.step_id == Step.id)
+                return s.scalar(of_link.where(ParentLink.id == int(args[0]))), None
+        return (None if args[0] is None else int(args[0])), None
 
     # -- entry points of the internal tasks ----------------------------------------------
 
@@ -204,7 +269,7 @@ class Engine:
         try:
             action = self.starter.prepare(definition, call, root)
         except ShortCircuit as short:
-            self.drive(Effects().ready(*self.starter.finish_link(call, short.status)))
+            self.drive(self.starter.finish_link(call, short.status))
             return self.starter.transient(definition, call, root, short.status)
         if action.checksum is not None:
             shared = self.starter.share(action, call)
@@ -240,20 +305,24 @@ class Engine:
                 return
             s.expunge(action)
         if action.status == PENDING:
-            entry = self.entry.enter(action)
-            self.drive(entry.effects)
+            self.drive(self.entry.enter(action).effects)
         else:
             self.resume(action_id)
 
     def resume(self, action_id: int) -> None:
         """``stepped.resume``: carry an action on from its records."""
+        self.drive(self.carry_on(int(action_id)))
+
+    def carry_on(self, action_id: int) -> Effects:
+        """Whatever the action's records say comes next: perform, steps, or its report."""
         status = self._status(action_id)
         if status == PENDING:
-            self.drive(self.perform(action_id))
-        elif status == PERFORMING:
-            self.drive(self.performer.run_steps(action_id, self.delivery()))
-        elif status is not None:
-            self.drive(self.completer.finish(action_id, self.delivery()))
+            return self.perform(action_id)
+        if status == PERFORMING:
+            return self.performer.run_steps(action_id, self.delivery())
+        if status is not None:
+            return self.completer.finish(action_id, self.delivery())
+        return Effects()
 
     def advance(self, step_id: int) -> None:
         """``stepped.advance``: the chord body of a step."""
@@ -261,10 +330,8 @@ class Engine:
 
     def finish_wait(self, link_id: int) -> None:
         """``stepped.wait``: a timed wait elapsed."""
-        with self.session_factory() as s:
-            ready = finish_link(s, int(link_id), "succeeded", True, self.clock())
-            s.commit()
-        self.drive(Effects().ready(ready) if ready else self._follow_link(int(link_id)))
+        reported = report_link(self.session_factory, int(link_id), "succeeded", True, self.clock())
+        self.drive(reported if reported.ready_steps else self._follow_link(int(link_id)))
 
     def fire_timeout(self, action_id: int) -> bool:
         """``stepped.timeout``: time the action out if it still performs past its limit."""
@@ -305,3 +372,12 @@ class Engine:
         completed, effects = self.completer.complete(action_id, status, self.delivery())
         self.drive(effects)
         return completed
+
+
+def _as_redelivery(message: Message, created: datetime, now: datetime) -> Message:
+    """A swept message: marked as a retry (its first run may have done part of the work),
+    its countdown shortened by the time it already waited."""
+    countdown = message.countdown
+    if countdown is not None:
+        countdown = max(0.0, countdown - (now - created).total_seconds())
+    return replace(message, retries=max(message.retries, 1), countdown=countdown)

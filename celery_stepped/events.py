@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import traceback
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from . import signals
 
-__all__ = ["Events", "error_record", "logger"]
+__all__ = ["Events", "Facts", "error_record", "logger"]
 
 logger = logging.getLogger("celery_stepped")
 
@@ -22,6 +24,36 @@ def error_record(exc: BaseException, frames: int = 5) -> dict[str, Any]:
     """What a row keeps of an exception: class, message and the last traceback frames."""
     tail = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-frames)
     return {"type": type(exc).__name__, "message": str(exc), "traceback": "".join(tail)}
+
+
+def _on(actor: str) -> str:
+    return f" on {actor}" if actor else ""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a log line says about an action: ``trip on Car/1``, its previous status and
+    how long it performed."""
+
+    name: str
+    actor: str
+    before: str = "performing"
+    started_at: datetime | None = None
+    now: datetime | None = None
+    superseded_by: int | None = None
+
+    def text(self) -> str:
+        """``name on Type/id``."""
+        return f"{self.name}{_on(self.actor)}"
+
+    def change(self, status: str) -> str:
+        """``performing -> succeeded in 1.2s`` (or ``superseded by #N``)."""
+        line = f"{self.before} -> {status}"
+        if self.superseded_by is not None:
+            line += f" by #{self.superseded_by}"
+        if self.started_at is not None and self.now is not None:
+            line += f" in {(self.now - self.started_at).total_seconds():.1f}s"
+        return line
 
 
 class Events:
@@ -37,14 +69,18 @@ class Events:
         self.sender = sender
         self.handle_exceptions = handle_exceptions
 
-    def action_started(self, action_id: int, name: str) -> None:
+    def action_started(self, action_id: int, name: str, actor: str = "") -> None:
         """An action went from pending to performing."""
-        logger.info("action #%s %s: pending -> performing", action_id, name)
+        logger.info("action #%s %s%s: pending -> performing", action_id, name, _on(actor))
         signals.action_started.send(sender=self.sender, action_id=action_id, name=name)
 
-    def action_completed(self, action_id: int, status: str) -> None:
-        """An action reached a final status."""
-        logger.info("action #%s: -> %s", action_id, status)
+    def action_completed(self, action_id: int, status: str, facts: Facts | None = None) -> None:
+        """An action reached a final status (``facts``: its name, actor, start, the clock)."""
+        if facts is None:
+            logger.info("action #%s: -> %s", action_id, status)
+        else:
+            what = f" {facts.text()}" if facts.name else ""
+            logger.info("action #%s%s: %s", action_id, what, facts.change(status))
         signals.action_completed.send(sender=self.sender, action_id=action_id, status=status)
 
     def nothing_to_complete(self, name: str | None, actor: list[str] | None, status: str) -> None:

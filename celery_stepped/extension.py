@@ -35,7 +35,7 @@ from .registry import Registry
 from .repair import Repair, RepairReport
 from .starting import Starter
 from .superseding import LaneEntry
-from .tasks import register_tasks
+from .tasks import RetryPolicy, Watch, register_tasks, watch_worker
 
 __all__ = ["Stepped"]
 
@@ -121,18 +121,28 @@ class Stepped:
             events,
             clock,
         )
-        self.client = Client(sessions, self.actors, self.registry, self.core, self.outboxes, lookup)
-        self.tasks = register_tasks(self.app, self.core.handlers(), self.core.delivering)
+        self.client = Client(
+            sessions, self.actors, self.registry, self.core, self.outboxes, lookup, clock
+        )
         self.action = Definer(self.app, self.registry, self.client).action
         self.repairer = Repair(
-            sessions,
-            self.lanes,
-            self.core.entry,
-            self.core.performer,
-            lookup,
-            self.outboxes,
-            clock,
+            sessions, self.lanes, self.core.entry, self.core.performer, lookup, self.outboxes, clock
         )
+        self._register_tasks()
+
+    def _register_tasks(self) -> None:
+        """The internal tasks, their retry policy, and what a worker checks at start."""
+        conf = self.app.conf
+        policy = RetryPolicy(
+            int(conf.get("stepped_store_retries", 8)),
+            float(conf.get("stepped_store_retry_backoff", 1.0)),
+        )
+        self.tasks = register_tasks(
+            self.app, self.core.handlers(), self.core.delivering, policy, self.core.give_up
+        )
+        sweep_after = float(conf.get("stepped_outbox_sweep_after") or 60)
+        sweep_every = float(conf.get("stepped_outbox_sweep_every") or 30)
+        watch_worker(self.app, Watch(self.queue, self.core.sweep, sweep_after, sweep_every))
 
     def _now(self) -> datetime:
         return self.clock()
@@ -210,6 +220,11 @@ class Stepped:
         """Enqueue completing the outbound action ``name`` performing on ``actor`` when
         the message runs."""
         return self.client.complete_outbound_later(actor, name, status)
+
+    def sweep_outbox(self, older_than: float = 60.0) -> int:
+        """Send again the messages a crash left unsent (outbox entries older than
+        ``older_than`` seconds); workers do this at start and periodically."""
+        return self.core.sweep(older_than)
 
     def report_exception(self, exc: BaseException, **context: Any) -> bool:
         """Log and signal ``exc`` if its class is handled; True when handled."""

@@ -12,6 +12,7 @@ Every function here works inside the caller's session and does not commit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
@@ -19,7 +20,10 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from .effects import Effects
+from .messages import advance_message
 from .models import Action, ParentLink, Step
+from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 
 __all__ = [
@@ -28,9 +32,11 @@ __all__ = [
     "count_member",
     "counted_steps_of_performing",
     "finish_link",
+    "report_link",
     "report_parents",
     "retire_link",
     "transfer_links",
+    "waits_on",
 ]
 
 WAITING = LinkState.WAITING.value
@@ -73,10 +79,14 @@ def report_parents(
     s: Session, action_id: int, status: str, successful: bool, now: datetime
 ) -> list[int]:
     """Count the outcome for every step still waiting on the action (once each)."""
-    link_ids = s.scalars(
-        select(ParentLink.id).where(ParentLink.action_id == action_id, ParentLink.state == WAITING)
+    step_ids = s.scalars(
+        update(ParentLink)
+        .where(ParentLink.action_id == action_id, ParentLink.state == WAITING)
+        .values(state=LinkState.DONE.value, outcome=status, updated_at=now)
+        .returning(ParentLink.step_id)
+        .execution_options(synchronize_session=False)
     ).all()
-    ready = [finish_link(s, link_id, status, successful, now) for link_id in link_ids]
+    ready = [count_member(s, step_id, successful) for step_id in step_ids]
     return [step_id for step_id in ready if step_id is not None]
 
 
@@ -196,3 +206,42 @@ def counted_steps_of_performing(*where: Any) -> Any:
             *where,
         )
     )
+
+
+def report_link(
+    session_factory: Callable[[], Session],
+    link_id: int,
+    outcome: str,
+    successful: bool,
+    now: datetime,
+) -> Effects:
+    """Count one member in a transaction of its own; the step if it was the last one,
+    with its ``stepped.advance`` staged in that transaction."""
+    with session_factory() as s:
+        ready = finish_link(s, link_id, outcome, successful, now)
+        staged = stage(s, [] if ready is None else [advance_message(ready)], now)
+        s.commit()
+    return Effects(staged=staged).ready(ready)
+
+
+def waits_on(s: Session, action_id: int, target: int) -> bool:
+    """True when ``target`` waits on ``action_id`` through any chain of parent steps.
+
+    Every parent counts: the step that started it, and those gained by sharing it
+    (checksum) or by superseding (their links were transferred to it). One recursive
+    query at any depth.
+    """
+    waiting = LinkState.WAITING.value
+    up = (
+        select(Step.action_id.label("action_id"))
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .where(ParentLink.action_id == action_id, ParentLink.state == waiting)
+        .cte("up", recursive=True)
+    )
+    up = up.union(
+        select(Step.action_id)
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .join(up, ParentLink.action_id == up.c.action_id)
+        .where(ParentLink.state == waiting)
+    )
+    return s.scalar(select(up.c.action_id).where(up.c.action_id == target).limit(1)) is not None

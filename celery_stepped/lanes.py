@@ -197,6 +197,19 @@ class Lanes:
             _text(checksum) if checksum else None,
         )
 
+    def checksums(self, key: str) -> list[tuple[int, str]]:
+        """``(action id, checksum)`` of the lane's current action, then its pending ones,
+        for those that have a checksum."""
+        state = self.redis.hgetall(self._keys(key)[0])
+        fields = {_text(k): _text(v) for k, v in state.items()}
+        found = []
+        if fields.get("current") and fields.get("checksum"):
+            found.append((int(fields["current"]), fields["checksum"]))
+        for name, value in fields.items():
+            if name.startswith("cs:") and value:
+                found.append((int(name[3:]), value))
+        return found
+
     def get(self, key: str) -> Lane | None:
         """The lane of ``key``, or None when no action holds it."""
         pipe = self.redis.pipeline(transaction=True)

@@ -21,6 +21,7 @@ __all__ = [
     "TaskName",
     "advance_message",
     "complete_message",
+    "insurance_message",
     "job_message",
     "resume_message",
     "start_message",
@@ -71,6 +72,13 @@ class Message:
     task_id: str = field(default_factory=lambda: str(uuid4()))
     retries: int = 0
 
+    def label(self) -> str:
+        """A readable name for ``celery events`` and Flower: ``stepped.start trip(Car/1, 5)``."""
+        actor = ["/".join(self.actor)] if self.actor else []
+        args = ", ".join([*actor, *(_short(a) for a in self.display_args)])
+        text = f"{self.task} {self.name}({args})"
+        return text if len(text) <= 200 else text[:197] + "..."
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the outbox row)."""
         return asdict(self)
@@ -79,6 +87,11 @@ class Message:
     def from_dict(cls, data: dict[str, Any]) -> Message:
         """Inverse of :meth:`to_dict`."""
         return cls(**{**data, "kind": MessageKind(data["kind"])})
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -141,6 +154,12 @@ def resume_message(
         actor=actor,
         queue=queue,
     )
+
+
+def insurance_message(action_id: int) -> Message:
+    """``stepped.resume`` staged with a completion: if the process dies before the action
+    reported and released its lane, a sweep sends it and the action finishes that."""
+    return Message(MessageKind.ACTION, "resume", TaskName.RESUME, [action_id])
 
 
 def advance_message(step_id: int) -> Message:

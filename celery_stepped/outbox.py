@@ -70,6 +70,7 @@ class BrokerOutbox:
                     serializer="json",
                     task_id=message.task_id,
                     producer=producer,
+                    shadow=message.label(),
                 )
 
 

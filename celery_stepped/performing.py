@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
-from uuid import uuid4
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -24,13 +23,15 @@ from .events import Events, error_record
 from .join import close_step
 from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
 from .models import Achievement, Action, ParentLink, Step
+from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
+from .step_index import move_index
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
 
-__all__ = ["Performer", "ran_every_step"]
+__all__ = ["Performer"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
@@ -91,17 +92,30 @@ class Performer:
                 update(Action)
                 .where(Action.id == action_id, Action.status == PENDING)
                 .values(status=PERFORMING, started_at=now, updated_at=now)
-                .returning(Action.name, Action.timeout_seconds, Action.checksum_key)
+                .returning(
+                    Action.name,
+                    Action.timeout_seconds,
+                    Action.checksum_key,
+                    Action.actor_type,
+                    Action.actor_id,
+                    Action.checksum,
+                )
             ).first()
             if began is None:
                 return self._began_before(s, action_id, delivery)
-            name, timeout, checksum_key = began
-            s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
+            name, timeout, checksum_key, actor_type, actor_id, checksum = began
+            if checksum is not None and _achieved(s, checksum_key) == checksum:
+                # Identical work succeeded while this one waited in its lane: skip it.
+                s.rollback()
+                return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
+            if checksum is not None:  # reuse is opt-in: only a checksum erases one
+                s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
+            effects = Effects()
+            if timeout is not None:
+                effects.messages.append(timeout_message(action_id, name, timeout))
+            effects.staged = stage(s, effects.messages, now)
             s.commit()
-        self.events.action_started(action_id, name)
-        effects = Effects()
-        if timeout is not None:
-            effects.messages.append(timeout_message(action_id, name, timeout))
+        self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
         return effects
 
     @staticmethod
@@ -194,28 +208,34 @@ class Performer:
     ) -> Ran:
         """Run one step body in one transaction; its messages go into ``effects``.
 
-        The body runs before Stepped writes anything, so no write lock is held while it
-        runs; its changes, the ``Step`` row and the members are then written in one
-        short transaction. The row is unique per (action, index): a second delivery
-        that ran the body concurrently rolls its changes back.
+        The body runs before Stepped writes anything, so on SQLite no write lock is held
+        while it runs; its changes, the ``Step`` row and the members are then written in
+        one short transaction. "Already ran" is checked in that same transaction, under a
+        row lock of the action on PostgreSQL, so a body runs once per step there; on
+        SQLite two deliveries running at the very same moment may both run the body, and
+        the unique (action, index) row lets only one of them commit.
         """
         started = self.clock()
         with self.session_factory() as s:
-            action = s.get_one(Action, action_id)
+            # PostgreSQL: a second delivery waits here for the first one's commit, then
+            # finds its Step row below and does not run the body again.
+            action = s.get_one(Action, action_id, with_for_update=True)
             if action.status != PERFORMING:
                 return Ran("stopped")
+            if _step_exists(s, action_id, index):
+                return Ran("exists")
             context = self._run_body(s, action, index, body)
             if isinstance(context, dict):
                 return self._failed_step(action_id, index, started, context)
             step = _new_step(action_id, index, started, context, self.clock())
             s.add(step)
-            action.current_step_index = max(action.current_step_index, index)
             try:
                 s.flush()
             except IntegrityError:
                 s.rollback()
                 return Ran("exists")
             messages = self._write_members(s, step, context)
+            effects.staged.extend(stage(s, messages, started))
             s.commit()
         self.events.step_started(action_id, index)
         effects.messages.extend(messages)
@@ -233,14 +253,22 @@ class Performer:
         context = StepContext(s, action, actor, self.actors.dump, self.actors.identify, self.check)
         try:
             body(context, actor, *args)
+        except Exception as exc:  # the user's code, whatever the class (their own queries too)
+            return self._body_failed(s, exc, action.id, index)
+        try:
             s.flush()  # the body's own writes: a constraint they break is the body's
         except OperationalError:
             raise  # the database (locked, deadlock, gone), not the body: run again
         except Exception as exc:
-            s.rollback()
-            self.events.report_or_raise(exc, action.id, index, "step")
-            return error_record(exc)
+            return self._body_failed(s, exc, action.id, index)
         return context
+
+    def _body_failed(
+        self, s: Session, exc: Exception, action_id: int, index: int
+    ) -> dict[str, Any]:
+        s.rollback()
+        self.events.report_or_raise(exc, action_id, index, "step")
+        return error_record(exc)
 
     def _failed_step(
         self, action_id: int, index: int, started: datetime, error: dict[str, Any]
@@ -257,7 +285,7 @@ class Performer:
             s.add(step)
             try:
                 s.flush()
-                s.execute(_move_index(action_id, index))
+                s.execute(move_index(action_id, index))
                 s.commit()
             except IntegrityError:
                 s.rollback()
@@ -268,6 +296,7 @@ class Performer:
     def _write_members(self, s: Session, step: Step, context: StepContext) -> list[Message]:
         """The step's join members as rows; the messages that start them (and its job)."""
         action = context.action
+        action.current_step_index = max(action.current_step_index, step.definition_index)
         messages: list[Message] = []
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
@@ -277,7 +306,7 @@ class Performer:
                 step_id=step.id,
                 kind=str(intent.kind),
                 state=LinkState.WAITING.value,
-                call=_member_call(intent.kind, intent.call),
+                call=intent.call,
                 created_at=now,
                 updated_at=now,
             )
@@ -321,6 +350,15 @@ class Performer:
         return self.member_messages(links)
 
 
+def _step_exists(s: Session, action_id: int, index: int) -> bool:
+    found = select(Step.id).where(Step.action_id == action_id, Step.definition_index == index)
+    return s.scalar(found) is not None
+
+
+def _achieved(s: Session, checksum_key: str) -> str | None:
+    return s.scalar(select(Achievement.checksum).where(Achievement.checksum_key == checksum_key))
+
+
 def _new_step(
     action_id: int, index: int, started: datetime, context: StepContext, now: datetime
 ) -> Step:
@@ -344,21 +382,6 @@ def _new_step(
     )
 
 
-def _member_call(kind: str, call: dict[str, Any]) -> dict[str, Any]:
-    """A member's call as its link keeps it: a child action's gets a request id, which
-    its start message carries (the key that lets ``before`` run once per start)."""
-    return {**call, "request": str(uuid4())} if kind == LinkKind.ACTION else call
-
-
-def _move_index(action_id: int, index: int) -> Any:
-    """UPDATE moving ``current_step_index`` on to the step at ``index`` (never back)."""
-    return (
-        update(Action)
-        .where(Action.id == action_id, Action.current_step_index < index)
-        .values(current_step_index=index)
-    )
-
-
 def _after_last_step(action_id: int, outbound: bool) -> Effects:
     """Every step done: a non-outbound action succeeds, an outbound one waits."""
     if outbound:
@@ -372,15 +395,3 @@ def _recover_final(action_id: int, at: Position | None, delivery: Delivery) -> E
     if at is None or not ActionStatus(at.action_status).is_final or not delivery.recovering:
         return Effects()
     return Effects(finished=[action_id])
-
-
-def ran_every_step(s: Session, action_id: int, index: int, step_count: int) -> bool:
-    """True when the action's steps all ran and succeeded: the step at its
-    ``current_step_index`` is the last one and closed as succeeded (an index past the
-    last step, left by earlier versions, counts as done too)."""
-    if index != step_count - 1:
-        return index >= step_count
-    status = s.scalar(
-        select(Step.status).where(Step.action_id == action_id, Step.definition_index == index)
-    )
-    return status == StepStatus.SUCCEEDED.value

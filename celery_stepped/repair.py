@@ -37,8 +37,9 @@ from .lanes import Lanes
 from .messages import Message, advance_message, resume_message, timeout_message, wait_message
 from .models import Action, ParentLink, Step
 from .outbox import Outboxes
-from .performing import Performer, ran_every_step
+from .performing import Performer
 from .statuses import ActionStatus, LinkKind, LinkState
+from .step_index import ran_every_step
 from .superseding import LaneEntry
 
 if TYPE_CHECKING:
@@ -300,14 +301,23 @@ class Repair:
         return None  # waiting on members, or reported above as unadvanced
 
     def _timeouts(self, s: Session, report: RepairReport) -> list[Message]:
-        """Performing actions with a timeout: schedule its check again."""
+        """Performing actions with a timeout whose lane had to be rebuilt (Redis, and the
+        broker's scheduled messages with it, were lost): schedule the check again. A
+        healthy action's timeout is still in the broker and is left alone."""
+        lost = {lane.key for lane in report.lanes}
         rows = s.execute(
-            select(Action.id, Action.name, Action.started_at, Action.timeout_seconds)
+            select(
+                Action.id,
+                Action.name,
+                Action.started_at,
+                Action.timeout_seconds,
+                Action.concurrency_key,
+            )
             .where(Action.status == PERFORMING, Action.timeout_seconds.is_not(None))
             .order_by(Action.id)
         ).all()
         messages: list[Message] = []
-        for row in rows:
+        for row in (r for r in rows if r.concurrency_key in lost):
             started = row.started_at or self.clock()
             due = started + timedelta(seconds=float(row.timeout_seconds))
             left = max(0.0, (due - self.clock()).total_seconds())

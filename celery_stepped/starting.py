@@ -5,11 +5,11 @@ The engine calls these in order for a ``stepped.start`` message (or ``now()``):
 :meth:`Starter.prepare` runs ``before`` and computes keys, timeout and checksum
 (``ShortCircuit`` ends it there: cancelled, completed, failed or achieved, and no
 action row is written; what keys and ``before`` decided is recorded as a
-:class:`~celery_stepped.models.StartRecord` with ``before``'s changes, so a start
+:mod:`~celery_stepped.start_records` record with ``before``'s changes, so a start
 message delivered twice runs ``before`` once); :meth:`Starter.share` attaches the
 caller to an identical action already performing; :meth:`Starter.create` writes the
-pending row and claims the parent link in one transaction. Entering the lane is the next transition
-(:mod:`celery_stepped.superseding`).
+pending row and claims the parent link in one transaction. Entering the lane is the
+next transition (:mod:`celery_stepped.superseding`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
+from .effects import Effects
 from .events import Events
-from .join import changed, finish_link
+from .join import changed, report_link, waits_on
 from .lanes import Lanes
 from .messages import StartCall
-from .models import Achievement, Action, ParentLink, StartRecord, Step
-from .statuses import FINAL_STATUSES, ActionStatus, LinkState
+from .models import Achievement, Action, ParentLink, Step
+from .start_records import add_record, ended_in_before, outcome_of, recorded, replay
+from .statuses import ActionStatus, LinkState
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -74,6 +76,18 @@ def timeout_seconds(spec: Any, actor: Any) -> float | None:
     raise TypeError(f"timeout must give seconds or a timedelta, got {spec!r}")
 
 
+def _needs_actor(definition: SteppedAction[Any]) -> bool:
+    """True when starting runs user code: ``before``, or a key, timeout or checksum block."""
+    timeout = definition.resolved("timeout_spec")
+    blocks = (
+        definition.resolved("concurrency_key_spec"),
+        definition.resolved("checksum_key_spec"),
+        definition.resolved("checksum_fn"),
+        None if isinstance(timeout, timedelta) else timeout,
+    )
+    return bool(definition.before_hooks()) or any(callable(block) for block in blocks)
+
+
 def _call_before(hook: Callable[..., Any], action: Action, actor: Any) -> None:
     hook(action, actor, *action.arguments)
 
@@ -84,43 +98,6 @@ class ShortCircuit(Exception):
     def __init__(self, status: str) -> None:
         super().__init__(status)
         self.status = status
-
-
-def _ended_in_before(action: Action) -> str | None:
-    """The final status ``before`` gave the action (``cancel()``, ``complete()`` or any
-    final ``action.status = ...``), or None when it goes on."""
-    status = str(action.status)
-    return status if status in FINAL_STATUSES else action._short_circuit
-
-
-def _start_key(call: StartCall) -> str | None:
-    """The key of a start's record: the request id its message carries (a root's from
-    ``later()``, a child's from its parent link); None for ``now()``."""
-    return None if call.request is None else f"request:{call.request}"
-
-
-def _outcome(action: Action, ended: str | None, arguments: list[Any]) -> dict[str, Any]:
-    """What keys and ``before`` decided, as JSON (see :func:`_replay`)."""
-    return {
-        "status": ended,
-        "arguments": arguments,
-        "concurrency_key": action.concurrency_key,
-        "checksum_key": action.checksum_key,
-        "timeout_seconds": action.timeout_seconds,
-        "job": action.job,
-    }
-
-
-def _replay(action: Action, outcome: dict[str, Any]) -> None:
-    """Give the action what keys and ``before`` decided; ShortCircuit if they ended it."""
-    if outcome["status"] is not None:
-        raise ShortCircuit(outcome["status"])
-    action.status = ActionStatus.PENDING.value  # only a final status is kept from before
-    action.arguments = list(outcome["arguments"])
-    action.concurrency_key = outcome["concurrency_key"]
-    action.checksum_key = outcome["checksum_key"]
-    action.timeout_seconds = outcome["timeout_seconds"]
-    action.job = outcome["job"]
 
 
 def _tenancy(call: StartCall) -> str:
@@ -141,6 +118,16 @@ def _claim_link(s: Session, link_id: int, action_id: int) -> bool:
             .values(action_id=action_id),
         )
     )
+
+
+def _parent_waits_on(s: Session, link_id: int, candidate: int) -> bool:
+    """True when ``candidate`` is the parent of ``link_id``'s step or waits on it."""
+    parent = s.scalar(
+        select(Step.action_id)
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .where(ParentLink.id == link_id)
+    )
+    return parent == candidate or (parent is not None and waits_on(s, parent, candidate))
 
 
 def ancestry_of(s: Session, link_id: int) -> str:
@@ -213,13 +200,17 @@ class Starter:
         Keys and ``before`` run once per start: what they decided is recorded with
         ``before``'s own changes, and a delivery of the same message replays it.
         """
+        if not _needs_actor(definition):  # plain keys, no hooks: no query, no transaction
+            action = self.transient(definition, call, root, ActionStatus.PENDING.value)
+            self._keys(definition, action, None, call.args)
+            return action
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
-            outcome = self._recorded(s, call)
-            if outcome is None:
-                outcome = self._first_run(s, definition, call, action, actor)
-            _replay(action, outcome)
+            outcome = recorded(s, call) or self._first_run(s, definition, call, action, actor)
+            ended = replay(action, outcome)
+            if ended is not None:
+                raise ShortCircuit(ended)
             call.args = action.arguments
             loaded = self.actors.load(action.arguments, s)
             self._guarded(s, lambda: self._checksum(definition, action, actor, loaded), "keys")
@@ -228,14 +219,6 @@ class Starter:
             ):
                 raise ShortCircuit(ActionStatus.SUCCEEDED.value)
         return action
-
-    @staticmethod
-    def _recorded(s: Session, call: StartCall) -> dict[str, Any] | None:
-        """What keys and ``before`` decided for an earlier delivery of ``call``."""
-        key = _start_key(call)
-        if key is None:
-            return None
-        return s.scalar(select(StartRecord.outcome).where(StartRecord.key == key))
 
     def _first_run(
         self,
@@ -255,22 +238,20 @@ class Starter:
         try:
             self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
             self._run_before(s, definition, action, actor)
-            ended = _ended_in_before(action)
+            ended = ended_in_before(action)
         except ShortCircuit as short:  # a handled exception, rolled back already
             ended = short.status
         arguments = [] if ended else self.actors.dump(list(action.arguments))
-        outcome = _outcome(action, ended, arguments)
-        key = _start_key(call)
-        if key is not None:
-            s.add(StartRecord(key=key, outcome=outcome, created_at=self.clock()))
+        outcome = outcome_of(action, ended, arguments)
+        add_record(s, call, outcome, self.clock())
         try:
             s.commit()  # before's changes are kept, also when it stops the action
         except IntegrityError:
             s.rollback()
-            recorded = self._recorded(s, call)
-            if recorded is None:
+            earlier = recorded(s, call)
+            if earlier is None:
                 raise  # not a record of the same start: the changes broke a constraint
-            return recorded
+            return earlier
         return outcome
 
     def _guarded(self, s: Session, block: Callable[[], None], name: str) -> None:
@@ -287,7 +268,7 @@ class Starter:
     ) -> None:
         for hook in definition.before_hooks():
             self._guarded(s, partial(_call_before, hook, action, actor), "before")
-            if _ended_in_before(action) is not None:
+            if ended_in_before(action) is not None:
                 break
 
     @staticmethod
@@ -316,30 +297,37 @@ class Starter:
             action.checksum = None if value is None else checksum_digest(value)
 
     def share(self, action: Action, call: StartCall) -> int | None:
-        """Attach the caller to an identical checksum performing in the lane; its id."""
-        current, checksum = self.lanes.current_checksum(action.concurrency_key)
-        if current is None or checksum != action.checksum:
-            return None
+        """Attach the caller to identical work in the lane (same checksum key and checksum,
+        performing or pending); the id of the action it now waits on."""
+        lane = self.lanes.checksums(action.concurrency_key)
+        for candidate in [i for i, checksum in lane if checksum == action.checksum]:
+            shared = self._attach(candidate, action, call)
+            if shared is not None:
+                return shared
+        return None
+
+    def _attach(self, candidate: int, action: Action, call: StartCall) -> int | None:
         with self.session_factory() as s:
-            if call.link is not None and f",{current}," in ancestry_of(s, call.link):
+            if call.link is not None and _parent_waits_on(s, call.link, candidate):
                 return None  # attaching to an ancestor would wait forever: join, deadlock
             locked = changed(
                 s,
                 update(Action)
                 .where(
-                    Action.id == current,
-                    Action.status == ActionStatus.PERFORMING.value,
+                    Action.id == candidate,
+                    Action.status.in_((ActionStatus.PENDING.value, ActionStatus.PERFORMING.value)),
                     Action.checksum == action.checksum,
+                    Action.checksum_key == action.checksum_key,
                 )
                 .values(updated_at=self.clock()),
             )
             if not locked:
                 return None
-            if call.link is not None and not _claim_link(s, call.link, current):
+            if call.link is not None and not _claim_link(s, call.link, candidate):
                 s.rollback()
                 return self.existing(call) or FINISHED_WITHOUT_ROW
             s.commit()
-        return current
+        return candidate
 
     def create(self, action: Action, call: StartCall) -> Action | None:
         """Write the pending row (and claim the parent link); None when another
@@ -362,12 +350,9 @@ class Starter:
             s.expunge(action)
         return action
 
-    def finish_link(self, call: StartCall, status: str) -> list[int]:
+    def finish_link(self, call: StartCall, status: str) -> Effects:
         """A child that never persisted reports its outcome to the parent step."""
         if call.link is None:
-            return []
+            return Effects()
         successful = status == ActionStatus.SUCCEEDED.value
-        with self.session_factory() as s:
-            ready = finish_link(s, call.link, status, successful, self.clock())
-            s.commit()
-        return [] if ready is None else [ready]
+        return report_link(self.session_factory, call.link, status, successful, self.clock())

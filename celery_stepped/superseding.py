@@ -18,10 +18,12 @@ from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .errors import Deadlock
-from .events import Events
-from .join import changed, transfer_links
+from .events import Events, Facts
+from .join import changed, transfer_links, waits_on
 from .lanes import Lanes
+from .messages import advance_message
 from .models import Action
+from .staging import stage
 from .statuses import ActionStatus
 
 __all__ = ["Entry", "LaneEntry"]
@@ -54,18 +56,21 @@ class LaneEntry:
 
     def enter(self, action: Action) -> Entry:
         """Enter ``action``'s lane (a pending, persisted action)."""
+        current = self._waiting_current(action)
+        if current is not None:  # its lane is held by an action that waits on it
+            return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
         superseded: list[int] = []
-        ready: list[int] = []
+        staged = Effects()
 
         def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
-            done, now_ready = self.supersede_rows(old_ids, action.id)
+            done, now_staged = self.supersede_rows(old_ids, action.id)
             superseded.extend(done)
-            ready.extend(now_ready)
+            staged.add(now_staged)
 
         result = self.lanes.enter(
             action.concurrency_key, action.id, action.checksum, action.ancestry, supersede
         )
-        entry = Entry(self.after_supersede(superseded, ready, action.id))
+        entry = Entry(self.after_supersede(superseded, staged, action.id))
         if result.outcome == "deadlock":
             entry.deadlock = self._deadlock(action, result.current_id)
             entry.effects.finished.append(action.id)
@@ -77,12 +82,12 @@ class LaneEntry:
         """Mark pending actions superseded by ``newcomer_id`` (repair, racing joins)."""
         return self.after_supersede(*self.supersede_rows(old_ids, newcomer_id), newcomer_id)
 
-    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> tuple[list[int], list[int]]:
-        """Superseding in one SQL transaction; returns (superseded ids, ready steps)."""
+    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> tuple[list[int], Effects]:
+        """Superseding in one SQL transaction; returns (superseded ids, the ready steps)."""
         superseded: list[int] = []
         ready: list[int] = []
         if not old_ids:
-            return superseded, ready
+            return superseded, Effects()
         now = self.clock()
         with self.session_factory() as s:
             for old in old_ids:
@@ -99,21 +104,32 @@ class LaneEntry:
                 if done:
                     superseded.append(old)
                     ready.extend(transfer_links(s, old, newcomer_id, now))
+            staged = stage(s, map(advance_message, ready), now)
             s.commit()
-        return superseded, ready
+        return superseded, Effects(ready_steps=ready, staged=staged)
 
-    def after_supersede(self, superseded: list[int], ready: list[int], newcomer_id: int) -> Effects:
+    def after_supersede(self, superseded: list[int], staged: Effects, newcomer_id: int) -> Effects:
         """Signals and follow-ups of superseding (outside the lane lock)."""
-        effects = Effects().ready(*ready)
+        effects = Effects().add(staged)
         if not superseded:
             return effects
         for old in superseded:
-            self.events.action_completed(old, ActionStatus.SUPERSEDED.value)
+            facts = Facts("", "", "pending", superseded_by=newcomer_id)
+            self.events.action_completed(old, ActionStatus.SUPERSEDED.value, facts)
         with self.session_factory() as s:
             status = s.scalar(select(Action.status).where(Action.id == newcomer_id))
         if status is not None and ActionStatus(status).is_final:
             effects.finished.append(newcomer_id)  # it completed before the links arrived
         return effects
+
+    def _waiting_current(self, action: Action) -> int | None:
+        """The lane's current action when it waits on ``action`` through any parent
+        (shared and superseded parents included): entering would wait forever."""
+        current, _ = self.lanes.current_checksum(action.concurrency_key)
+        if current is None or current == action.id:
+            return None
+        with self.session_factory() as s:
+            return current if waits_on(s, action.id, current) else None
 
     def _deadlock(self, action: Action, current_id: int | None) -> Deadlock:
         with self.session_factory() as s:

@@ -7,16 +7,34 @@ step and link ids (a second delivery finds the work recorded and changes nothing
 
 from __future__ import annotations
 
+import logging
+import random
+import threading
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task
+from celery import signals as celery_signals
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
-__all__ = ["TASK_OPTIONS", "recovering", "register_tasks"]
+__all__ = [
+    "STORE_ERRORS",
+    "TASK_OPTIONS",
+    "RetryPolicy",
+    "Watch",
+    "recovering",
+    "register_tasks",
+    "watch_worker",
+]
+
+logger = logging.getLogger("celery_stepped")
+#: What a worker of each app watches (see :func:`watch_worker`).
+_watched: weakref.WeakKeyDictionary[Celery, Watch] = weakref.WeakKeyDictionary()
 
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True,
@@ -26,15 +44,29 @@ TASK_OPTIONS: dict[str, Any] = {
     "shared": False,
     "ignore_result": True,
     "bind": True,
-    # A locked SQLite file, a PostgreSQL deadlock or a Redis hiccup: run again from the
-    # start (every task is idempotent), in recovery mode.
-    "autoretry_for": (OperationalError, RedisConnectionError, RedisTimeoutError),
-    "retry_backoff": 1,
-    "retry_backoff_max": 60,
-    "retry_kwargs": {"max_retries": None},
 }
+#: Stepped's own store errors: a locked SQLite file, a PostgreSQL deadlock or a lost
+#: connection, a Redis hiccup. A message that meets one runs again from the start (every
+#: task is idempotent), as a redelivery. An error raised by the user's code is never one
+#: of these, whatever its class: it is handled per ``handle_exceptions``.
+STORE_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
 
 Delivering = Callable[[bool], AbstractContextManager[None]]
+GiveUp = Callable[[str, tuple[Any, ...], BaseException], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a message that met a store error runs again: exponential backoff with
+    jitter, at most ``max_retries`` times; then ``give_up`` fails the action it names."""
+
+    max_retries: int = 8
+    backoff: float = 1.0
+    backoff_max: float = 60.0
+
+    def countdown(self, retries: int) -> float:
+        """Seconds before retry number ``retries + 1``."""
+        return min(self.backoff_max, self.backoff * 2**retries) * random.uniform(0.5, 1.0)
 
 
 def recovering(task: Task) -> bool:
@@ -44,10 +76,26 @@ def recovering(task: Task) -> bool:
     return bool(delivery.get("redelivered") or request.retries)
 
 
-def _task(app: Celery, name: str, handler: Callable[..., Any], delivering: Delivering) -> Task:
+def _task(
+    app: Celery,
+    name: str,
+    handler: Callable[..., Any],
+    delivering: Delivering,
+    policy: RetryPolicy,
+    give_up: GiveUp,
+) -> Task:
     def run(self: Task, *args: Any) -> None:
-        with delivering(recovering(self)):
-            handler(*args)
+        try:
+            with delivering(recovering(self)):
+                handler(*args)
+        except STORE_ERRORS as exc:
+            retries = self.request.retries or 0
+            if retries >= policy.max_retries:
+                logger.error("%s%r: giving up after %s retries: %r", name, args, retries, exc)
+                give_up(name, args, exc)
+                return
+            countdown = policy.countdown(retries)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
 
     run.__name__ = name.rsplit(".", 1)[-1]
     run.__doc__ = handler.__doc__
@@ -56,7 +104,78 @@ def _task(app: Celery, name: str, handler: Callable[..., Any], delivering: Deliv
 
 
 def register_tasks(
-    app: Celery, handlers: dict[str, Callable[..., Any]], delivering: Delivering
+    app: Celery,
+    handlers: dict[str, Callable[..., Any]],
+    delivering: Delivering,
+    policy: RetryPolicy,
+    give_up: GiveUp,
 ) -> dict[str, Task]:
     """Register one task per handler on ``app``; return them by name."""
-    return {name: _task(app, name, handler, delivering) for name, handler in handlers.items()}
+    return {
+        name: _task(app, name, handler, delivering, policy, give_up)
+        for name, handler in handlers.items()
+    }
+
+
+@dataclass
+class Watch:
+    """What a worker of one app checks at start: Stepped's queue, and the outbox sweep."""
+
+    queue: str
+    sweep: Callable[[float], int]
+    sweep_after: float
+    sweep_every: float
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def watch_worker(app: Celery, watch: Watch) -> None:
+    """At worker start: warn when no Stepped queue is consumed; sweep the outbox then and
+    every ``sweep_every`` seconds (in a daemon thread of the worker's main process)."""
+    _watched[app] = watch
+
+
+def _check_queues(app: Celery, queue: str) -> None:
+    consumed = set(app.amqp.queues.consume_from or app.amqp.queues)
+    if queue not in consumed:
+        logger.warning(
+            "this worker consumes %s but not Stepped's queue %r: trees will wait; "
+            "start it with -Q %s",
+            ", ".join(sorted(consumed)) or "no queue",
+            queue,
+            ",".join([queue, *sorted(consumed)]),
+        )
+
+
+def _sweep(watch: Watch) -> None:
+    try:
+        sent = watch.sweep(watch.sweep_after)
+    except Exception:  # a database or broker hiccup: the next round tries again
+        logger.exception("stepped outbox sweep failed")
+        return
+    if sent:
+        logger.warning("stepped outbox sweep sent %s message(s) a crash left unsent", sent)
+
+
+def _sweep_forever(watch: Watch) -> None:
+    _sweep(watch)
+    while not watch.stop.wait(watch.sweep_every):
+        _sweep(watch)
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    watch = _watched.get(app) if app is not None else None
+    if app is None or watch is None:
+        return
+    _check_queues(app, watch.queue)
+    name = "stepped-outbox-sweep"
+    threading.Thread(target=_sweep_forever, args=(watch,), name=name, daemon=True).start()
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    for watch in list(_watched.values()):
+        watch.stop.set()
+
+
+celery_signals.worker_ready.connect(_on_worker_ready, weak=False)
+celery_signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from .messages import Message, MessageKind
 from .models import Action
 from .outbox import EnqueuedJob, JobQueue
-from .performing import ran_every_step
 from .statuses import ActionStatus
+from .step_index import ran_every_step
 
 if TYPE_CHECKING:
     from .extension import Stepped

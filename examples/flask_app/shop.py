@@ -2,15 +2,25 @@
 
 An order is fulfilled by a tree: ``charge`` (outbound: the payment provider calls the
 webhook), then ``pack`` and a one-second cool-off wait in parallel, then ``ship``.
+``pack`` fails for an item that is sold out (see :data:`SOLD_OUT`), and the order with it.
 
-Run it (a Redis server and a worker; see README.md beside this file)::
+Run everything at once (an embedded Redis, a worker, the web app)::
 
-    SHOP_REDIS_URL=redis://127.0.0.1:6379 SHOP_DATABASE_URL=sqlite:///shop.db \\
-        celery -A shop worker -Q stepped,celery          # in examples/flask_app
-    SHOP_REDIS_URL=... SHOP_DATABASE_URL=... flask --app shop run
+    python examples/flask_app/run.py
+
+or each part yourself, from examples/flask_app, with a Redis server::
+
+    export SHOP_REDIS_URL=redis://127.0.0.1:6379 SHOP_DATABASE_URL=sqlite:///shop.db
+    celery -A shop:celery_app worker -Q stepped,celery
+    flask --app shop run
+
+(``celery -A shop`` alone finds the Flask ``app`` of this module first and fails:
+name the Celery app, ``shop:celery_app``.)
 
 Routes: ``POST /orders`` ``{"item": "lamp"}``, ``GET /orders/<id>`` (the order and its
-tree), ``POST /webhooks/payments/<id>`` ``{"status": "succeeded"}``, ``GET /lanes``.
+tree), ``POST /webhooks/payments/<id>`` ``{"status": "succeeded"}``, ``GET /lanes``, and
+the pages of :func:`celery_stepped.contrib.flask.stepped_blueprint` under ``/stepped``
+(complete and cancel with the token in ``SHOP_ACTION_TOKEN``).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from sqlalchemy import String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from celery_stepped import ActionStatus, Step, Stepped
+from celery_stepped.contrib.flask import stepped_blueprint
 from celery_stepped.models import Action
 from celery_stepped.views import action_tree, lane_rows
 
@@ -64,8 +75,18 @@ def ask_for_payment(step: Step, order: Order) -> None:
     order.state = "awaiting payment"  # a real shop would call its payment provider here
 
 
+#: Items the warehouse has none of: packing them fails.
+SOLD_OUT = frozenset({"unicorn"})
+
+
+class SoldOut(Exception):
+    """The warehouse has none of the ordered item left."""
+
+
 @celery_app.stepped_action
 def pack(order: Order) -> None:
+    if order.item in SOLD_OUT:
+        raise SoldOut(f"no {order.item} left in the warehouse")
     order.state = "packed"
 
 
@@ -101,6 +122,8 @@ def give_up(action: Action, order: Order) -> None:
 # -- the web app -----------------------------------------------------------------------------
 
 app = Flask(__name__)
+app.config["STEPPED_ACTION_TOKEN"] = os.environ.get("SHOP_ACTION_TOKEN")
+app.register_blueprint(stepped_blueprint(stepped, allow_actions=True))
 
 
 def _root_of(order_id: int) -> Action | None:

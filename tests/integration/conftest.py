@@ -9,10 +9,14 @@ tests the rows, the lanes and the probe are emptied; the workers keep running.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -36,6 +40,8 @@ from tests.models import Car
 
 PROBE_DB = 4
 ROOT = Path(__file__).resolve().parents[2]
+#: The Flask example (``examples/flask_app``): ``shop.py`` and ``run.py``.
+SHOP = ROOT / "examples" / "flask_app"
 #: How long a test waits for a tree before it fails.
 WAIT = float(os.environ.get("STEPPED_TEST_WAIT", "60"))
 
@@ -252,13 +258,16 @@ def make_cluster(
     concurrency: int = 2,
     visibility_timeout: float | None = None,
     duplicate: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Cluster:
-    """A module's cluster: fresh database and Redis databases, then the workers."""
+    """A module's cluster: fresh database and Redis databases, then the workers (with
+    ``env`` added to their environment)."""
     directory = tmp_path_factory.mktemp("integration")
     database_url = os.environ.get("STEPPED_DATABASE_URL") or f"sqlite:///{directory / 'stepped.db'}"
     for db in (LANES_DB, BROKER_DB, PROBE_DB):
         redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
     cluster = Cluster(redis_base, database_url, directory, visibility_timeout, duplicate)
+    cluster.env.update(env or {})
 
     def finish() -> None:
         cluster.stop_workers()
@@ -287,3 +296,29 @@ def it(cluster: Cluster) -> Iterator[Cluster]:
     """The module's cluster, emptied before the test."""
     cluster.reset()
     yield cluster
+
+
+@contextlib.contextmanager
+def shop_module(env: Mapping[str, str]) -> Iterator[ModuleType]:
+    """The Flask example's ``shop`` module, imported with ``env`` (``SHOP_REDIS_URL``,
+    ``SHOP_DATABASE_URL``, ...) and its tables created; its Redis databases (0: broker,
+    1: lanes) are flushed before and after, and its classes unmapped after."""
+    base = env["SHOP_REDIS_URL"]
+    for db in (0, 1):
+        redis.Redis.from_url(f"{base}/{db}").flushdb()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.syspath_prepend(str(SHOP))
+        sys.modules.pop("shop", None)
+        module = importlib.import_module("shop")
+    module.create_tables()
+    try:
+        yield module
+    finally:
+        sys.modules.pop("shop", None)
+        module.stepped.engine.dispose()
+        # Unmap Order: the next import maps a new class of the same actor type name.
+        module.ShopBase.registry.dispose()
+        for db in (0, 1):
+            redis.Redis.from_url(f"{base}/{db}").flushdb()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 
+from celery_stepped.embedded import WorkerProcess
 from celery_stepped.lanes import Lane
 from celery_stepped.models import Achievement, ParentLink
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import ROOT, Cluster
 
 
 def links(it: Cluster, step_id: int) -> list[tuple[int | None, str]]:
@@ -69,7 +72,7 @@ def test_two_parents_share_an_action_by_checksum(it: Cluster) -> None:
     second = it.later("shared_parent", car, 1, "second")
     it.wait_for(
         "the second parent to attach",
-        lambda: [a for a, _ in links(it, first_step(it, second)) if a is not None],
+        lambda: [a for a, _ in links(it, first_step(it, second))] == [shared.id],
     )
     assert len(it.actions("shared_job")) == 1
     steps = [it.stepped.get_action(p).steps[0] for p in (first, second)]
@@ -112,3 +115,44 @@ def test_outbound_and_job_backed_children_and_a_wait(it: Cluster) -> None:
     assert sorted(state for _, state in links(it, done.steps[0].id)) == ["done"] * 3
     it.quiet()
     it.assert_signals_once()
+
+
+def test_the_completing_task_hands_the_lane_on_inline(it: Cluster) -> None:
+    """On a real worker: the ``stepped.complete`` task that ends the lane's current action
+    performs the next pending one itself; no ``stepped.resume`` message is sent."""
+    car = it.make_car()
+    key = f"lane/{car.id}"
+    first = it.later("lane_job", car, "a")
+    it.wait_ready(first)
+    second = it.later("lane_job", car, "b")
+    it.wait_for("b to queue", lambda: it.stepped.lanes.get(key) == Lane(key, first, [second]))
+    job = it.stepped.registry.find(type(car), "lane_job")
+    job.complete_later(car)
+    it.wait_ready(second)
+    assert it.stepped.lanes.get(key) == Lane(key, second, [])
+    assert "stepped.resume" not in it.logs()
+    job.complete_later(car)
+    assert [it.wait_final(x).status for x in (first, second)] == ["succeeded", "succeeded"]
+    assert it.log_tokens(car.id) == ["lane-a", "lane-b"]
+
+
+def test_a_worker_without_the_stepped_queue_says_so_at_start(it: Cluster, tmp_path: Any) -> None:
+    """``celery -A app worker`` (no ``-Q stepped``) would leave every tree waiting."""
+    log = tmp_path / "no-stepped-queue.log"
+    worker = WorkerProcess(
+        "tests.integration.worker_app",
+        queues="celery",
+        concurrency=1,
+        env=it.env,
+        cwd=str(ROOT),
+        logfile=str(log),
+    )
+    try:
+        worker.start()
+        text = worker.read_log()
+    finally:
+        worker.stop()
+    assert "consumes celery but not Stepped's queue 'stepped'" in text
+    assert "start it with -Q stepped,celery" in text
+    for running in it.workers:
+        assert "not Stepped's queue" not in running.read_log()

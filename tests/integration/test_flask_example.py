@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-import redis
 
 from celery_stepped.embedded import WorkerProcess
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flask_app"
+from tests.integration.conftest import SHOP, shop_module
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +18,13 @@ def shop(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """The example module (imported once), its tables, and a real worker running its tasks."""
     database = tmp_path_factory.mktemp("shop") / "shop.db"
     env = {"SHOP_REDIS_URL": redis_base, "SHOP_DATABASE_URL": f"sqlite:///{database}"}
-    for db in (0, 1):
-        redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        patch.syspath_prepend(str(EXAMPLE))
-        sys.modules.pop("shop", None)
-        module = importlib.import_module("shop")
-    module.create_tables()
-    worker = WorkerProcess("shop:celery_app", cwd=str(EXAMPLE), env=env, concurrency=2)
-    worker.start()
-    try:
-        yield module
-    finally:
-        worker.stop()
-        sys.modules.pop("shop", None)
-        module.stepped.engine.dispose()
-        for db in (0, 1):
-            redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
+    with shop_module(env) as module:
+        worker = WorkerProcess("shop:celery_app", cwd=str(SHOP), env=env, concurrency=2)
+        worker.start()
+        try:
+            yield module
+        finally:
+            worker.stop()
 
 
 def poll(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:

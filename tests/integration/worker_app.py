@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from signal import SIGKILL
 from typing import Any
 from uuid import uuid4
 
@@ -25,6 +26,7 @@ import redis
 from celery import Celery
 from celery import signals as celery_signals
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from celery_stepped import Stepped, signals
 from celery_stepped.messages import Message
@@ -38,6 +40,41 @@ ENV_PROBE = "STEPPED_TEST_PROBE_URL"
 ENV_VISIBILITY = "STEPPED_TEST_VISIBILITY_TIMEOUT"
 #: "1": publish every internal message twice (the duplicate delivery tests).
 ENV_DUPLICATE = "STEPPED_TEST_DUPLICATE"
+#: A message kind: the first process about to publish one is killed (SIGKILL) after its
+#: transaction committed (the outbox tests); the outbox is swept every second.
+ENV_CRASH = "STEPPED_TEST_CRASH_BEFORE_SENDING"
+
+
+#: An action name: beginning it raises a store error (OperationalError), always.
+ENV_STORE_DOWN = "STEPPED_TEST_STORE_DOWN_FOR"
+
+
+def store_down_for(stepped: Stepped, name: str) -> None:
+    """Make Stepped's own store fail whenever an action called ``name`` begins."""
+    performer = stepped.core.performer
+    begin = performer.begin
+
+    def failing_begin(action_id: int, delivery: Any) -> Any:
+        if stepped.get_action(action_id).name == name:
+            raise OperationalError("UPDATE stepped_actions", {}, Exception("database is down"))
+        return begin(action_id, delivery)
+
+    performer.begin = failing_begin  # type: ignore[method-assign]
+
+
+def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:
+    """Kill this process, once across all workers, just before it publishes ``kind``."""
+    broker = stepped.outboxes.broker
+    send = broker.send
+
+    def send_or_die(messages: Sequence[Message]) -> None:
+        if any(m.kind == kind for m in messages) and probe.redis.set(
+            "probe:crashed", os.getpid(), nx=True
+        ):
+            os.kill(os.getpid(), SIGKILL)
+        send(messages)
+
+    broker.send = send_or_die  # type: ignore[method-assign]
 
 
 class Probe:
@@ -318,6 +355,19 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
         probe.block(name)
         append(step, car, "blocker-2")
 
+    # -- a store that keeps failing for one action (the store error tests) -------------------
+    store_down = app.stepped_action("store_down", actor=Car, concurrency_key=_key("down"))
+
+    @store_down.step
+    def store_down_body(step: Any, car: Car) -> None:
+        append(step, car, "store-down-ran")
+
+    store_parent = app.stepped_action("store_parent", actor=Car)
+
+    @store_parent.step
+    def store_parent_body(step: Any, car: Car) -> None:
+        step.do("store_down")
+
 
 def _key(prefix: str) -> Any:
     """A concurrency key of its own per argument list, so siblings never share a lane."""
@@ -381,6 +431,10 @@ def build(
     """
     app = Celery("stepped_integration", broker=broker_url, set_as_current=False)
     app.conf.update(
+        stepped_outbox_sweep_after=float(os.environ.get("STEPPED_TEST_SWEEP_AFTER", 60)),
+        stepped_outbox_sweep_every=float(os.environ.get("STEPPED_TEST_SWEEP_EVERY", 30)),
+        stepped_store_retries=int(os.environ.get("STEPPED_TEST_STORE_RETRIES", 8)),
+        stepped_store_retry_backoff=float(os.environ.get("STEPPED_TEST_STORE_BACKOFF", 1)),
         task_serializer="pickle",
         accept_content=["json"],
         worker_prefetch_multiplier=1,
@@ -406,7 +460,7 @@ def _from_env() -> Celery | None:
     if ENV_BROKER not in os.environ:
         return None
     visibility = os.environ.get(ENV_VISIBILITY)
-    app, _, probe = build(
+    app, stepped, probe = build(
         os.environ[ENV_BROKER],
         os.environ[ENV_LANES],
         os.environ[ENV_DATABASE],
@@ -414,6 +468,10 @@ def _from_env() -> Celery | None:
         float(visibility) if visibility else None,
         os.environ.get(ENV_DUPLICATE) == "1",
     )
+    if os.environ.get(ENV_CRASH):
+        crash_before_sending(stepped, probe, os.environ[ENV_CRASH])
+    if os.environ.get(ENV_STORE_DOWN):
+        store_down_for(stepped, os.environ[ENV_STORE_DOWN])
 
     def record_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
         if request is not None and str(request.name).startswith("stepped."):

@@ -1044,3 +1044,42 @@ def test_an_action_superseded_while_promoted_releases_the_lane(stepped: Stepped,
 
     assert status(stepped, parent.id) == "succeeded"
     assert redis_keys(stepped) == []
+
+
+# -- lane handoff (issue 11, item 2) ----------------------------------------------------------
+
+
+def test_a_completing_task_hands_its_lane_to_the_next_action_inline(
+    stepped: Stepped, car: Car
+) -> None:
+    """As Stepped's ``Performance#forward``: the task that completes the lane's current
+    action performs the next pending one itself; no message is enqueued for it."""
+    shop = define_shop(stepped)
+    with stepped.capture() as jobs:
+        held = shop.hold.now(car)
+        queued = shop.paint.now(car)  # pending behind the held action
+        assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [queued.id])
+        shop.hold.complete_later(car)
+        assert [j.kind for j in jobs.enqueued] == ["complete"]
+        assert jobs.perform() == 1  # the completion message: it also performs ``paint``
+        assert jobs.enqueued == []
+        assert status(stepped, queued.id) == "succeeded"
+    assert load_car(stepped, car.id).honks == 1
+    assert redis_keys(stepped) == []
+
+
+def test_a_caller_outside_a_task_hands_the_lane_on_with_a_message(
+    stepped: Stepped, car: Car
+) -> None:
+    """``stepped.complete()`` from a web request does not run the next action's steps in
+    that request: it sends ``stepped.resume`` (the kind shown is ``action``)."""
+    shop = define_shop(stepped)
+    with stepped.capture() as jobs:
+        held = shop.hold.now(car)
+        queued = shop.paint.now(car)
+        stepped.complete(held.id)
+        assert [(j.kind, j.name) for j in jobs.enqueued] == [("action", "paint")]
+        assert status(stepped, queued.id) == "pending"
+        jobs.perform_all()
+        assert status(stepped, queued.id) == "succeeded"
+    assert redis_keys(stepped) == []

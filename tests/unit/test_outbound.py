@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from celery_stepped import ActionStatus, Step, Stepped, signals
 from celery_stepped.messages import advance_message
@@ -370,11 +370,17 @@ def test_handled_key_block_errors_fail_without_rows(stepped: Stepped) -> None:
         keyed.now(car)
 
 
-def test_redelivery_runs_the_after_callbacks_a_crash_skipped(stepped: Stepped, car: Car) -> None:
+def test_a_crash_inside_after_callbacks_rolls_the_whole_completion_back(
+    stepped: Stepped, car: Car
+) -> None:
+    """Final status, callbacks, achievement and the report to the parent commit together:
+    a process that dies in the second callback leaves no trace of the first one, and the
+    redelivery completes the action with each callback run once."""
     from celery_stepped.models import Achievement
 
     app = stepped.app
     ran: list[str] = []
+    crash = [True]
     sign = app.stepped_action("sign", actor=Car, outbound=True, checksum=lambda car: "v1")
 
     @sign.step
@@ -388,6 +394,8 @@ def test_redelivery_runs_the_after_callbacks_a_crash_skipped(stepped: Stepped, c
 
     @sign.succeeded
     def second(action: Action, car: Car) -> None:
+        if crash and crash.pop():
+            raise KeyboardInterrupt  # the process dies here (not an Exception: not handled)
         ran.append("second")
         car.note("second")
 
@@ -401,22 +409,49 @@ def test_redelivery_runs_the_after_callbacks_a_crash_skipped(stepped: Stepped, c
         root = deal.now(car)
         perform_stepped_actions(stepped)
         (child,) = stored_actions(stepped, "sign")
-        # The first run committed the final status and the first callback, then died.
+        with pytest.raises(KeyboardInterrupt):
+            stepped.complete(child.id)
+        seen = stepped.get_action(child.id)
+        assert (seen.status, seen.after_callbacks_succeeded_count) == ("performing", 0)
+        assert not load_car(stepped, car.id).log  # first's note was rolled back too
+        assert stepped.get_action(root.id).steps[0].pending_actions_count == 1
         with stepped.session() as session:
-            session.execute(
-                update(Action)
-                .where(Action.id == child.id)
-                .values(status="succeeded", after_callbacks_succeeded_count=1)
-            )
-        ran.append("first")
-        for _ in range(2):  # delivered again, twice
-            with stepped.core.delivering(recovering=True):
-                stepped.core.complete(child.id, "succeeded")
+            assert session.scalar(select(func.count()).select_from(Achievement)) == 0
+        assert stepped.complete(child.id) is not None  # delivered again
         perform_stepped_actions(stepped)
-    assert ran == ["first", "second"]  # the missing callback ran once, the first not again
+    assert ran == ["first", "first", "second"]  # the first run's effects were rolled back
     done = stepped.get_action(child.id)
     assert (done.after_callbacks_succeeded_count, done.after_callbacks_failed_count) == (2, 0)
-    assert load_car(stepped, car.id).log == "second;"
-    with stepped.session() as session:
-        assert session.scalar(select(Achievement.checksum_key)) == done.checksum_key
+    assert load_car(stepped, car.id).log == "first;second;"
     assert stepped.get_action(root.id).status == "succeeded"
+    with stepped.session() as session:
+        assert session.scalar(select(Achievement.checksum_key)) == f"Car/{car.id}/sign"
+
+
+def test_an_operational_error_from_the_users_own_query_is_the_users(
+    stepped: Stepped, car: Car
+) -> None:
+    """Whatever its class, an exception raised by a step body is the body's: handled per
+    ``handle_exceptions`` (the step fails with the error stored), never retried as
+    Stepped's own store error."""
+    from sqlalchemy.exc import OperationalError
+
+    app = stepped.app
+
+    @app.stepped_action
+    def report(step: Step, car: Car) -> None:
+        raise OperationalError("SELECT * FROM warehouse", {}, Exception("warehouse db is down"))
+
+    with stepped.capture():
+        action = report.now(car)
+    done = stepped.get_action(action.id)
+    assert done.status == "failed"
+    (failed_step,) = done.steps
+    assert failed_step.error is not None
+    assert failed_step.error["type"] == "OperationalError"
+    assert "warehouse db is down" in failed_step.error["message"]
+    with (
+        handle_stepped_action_exceptions(stepped, only=(KeyError,)),
+        pytest.raises(OperationalError),
+    ):
+        report.now(car)  # not handled: it propagates to Celery, as any other class

@@ -1,0 +1,58 @@
+"""The durable half of the outbox: messages staged in SQL with the state change.
+
+A transition writes the messages it decides, and an *insurance* message for each
+follow-up it leaves to the engine (``stepped.advance`` for a step whose last member
+reported, ``stepped.resume`` for an action that completed), as
+:class:`~celery_stepped.models.OutboxEntry` rows in its own transaction. The engine
+sends the messages after the commit, runs the follow-ups, and only then deletes the
+entries. Whatever a crash (``kill -9``) left behind is sent again by a sweep: at worker
+start and periodically (every message is idempotent, and a swept message runs as a
+redelivery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from .messages import Message
+from .models import OutboxEntry
+
+__all__ = ["discard", "due", "stage"]
+
+
+def stage(s: Session, messages: Iterable[Message], now: datetime) -> list[int]:
+    """Write ``messages`` in ``s``'s transaction; the entry ids (one INSERT each)."""
+    rows = [{"message": m.to_dict(), "created_at": now} for m in messages]
+    if not rows:
+        return []
+    result = s.execute(insert(OutboxEntry).returning(OutboxEntry.id), rows)
+    return list(result.scalars().all())
+
+
+def discard(session_factory: Callable[[], Session], entry_ids: list[int]) -> None:
+    """Delete entries whose messages were sent or whose follow-ups ran (one statement)."""
+    if not entry_ids:
+        return
+    with session_factory() as s:
+        s.execute(delete(OutboxEntry).where(OutboxEntry.id.in_(entry_ids)))
+        s.commit()
+
+
+def due(
+    session_factory: Callable[[], Session], now: datetime, older_than: float, limit: int = 500
+) -> list[tuple[int, Message, datetime]]:
+    """Entries older than ``older_than`` seconds, left behind by a crash (oldest first):
+    ``(id, message, created_at)``."""
+    cutoff = now - timedelta(seconds=older_than)
+    with session_factory() as s:
+        rows = s.execute(
+            select(OutboxEntry.id, OutboxEntry.message, OutboxEntry.created_at)
+            .where(OutboxEntry.created_at <= cutoff)
+            .order_by(OutboxEntry.id)
+            .limit(limit)
+        ).all()
+    return [(row.id, Message.from_dict(row.message), row.created_at) for row in rows]

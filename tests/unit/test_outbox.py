@@ -1,0 +1,99 @@
+"""The transactional outbox: messages are staged with the state change, sent after the
+commit, and sent again by a sweep when a crash came in between."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from celery_stepped import Stepped
+from celery_stepped.models import Action, OutboxEntry
+from celery_stepped.testing import perform_stepped_actions
+from tests.conftest import load_car
+from tests.models import Car
+
+
+class Crash(BaseException):
+    """The process dies (kill -9) at this point."""
+
+
+def entries(stepped: Stepped) -> int:
+    with stepped.session() as s:
+        return int(s.scalar(select(func.count()).select_from(OutboxEntry)) or 0)
+
+
+def define(stepped: Stepped) -> Any:
+    app = stepped.app
+
+    @app.stepped_action
+    def honk(car: Car) -> None:
+        car.honk()
+
+    @app.stepped_action
+    def tour(step: Any, car: Car) -> None:
+        step.wait(30)
+        step.do(honk)
+
+    return tour
+
+
+def test_a_finished_tree_leaves_no_entry(stepped: Stepped, car: Car) -> None:
+    tour = define(stepped)
+    with stepped.capture():
+        root = tour.now(car)
+        assert entries(stepped) == 0  # its wait and child were sent: entries dropped
+        perform_stepped_actions(stepped)
+    assert stepped.get_action(root.id).status == "succeeded"
+    assert entries(stepped) == 0
+
+
+def test_a_crash_between_commit_and_send_is_swept(
+    stepped: Stepped, car: Car, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tour = define(stepped)
+    with stepped.capture() as jobs:
+        send = stepped.outboxes.send
+
+        def die(messages: Any) -> None:
+            if messages:
+                raise Crash
+            send(messages)
+
+        monkeypatch.setattr(stepped.outboxes, "send", die)
+        with pytest.raises(Crash):
+            tour.now(car)  # the step committed its wait and child, then the process died
+        monkeypatch.setattr(stepped.outboxes, "send", send)
+        assert jobs.enqueued == []
+        assert entries(stepped) == 2
+        assert stepped.sweep_outbox(older_than=3600) == 0  # not old enough: maybe in flight
+        assert stepped.sweep_outbox(older_than=0) == 2
+        assert sorted(j.kind for j in jobs.enqueued) == ["action", "wait"]
+        assert entries(stepped) == 0
+        perform_stepped_actions(stepped)
+    with stepped.session() as s:
+        statuses = s.execute(select(Action.name, Action.status).order_by(Action.id)).all()
+    assert [tuple(row) for row in statuses] == [("tour", "succeeded"), ("honk", "succeeded")]
+    assert load_car(stepped, car.id).honks == 1
+
+
+def crash(*_: Any) -> None:
+    raise Crash
+
+
+def test_later_is_durable_before_the_broker_has_it(
+    stepped: Stepped, car: Car, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tour = define(stepped)
+    with stepped.capture() as jobs:
+        monkeypatch.setattr(stepped.outboxes, "send_one", crash)
+        with pytest.raises(Crash):
+            tour.later(car)  # the broker died before it took the message
+        monkeypatch.undo()
+        assert entries(stepped) == 1
+        assert stepped.sweep_outbox(older_than=0) == 1
+        assert [(j.kind, j.name) for j in jobs.enqueued] == [("action", "tour")]
+        perform_stepped_actions(stepped)
+    assert load_car(stepped, car.id).honks == 1
+    assert entries(stepped) == 0
