@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .canvas import SteppedSignature
     from .definition import SteppedAction
     from .errors import (
+        ActionFailed,
         ActionNotFound,
         ActorNotFound,
         ConfigurationError,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .step import Step as StepContext
 
 __all__ = [
+    "ActionFailed",
     "ActionNotFound",
     "ActionStatus",
     "ActorNotFound",
@@ -48,6 +50,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _MODULES = {
+    "ActionFailed": ".errors",
     "ActionNotFound": ".errors",
     "ActionStatus": ".statuses",
     "ActorNotFound": ".errors",

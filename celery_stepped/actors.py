@@ -16,8 +16,9 @@ from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, Session
 
 from .errors import ActorNotFound, ConfigurationError
+from .models import Base as SteppedBase
 
-__all__ = ["ActorRegistry", "ActorType"]
+__all__ = ["REF", "ActorRegistry", "ActorType", "is_reference"]
 
 REF = "__stepped_actor__"
 
@@ -32,6 +33,14 @@ class ActorType:
     load: Callable[[str], Any] | None  # None: a mapped class loaded through the session
 
 
+def is_reference(value: Any) -> bool:
+    """True for an actor reference ``{"__stepped_actor__": [type_name, identity]}``."""
+    if not isinstance(value, dict) or set(value) != {REF}:
+        return False
+    ref = value[REF]
+    return isinstance(ref, list | tuple) and len(ref) == 2 and all(isinstance(p, str) for p in ref)
+
+
 def _mapper_of(cls: type) -> Mapper[Any] | None:
     try:
         mapper: Any = sa_inspect(cls, raiseerr=False)
@@ -41,11 +50,12 @@ def _mapper_of(cls: type) -> Mapper[Any] | None:
 
 
 def _all_mapped_classes() -> list[type]:
+    """Every mapped class of the app: Stepped's own records are never actors."""
     from sqlalchemy.orm import mapperlib
 
     classes: list[type] = []
     for reg in list(mapperlib._all_registries()):
-        classes.extend(m.class_ for m in reg.mappers)
+        classes.extend(m.class_ for m in reg.mappers if not issubclass(m.class_, SteppedBase))
     return classes
 
 
@@ -71,6 +81,7 @@ class ActorRegistry:
         self._session_factory = session_factory
         self._by_class: dict[type, ActorType] = {}
         self._by_name: dict[str, ActorType] = {}
+        self._resolved: dict[str, ActorType] = {}
 
     def register(
         self,
@@ -84,6 +95,7 @@ class ActorRegistry:
         if not callable(identify) or not callable(load):
             raise TypeError("register_actor needs callables identify(obj) and load(identity)")
         actor_type = ActorType(cls, type_name or cls.__name__, identify, load)
+        self._resolved.clear()
         self._by_class[cls] = actor_type
         self._by_name[actor_type.type_name] = actor_type
         return actor_type
@@ -94,7 +106,7 @@ class ActorRegistry:
         for klass in cls.__mro__:
             if klass in self._by_class:
                 return self._by_class[klass]
-        if _mapper_of(cls) is not None:
+        if _mapper_of(cls) is not None and not issubclass(cls, SteppedBase):
             mapped = ActorType(cls, cls.__name__, _mapped_identity, None)
             self._check_unique_name(mapped)
             return mapped
@@ -108,7 +120,9 @@ class ActorRegistry:
         if isinstance(obj, type) or obj is None:
             return False
         cls = type(obj)
-        return any(k in self._by_class for k in cls.__mro__) or _mapper_of(cls) is not None
+        if any(k in self._by_class for k in cls.__mro__):
+            return True
+        return _mapper_of(cls) is not None and not issubclass(cls, SteppedBase)
 
     def _check_unique_name(self, actor_type: ActorType) -> None:
         if actor_type.type_name in self._by_name:
@@ -122,9 +136,15 @@ class ActorRegistry:
             )
 
     def resolve(self, type_name: str) -> ActorType:
-        """The actor type registered or mapped under ``type_name``."""
+        """The actor type registered or mapped under ``type_name`` (cached)."""
         if type_name in self._by_name:
             return self._by_name[type_name]
+        found = self._resolved.get(type_name)
+        if found is None:
+            found = self._resolved[type_name] = self._resolve_mapped(type_name)
+        return found
+
+    def _resolve_mapped(self, type_name: str) -> ActorType:
         matches = [
             c
             for c in _all_mapped_classes()
@@ -190,6 +210,8 @@ class ActorRegistry:
             return value
         if isinstance(value, list | tuple):
             return [self.dump(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if is_reference(value):  # dumped before (a stepped signature's arguments)
+            return {REF: [str(part) for part in value[REF]]}
         if isinstance(value, dict):
             out = {}
             for k, v in value.items():

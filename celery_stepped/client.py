@@ -16,7 +16,8 @@ from celery.result import AsyncResult
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from .actors import ActorRegistry
+from .actors import REF, ActorRegistry, is_reference
+from .canvas import call_options
 from .engine import Engine
 from .errors import ActionNotFound
 from .messages import Message, StartCall, complete_message, start_message
@@ -24,6 +25,7 @@ from .models import Action, Step
 from .outbound import performing_outbound
 from .outbox import Outboxes
 from .registry import Registry
+from .results import ActionResult, Found, find_request
 from .staging import discard, stage
 from .statuses import COMPLETION_STATUSES
 
@@ -66,9 +68,13 @@ class Client:
         """A root action's start call, validated in the caller (TypeError, UnknownAction)."""
         if actor is None:
             raise TypeError(f"{name} needs an actor")
-        self.registry.find(type(actor), name)
-        dumped = self.actors.dump(list(args))
-        return StartCall(list(self.actors.identify(actor)), name, dumped)
+        if is_reference(actor):  # from a stepped signature, dumped when it was built
+            ref = list(actor[REF])
+            self.registry.find(self.actors.resolve(ref[0]).cls, name)
+        else:
+            self.registry.find(type(actor), name)
+            ref = list(self.actors.identify(actor))
+        return StartCall(ref, name, self.actors.dump(list(args)))
 
     def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:
         """``SteppedAction.now``: start a root action in this process."""
@@ -77,12 +83,41 @@ class Client:
             return action
         return self.get_action(action.id)
 
-    def start_later(self, name: str, actor: Any, args: list[Any]) -> AsyncResult:
-        """``SteppedAction.later``: enqueue the start of a root action."""
+    def start_later(
+        self, name: str, actor: Any, args: list[Any], options: dict[str, Any] | None = None
+    ) -> AsyncResult:
+        """``SteppedAction.later``: enqueue the start of a root action.
+
+        ``options`` are Celery's call options (``canvas.call_options``); ``queue=``
+        routes the start message. The result tracks the root (``results.ActionResult``).
+        """
+        given = call_options(options or {}, self.engine.clock())
         call = self.root_call(name, actor, args)
-        call.request = str(uuid4())
-        queue = self.lookup(call.actor[0], name).resolved("action_queue")
-        return self.send_durably(start_message(call, queue))
+        call.request = given.task_id or str(uuid4())
+        call.canvas = given.canvas or None
+        queue = given.queue or self.lookup(call.actor[0], name).resolved("action_queue")
+        message = start_message(
+            call,
+            queue,
+            countdown=given.countdown,
+            expires=given.expires,
+            priority=given.priority,
+        )
+        self.send_durably(message)
+        return self.result(call.request)
+
+    def result(self, task_id: str) -> ActionResult:
+        """The ``AsyncResult`` of the root started by request ``task_id``."""
+        return ActionResult(task_id, find=self.find_request, app=self.outboxes.app)
+
+    def find_request(self, request_id: str) -> Found | None:
+        """The root action created by request ``request_id``, if any yet."""
+        return find_request(self.session_factory, request_id)
+
+    def dump_arguments(self, args: list[Any]) -> list[Any]:
+        """Arguments as JSON, actors as references (TypeError otherwise)."""
+        dumped: list[Any] = self.actors.dump(list(args))
+        return dumped
 
     def send_durably(self, message: Message) -> AsyncResult:
         """Stage ``message`` in SQL, send it, then drop the entry: a message the broker
@@ -122,7 +157,8 @@ class Client:
         performing when the message runs (none then: the message does nothing)."""
         check_status(status)
         actor_ref = list(self.actors.identify(actor))
-        return self.send_durably(complete_message(status, name, actor_ref))
+        queue = self.lookup(actor_ref[0], name).resolved("action_queue")
+        return self.send_durably(complete_message(status, name, actor_ref, queue))
 
     # -- reading ---------------------------------------------------------------------
 

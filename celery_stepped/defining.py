@@ -106,13 +106,17 @@ class Definer:
     def implicit(self, actor_class: type, name: str) -> SteppedAction[Any]:
         """The implicit definition of ``name`` for ``actor_class`` (the registry caches
         it): one generated step calling the actor's method ``name``."""
-        definition = self._build(name, actor_class, {})
-        definition.implicit = True
+        definition = self._build(name, actor_class, {}, implicit=True)
         self._register_task(definition)
         return definition
 
-    def _build(self, name: str, actor: type | None, options: dict[str, Any]) -> SteppedAction[Any]:
-        cls = type(f"SteppedAction_{name}", (SteppedAction,), {"__module__": __name__})
+    def _build(
+        self, name: str, actor: type | None, options: dict[str, Any], implicit: bool = False
+    ) -> SteppedAction[Any]:
+        """A definition of its own class (``implicit``: a class attribute, True for an
+        implicit definition)."""
+        attributes = {"__module__": __name__, "implicit": implicit}
+        cls = type(f"SteppedAction_{name}", (SteppedAction,), attributes)
         definition: SteppedAction[Any] = cls(
             self.runner, self.registry, name, actor=actor, **options
         )
@@ -123,7 +127,7 @@ class Definer:
         implicit one and this one is declared (calls dispatch by name either way)."""
         existing = self.app.tasks.get(definition.name)
         if existing is not None and getattr(existing, "implicit", False):
-            if definition.implicit:
+            if getattr(definition, "implicit", False):
                 return
             self.app.tasks.unregister(definition.name)
             existing = None

@@ -64,15 +64,22 @@ class Runner(Protocol):
     def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:
         """Start a root action in this process."""
 
-    def start_later(self, name: str, actor: Any, args: list[Any]) -> AsyncResult:
-        """Enqueue the start of a root action."""
+    def start_later(
+        self, name: str, actor: Any, args: list[Any], options: dict[str, Any]
+    ) -> AsyncResult:
+        """Enqueue the start of a root action with Celery's call ``options``."""
+
+    def dump_arguments(self, args: list[Any]) -> list[Any]:
+        """Arguments as JSON, actors as references (TypeError otherwise)."""
+
+    def result(self, task_id: str) -> AsyncResult:
+        """The ``AsyncResult`` tracking the root action started by request ``task_id``."""
 
     def complete_outbound(self, actor: Any, name: str, status: str) -> Action | None:
         """Complete the performing outbound action ``name`` on ``actor``."""
 
     def complete_outbound_later(self, actor: Any, name: str, status: str) -> AsyncResult:
-        """Enqueue completing the outbound action ``name`` performing on ``actor`` when
-        the message runs."""
+        """Enqueue completing the outbound action ``name`` performing on ``actor`` then."""
 
     def load_arguments(self, value: Any) -> Any:
         """Arguments with actor references loaded."""
@@ -134,8 +141,6 @@ class SteppedAction(Task, Generic[P]):
         self.checksum_fn = checksum
         self.action_queue = queue
         self.parent = parent
-        #: True for an implicit definition (a method of the actor, no declared action).
-        self.implicit = False
         self._steps: list[StepFn] = []
         self._prepended: list[StepFn] = []
         self._before: list[StepFn] = []
@@ -286,23 +291,26 @@ class SteppedAction(Task, Generic[P]):
         _no_kwargs(kwargs)
         return self.runner.start_now(self.action_name, actor, list(args))
 
-    def later(self, actor: Any, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
-        """Enqueue the start of a root action; returns the Celery ``AsyncResult``."""
-        _no_kwargs(kwargs)
-        return self.runner.start_later(self.action_name, actor, list(args))
+    def later(self, actor: Any, *args: P.args, **options: P.kwargs) -> AsyncResult:
+        """Enqueue the start of a root action; returns an ``AsyncResult`` tracking it.
+
+        Keywords are Celery's call options (``canvas.CALL_OPTIONS``); others raise TypeError.
+        """
+        return self.runner.start_later(self.action_name, actor, list(args), dict(options))
 
     def complete_now(self, actor: Any, status: str = "succeeded") -> Action | None:
         """Complete the performing outbound action of this name on ``actor``."""
         return self.runner.complete_outbound(actor, self.action_name, status)
 
     def complete_later(self, actor: Any, status: str = "succeeded") -> AsyncResult:
-        """Enqueue completing the outbound action of this name on ``actor``: the one
-        performing when the message runs (none then: a no-op with a log line)."""
+        """Enqueue completing the outbound action of this name performing on ``actor`` then."""
         return self.runner.complete_outbound_later(actor, self.action_name, status)
 
     def signature(self, args: Any = None, *starargs: Any, **starkwargs: Any) -> SteppedSignature:
         """A :class:`SteppedSignature` for this action."""
         starkwargs.setdefault("app", self.app)
+        if args:
+            args = self.runner.dump_arguments(list(args))
         return SteppedSignature(self, args, *starargs, **starkwargs)
 
     subtask = signature
@@ -316,13 +324,18 @@ class SteppedAction(Task, Generic[P]):
         return action.id
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> AsyncResult:
-        """``delay``/``apply_async`` enqueue the action like :meth:`later`."""
+        """``delay``/``apply_async`` enqueue the action like :meth:`later`, with the
+        same options (and those Celery's canvas adds inside a chain, group or chord)."""
         args = list(args or ())
         if kwargs:
             _no_kwargs(kwargs)
         if not args:
             raise TypeError(f"{self.action_name} needs an actor as its first argument")
-        return self.runner.start_later(self.action_name, args[0], args[1:])
+        return self.runner.start_later(self.action_name, args[0], args[1:], options)
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult:
+        """The result of a root start: tracks the action (see :mod:`celery_stepped.results`)."""
+        return self.runner.result(task_id)
 
     def __repr__(self) -> str:
         owner = self.actor_class.__name__ if self.actor_class else "any actor"

@@ -13,7 +13,6 @@ import contextvars
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +21,9 @@ from sqlalchemy.orm import Session
 
 from .completing import Completer
 from .effects import Delivery, Effects
-from .events import Events, error_record
+from .events import Events, error_record, logger
 from .join import counted_steps_of_performing, report_link
+from .members import task_outcome
 from .messages import (
     CompleteCall,
     Message,
@@ -35,12 +35,13 @@ from .messages import (
     timeout_message,
 )
 from .models import Action, ParentLink, Step
-from .outbound import performing_outbound
+from .outbound import outbound_to_complete
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
-from .staging import discard, due
+from .routing import Routes
+from .staging import as_redelivery, discard, due, named_by
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
-from .statuses import ActionStatus
+from .statuses import ActionStatus, LinkKind
 from .superseding import LaneEntry
 
 if TYPE_CHECKING:
@@ -71,7 +72,9 @@ class Engine:
         lookup: Callable[[str, str], SteppedAction[Any]],
         events: Events,
         clock: Callable[[], datetime],
+        routes: Routes | None = None,
     ) -> None:
+        self.routes = routes
         self.session_factory = session_factory
         self.starter = starter
         self.entry = entry
@@ -124,7 +127,7 @@ class Engine:
         now = self.clock()
         entries = due(self.session_factory, now, older_than)
         self.outboxes.send(
-            [_as_redelivery(message, created, now) for _, message, created in entries]
+            [as_redelivery(message, created, now) for _, message, created in entries]
         )
         discard(self.session_factory, [entry_id for entry_id, _, _ in entries])
         return len(entries)
@@ -132,10 +135,10 @@ class Engine:
     def _follow_up(self, effects: Effects) -> Iterator[Effects]:
         inline, delivery = self._inline(), self.delivery()
         for step_id in dict.fromkeys(effects.ready_steps):
-            yield self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
+            yield self._advance_or_route(step_id, inline)
         if effects.handoff and _in_worker.get():
             # Lane handoff inline, as Stepped's Performance#forward: same task, no message.
-            yield from (self.carry_on(action_id) for action_id in effects.handoff)
+            yield from (self._carry_on_or_route(action_id) for action_id in effects.handoff)
         elif effects.handoff:
             yield Effects(self._resume_messages(effects.handoff))
         for action_id in effects.finished:
@@ -145,12 +148,35 @@ class Engine:
         for action_id in effects.perform:
             yield self.perform(action_id)
 
+    def _advance_or_route(self, step_id: int, inline: bool) -> Effects:
+        """Advance the step here, or send it to its action's queue (``routing``)."""
+        if self.routes is None:
+            return self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
+        queue = self.routes.elsewhere(step_id=step_id)
+        if inline and queue is None:
+            return self.advance_step(step_id)
+        return Effects([advance_message(step_id, queue or self.routes.of_step(step_id))])
+
+    def _carry_on_or_route(self, action_id: int) -> Effects:
+        """A promoted action carries on here, or on its own queue (``routing``)."""
+        if self.routes is None or self.routes.elsewhere(action_id=action_id) is None:
+            return self.carry_on(action_id)
+        return Effects(self._resume_messages([action_id]))
+
     def _resume_messages(self, action_ids: list[int]) -> list[Message]:
         with self.session_factory() as s:
             # Whatever their status now: a resume carries any action on from its records.
             rows = s.execute(select(Action).where(Action.id.in_(action_ids))).scalars()
+            queue_of = self.routes.queue_of if self.routes else (lambda *_: None)
             return [
-                resume_message(a.id, a.name, a.arguments, [a.actor_type, a.actor_id]) for a in rows
+                resume_message(
+                    a.id,
+                    a.name,
+                    a.arguments,
+                    [a.actor_type, a.actor_id],
+                    queue_of(a.actor_type, a.name),
+                )
+                for a in rows
             ]
 
     # -- transitions driven from here ----------------------------------------------------
@@ -197,7 +223,7 @@ class Engine:
         store may still be down, and then this raises too)."""
         error = error_record(exc)
         error["message"] = f"gave up after repeated store errors in {task}: {exc}"
-        action_id, link_id = self._named(task, args)
+        action_id, link_id = named_by(self.session_factory, task, args)
         if link_id is not None:  # a child never created: its parent step counts a failure
             self.drive(report_link(self.session_factory, link_id, "failed", False, self.clock()))
         if action_id is None:
@@ -211,31 +237,18 @@ class Engine:
             s.commit()
         self.complete(action_id, ActionStatus.FAILED.value)
 
-    def _named(self, task: str, args: tuple[Any, ...]) -> tuple[int | None, int | None]:
-        """``(action id, unclaimed link id)`` that a message is about."""
-        with self.session_factory() as s:
-            if task == TaskName.START:
-                call = StartCall.from_payload(args[0])
-                if call.link is None:
-                    found = select(Action.id).where(Action.request_id == call.request)
-                    return s.scalar(found), None
-                link = s.get(ParentLink, call.link)
-                if link is None or link.action_id is not None:
-                    return (None if link is None else link.action_id), None
-                return None, call.link
-            if task == TaskName.ADVANCE:
-                return s.scalar(select(Step.action_id).where(Step.id == int(args[0]))), None
-            if task == TaskName.WAIT:
-                of_link = select(Step.action_id).join(ParentLink, ParentLink.step_id == Step.id)
-                return s.scalar(of_link.where(ParentLink.id == int(args[0]))), None
-        return (None if args[0] is None else int(args[0])), None
-
     # -- entry points of the internal tasks ----------------------------------------------
 
     def run_message(self, message: Message) -> bool:
         """Run one message in this process (eager mode, captures); False when it changed
         nothing (a timeout not due yet)."""
         with self.delivering():
+            if message.kind is MessageKind.TASK:
+                link_id, payload = message.args
+                self.finish_member(
+                    link_id, task_outcome(self.outboxes.app, payload, message.task_id)
+                )
+                return True
             if message.kind is MessageKind.JOB:
                 again = run_task_locally(self.outboxes.app, message)
                 if again is not None:
@@ -252,6 +265,7 @@ class Engine:
             TaskName.WAIT: self.finish_wait,
             TaskName.TIMEOUT: self.fire_timeout,
             TaskName.COMPLETE: self.complete_message,
+            TaskName.MEMBER: self.finish_member,
         }
 
     def start(self, payload: dict[str, Any]) -> int | None:
@@ -270,6 +284,7 @@ class Engine:
             action = self.starter.prepare(definition, call, root)
         except ShortCircuit as short:
             self.drive(self.starter.finish_link(call, short.status))
+            self.events.short_circuited(call.name, short.status, call.request, call.canvas)
             return self.starter.transient(definition, call, root, short.status)
         if action.checksum is not None:
             shared = self.starter.share(action, call)
@@ -330,8 +345,23 @@ class Engine:
 
     def finish_wait(self, link_id: int) -> None:
         """``stepped.wait``: a timed wait elapsed."""
-        reported = report_link(self.session_factory, int(link_id), "succeeded", True, self.clock())
-        self.drive(reported if reported.ready_steps else self._follow_link(int(link_id)))
+        self._report_member(int(link_id), LinkKind.WAIT, ActionStatus.SUCCEEDED.value)
+
+    def finish_member(self, link_id: int, outcome: str) -> None:
+        """``stepped.member``: a plain task member ended (or its timeout elapsed first)."""
+        self._report_member(int(link_id), LinkKind.TASK, outcome)
+
+    def _report_member(self, link_id: int, kind: LinkKind, outcome: str) -> None:
+        """Count a wait's or a task's outcome, once; a message naming a link of another
+        kind (a forged or misrouted one) is ignored with a log line."""
+        with self.session_factory() as s:
+            found = s.scalar(select(ParentLink.kind).where(ParentLink.id == link_id))
+        if found != kind:
+            logger.warning("%s member %s: no such link (it is %s): ignored", kind, link_id, found)
+            return
+        successful = outcome == ActionStatus.SUCCEEDED.value
+        reported = report_link(self.session_factory, link_id, outcome, successful, self.clock())
+        self.drive(reported if reported.ready_steps else self._follow_link(link_id))
 
     def fire_timeout(self, action_id: int) -> bool:
         """``stepped.timeout``: time the action out if it still performs past its limit."""
@@ -347,21 +377,17 @@ class Engine:
             return False
         remaining = (started + timedelta(seconds=limit) - self.clock()).total_seconds()
         if remaining > 0:
-            self.outboxes.send([timeout_message(int(action_id), name, remaining)])
+            queue = self.routes.of_action(int(action_id)) if self.routes else None
+            self.outboxes.send([timeout_message(int(action_id), name, remaining, queue)])
             return False
         self.complete(int(action_id), ActionStatus.TIMED_OUT.value)
         return True
 
     def complete_message(self, *args: Any) -> None:
-        """``stepped.complete``: the message of ``complete_later``. It completes the
-        outbound action performing now (earlier versions' messages name an action id)."""
+        """``stepped.complete`` (``complete_later``): the outbound action performing now."""
         call = CompleteCall.from_args(args)
-        action_id = call.action_id
-        if call.actor is not None and call.name is not None:
-            with self.session_factory() as s:
-                actor_type, actor_id = call.actor
-                found = s.scalar(performing_outbound(actor_type, actor_id, call.name))
-                action_id = None if found is None else found.id
+        with self.session_factory() as s:
+            action_id = outbound_to_complete(s, call)
         if action_id is None:
             self.events.nothing_to_complete(call.name, call.actor, call.status)
             return
@@ -372,12 +398,3 @@ class Engine:
         completed, effects = self.completer.complete(action_id, status, self.delivery())
         self.drive(effects)
         return completed
-
-
-def _as_redelivery(message: Message, created: datetime, now: datetime) -> Message:
-    """A swept message: marked as a retry (its first run may have done part of the work),
-    its countdown shortened by the time it already waited."""
-    countdown = message.countdown
-    if countdown is not None:
-        countdown = max(0.0, countdown - (now - created).total_seconds())
-    return replace(message, retries=max(message.retries, 1), countdown=countdown)

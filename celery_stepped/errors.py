@@ -25,3 +25,18 @@ class ActorNotFound(SteppedError, LookupError):
 
 class ActionNotFound(SteppedError, LookupError):
     """No action row exists with that id."""
+
+
+class ActionFailed(SteppedError):
+    """A root action tracked by an ``AsyncResult`` ended in a status other than succeeded.
+
+    ``status`` is its final status, ``action_id`` its id (None when it never persisted).
+    """
+
+    def __init__(self, status: str, action_id: int | None = None) -> None:
+        super().__init__(status, action_id)
+        self.status = status
+        self.action_id = action_id
+
+    def __str__(self) -> str:
+        return f"action {self.action_id} ended {self.status}"

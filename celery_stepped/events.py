@@ -93,6 +93,15 @@ class Events:
             status,
         )
 
+    def short_circuited(
+        self, name: str, status: str, request_id: str | None, canvas: dict[str, Any] | None
+    ) -> None:
+        """An action ended before it was persisted (no row, no ``action_completed``)."""
+        logger.info("action %s: -> %s (not persisted)", name, status)
+        signals.action_short_circuited.send(
+            sender=self.sender, name=name, status=status, request_id=request_id, canvas=canvas
+        )
+
     def step_started(self, action_id: int, index: int) -> None:
         """A step body committed (``index`` is the 0-based definition index)."""
         logger.debug("action #%s: step %s started", action_id, index + 1)

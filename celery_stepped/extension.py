@@ -13,10 +13,12 @@ from typing import Any
 
 import redis as redis_lib
 from celery import Celery
+from celery import signals as celery_signals
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.orm import Session
 
+from . import signals
 from .actors import ActorRegistry
 from .client import Client, check_status
 from .completing import Completer
@@ -27,12 +29,14 @@ from .engine import Engine
 from .errors import ConfigurationError
 from .events import Events
 from .lanes import Lanes
-from .messages import Message
+from .messages import Message, TaskName
 from .models import Action, Base, utcnow
 from .outbox import BrokerOutbox, EagerOutbox, JobQueue, Outboxes
 from .performing import Performer
 from .registry import Registry
 from .repair import Repair, RepairReport
+from .results import RootReport
+from .routing import Routes, queue_of_definition
 from .starting import Starter
 from .superseding import LaneEntry
 from .tasks import RetryPolicy, Watch, register_tasks, watch_worker
@@ -63,6 +67,9 @@ class Stepped:
         redis_url: Redis URL of the lanes (or ``redis=`` a client); falls back to
             ``app.conf.stepped_redis_url``.
         queue: queue of the internal tasks (``app.conf.stepped_queue``).
+        namespace: carried by every Redis key of this instance, so apps sharing a
+            Redis database keep apart (``app.conf.stepped_namespace``; default: the
+            app's main name, or ``"celery"``).
         handle_exceptions: exception classes turned into failure
             (``app.conf.stepped_handle_exceptions``).
 
@@ -81,6 +88,7 @@ class Stepped:
         redis: redis_lib.Redis | None = None,
         queue: str | None = None,
         handle_exceptions: tuple[type[BaseException], ...] | None = None,
+        namespace: str | None = None,
     ) -> None:
         conf = app.conf
         database_url = database_url or conf.get("stepped_database_url")
@@ -95,6 +103,7 @@ class Stepped:
         self.engine: SqlEngine = self.database.engine
         self.redis: redis_lib.Redis = redis or redis_lib.Redis.from_url(str(redis_url))
         self.clock: Callable[[], datetime] = utcnow
+        self.namespace: str = namespace or conf.get("stepped_namespace") or app.main or "celery"
         self.events = Events(self, tuple(handled))
         self._wire()
         app.stepped = self
@@ -103,7 +112,7 @@ class Stepped:
     def _wire(self) -> None:
         """Build the parts, each with its collaborators."""
         sessions, clock = self.session_factory, self._now
-        self.lanes = Lanes(self.redis)
+        self.lanes = Lanes(self.redis, namespace=self.namespace)
         self.registry = Registry()
         self.actors = ActorRegistry(sessions)
         self.outboxes = Outboxes(
@@ -120,6 +129,7 @@ class Stepped:
             lookup,
             events,
             clock,
+            Routes(sessions, queue_of_definition(lookup), self.queue),
         )
         self.client = Client(
             sessions, self.actors, self.registry, self.core, self.outboxes, lookup, clock
@@ -129,6 +139,8 @@ class Stepped:
             sessions, self.lanes, self.core.entry, self.core.performer, lookup, self.outboxes, clock
         )
         self._register_tasks()
+        self.report = RootReport(self.app, sessions)
+        self._connect_report()
 
     def _register_tasks(self) -> None:
         """The internal tasks, their retry policy, and what a worker checks at start."""
@@ -143,6 +155,16 @@ class Stepped:
         sweep_after = float(conf.get("stepped_outbox_sweep_after") or 60)
         sweep_every = float(conf.get("stepped_outbox_sweep_every") or 30)
         watch_worker(self.app, Watch(self.queue, self.core.sweep, sweep_after, sweep_every))
+
+    def _connect_report(self) -> None:
+        """Report final roots to Celery (``results.RootReport``): completed, short
+        circuited, or whose start message expired."""
+        signals.action_completed.connect(self.report.on_completed, sender=self, weak=False)
+        signals.action_short_circuited.connect(
+            self.report.on_short_circuit, sender=self, weak=False
+        )
+        start_task = self.tasks[TaskName.START]
+        celery_signals.task_revoked.connect(self.report.on_revoked, sender=start_task, weak=False)
 
     def _now(self) -> datetime:
         return self.clock()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from enum import StrEnum
 from importlib import resources
 from typing import Any
 
@@ -28,7 +29,7 @@ from redis.lock import Lock
 
 from . import keys
 
-__all__ = ["JoinResult", "Lane", "Lanes"]
+__all__ = ["JoinResult", "Lane", "LaneOutcome", "Lanes"]
 
 #: Seconds a lane lock lives unless released (a crashed holder frees it by expiry).
 LOCK_TIMEOUT = 30.0
@@ -36,6 +37,8 @@ LOCK_TIMEOUT = 30.0
 LOCK_WAIT = 30.0
 #: Seconds between two attempts to take a busy lane lock.
 LOCK_POLL = 0.005
+#: Keys deleted per DEL command when clearing a namespace.
+DELETE_BATCH = 500
 
 
 def _load_script(name: str) -> str:
@@ -44,6 +47,27 @@ def _load_script(name: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class LaneOutcome(StrEnum):
+    """What a lane script decided (the first word of its reply)."""
+
+    #: Join: the action is the lane's current action and performs now.
+    PERFORM = "perform"
+    #: Join: the action waits in the lane (older pending actions left it).
+    QUEUED = "queued"
+    #: Join: the lane's current action is one of the joining action's ancestors.
+    DEADLOCK = "deadlock"
+    #: Join: pending actions must be superseded in SQL first; nothing changed.
+    RETRY = "retry"
+    #: Release: the oldest pending action became current.
+    NEXT = "next"
+    #: Release: nothing waited; the lane is gone.
+    EMPTY = "empty"
+    #: Release: the released action was not current (another action is).
+    OTHER = "other"
+    #: Release: the lane does not exist.
+    ABSENT = "absent"
 
 
 @dataclass(frozen=True)
@@ -59,31 +83,40 @@ class Lane:
 class JoinResult:
     """What joining a lane decided.
 
-    ``outcome`` is ``"perform"``, ``"queued"``, ``"deadlock"`` or (from
-    :meth:`Lanes.join` only) ``"retry"``; ``superseded`` lists the pending actions
+    ``outcome`` is :attr:`LaneOutcome.PERFORM`, ``QUEUED``, ``DEADLOCK`` or (from
+    :meth:`Lanes.join` only) ``RETRY``; ``superseded`` lists the pending actions
     this join removed from the lane (from :meth:`Lanes.enter`: those it had
-    superseded; for ``"retry"``: the pending actions to supersede first);
+    superseded; for ``RETRY``: the pending actions to supersede first);
     ``current_id`` is the lane's current action for a deadlock.
     """
 
-    outcome: str
+    outcome: LaneOutcome
     superseded: list[int] = field(default_factory=list)
     current_id: int | None = None
 
 
 class Lanes:
-    """The lanes of one Stepped instance, stored in Redis (``stepped.lanes``)."""
+    """The lanes of one Stepped instance, stored in Redis (``stepped.lanes``).
 
-    def __init__(self, client: redis.Redis) -> None:
+    Args:
+        client: the Redis client of the lanes.
+        namespace: the instance's namespace; every key of these lanes carries it, and
+            :meth:`keys`, :meth:`count`, :meth:`all` and :meth:`clear` see no other.
+
+    Raises:
+        ConfigurationError: the namespace is empty or holds ``{`` or ``}``.
+    """
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.redis = client
+        self.namespace = keys.check_namespace(namespace)
         self._join = client.register_script(_load_script("join"))
         self._release = client.register_script(_load_script("release"))
         self._leave = client.register_script(_load_script("leave"))
         self._restore = client.register_script(_load_script("restore"))
 
-    @staticmethod
-    def _keys(key: str) -> list[str]:
-        return [keys.lane_state(key), keys.lane_pending(key)]
+    def _keys(self, key: str) -> list[str]:
+        return [keys.lane_state(self.namespace, key), keys.lane_pending(self.namespace, key)]
 
     def join(
         self,
@@ -97,14 +130,15 @@ class Lanes:
 
         Pending actions are removed only when they are among ``superseded`` (already
         superseded in SQL by the caller); otherwise nothing changes and the outcome
-        is ``"retry"`` with the lane's pending actions.
+        is ``RETRY`` with the lane's pending actions.
         """
         framed = "," + "".join(f"{i}," for i in superseded)
         argv: list[Any] = [action_id, checksum or "", ancestry, framed]
         reply = [_text(v) for v in self._join(self._keys(key), argv)]
-        if reply[0] == "deadlock":
-            return JoinResult("deadlock", current_id=int(reply[1]))
-        return JoinResult(reply[0], superseded=[int(v) for v in reply[1:]])
+        outcome = LaneOutcome(reply[0])
+        if outcome is LaneOutcome.DEADLOCK:
+            return JoinResult(outcome, current_id=int(reply[1]))
+        return JoinResult(outcome, superseded=[int(v) for v in reply[1:]])
 
     def enter(
         self,
@@ -123,13 +157,13 @@ class Lanes:
         costs one script call and no lock.
         """
         result = self.join(key, action_id, checksum, ancestry)
-        if result.outcome != "retry":
+        if result.outcome is not LaneOutcome.RETRY:
             return result
         done: list[int] = []
         with self._locked(key):
             # Look again now that no other join runs: the pending action may have changed.
             result = self.join(key, action_id, checksum, ancestry)
-            while result.outcome == "retry":
+            while result.outcome is LaneOutcome.RETRY:
                 fresh = [i for i in result.superseded if i not in done]
                 if fresh:
                     supersede(fresh)
@@ -140,7 +174,7 @@ class Lanes:
     def lock(self, key: str) -> Lock:
         """The lock of ``key``'s lane: a random token per holder, expiring on its own."""
         return self.redis.lock(
-            keys.lane_lock(key),
+            keys.lane_lock(self.namespace, key),
             timeout=LOCK_TIMEOUT,
             sleep=LOCK_POLL,
             blocking_timeout=LOCK_WAIT,
@@ -160,15 +194,15 @@ class Lanes:
                 with suppress(LockError):
                     lock.release()
 
-    def release(self, key: str, action_id: int) -> tuple[str, int | None]:
+    def release(self, key: str, action_id: int) -> tuple[LaneOutcome, int | None]:
         """Move the lane on after ``action_id`` completed.
 
-        Returns ``("next", id)`` for the promoted action, ``("other", id)`` when
-        ``action_id`` was not current (already released), ``("empty", None)`` or
-        ``("absent", None)``.
+        Returns ``(NEXT, id)`` for the promoted action, ``(OTHER, id)`` when
+        ``action_id`` was not current (already released), ``(EMPTY, None)`` or
+        ``(ABSENT, None)`` (outcomes of :class:`LaneOutcome`).
         """
         reply = [_text(v) for v in self._release(self._keys(key), [action_id])]
-        return reply[0], (int(reply[1]) if len(reply) > 1 else None)
+        return LaneOutcome(reply[0]), (int(reply[1]) if len(reply) > 1 else None)
 
     def leave(self, key: str, action_id: int) -> bool:
         """Remove a pending action from its lane; True if it was there."""
@@ -191,7 +225,8 @@ class Lanes:
 
     def current_checksum(self, key: str) -> tuple[int | None, str | None]:
         """The lane's current action id and its checksum (either may be None)."""
-        current, checksum = self.redis.hmget(keys.lane_state(key), ["current", "checksum"])
+        state = keys.lane_state(self.namespace, key)
+        current, checksum = self.redis.hmget(state, ["current", "checksum"])
         return (
             int(_text(current)) if current is not None else None,
             _text(checksum) if checksum else None,
@@ -213,8 +248,9 @@ class Lanes:
     def get(self, key: str) -> Lane | None:
         """The lane of ``key``, or None when no action holds it."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hget(keys.lane_state(key), "current")
-        pipe.zrange(keys.lane_pending(key), 0, -1)
+        state, pending_key = self._keys(key)
+        pipe.hget(state, "current")
+        pipe.zrange(pending_key, 0, -1)
         current, pending = pipe.execute()
         if current is None and not pending:
             return None
@@ -225,22 +261,32 @@ class Lanes:
         )
 
     def keys(self) -> list[str]:
-        """Every lane's concurrency key, sorted."""
+        """Every lane's concurrency key in this namespace, sorted."""
+        pattern = keys.lane_state_pattern(self.namespace)
         found = {
-            keys.lane_key_from_state(_text(k))
-            for k in self.redis.scan_iter(match=keys.LANE_STATE_PATTERN, count=500)
+            keys.lane_key_from_state(self.namespace, _text(k))
+            for k in self.redis.scan_iter(match=pattern, count=500)
         }
         return sorted(found)
 
     def count(self) -> int:
-        """How many lanes exist."""
+        """How many lanes exist in this namespace."""
         return len(self.keys())
 
     def all(self) -> list[Lane]:
-        """A snapshot of every lane."""
+        """A snapshot of every lane in this namespace."""
         return [lane for lane in (self.get(k) for k in self.keys()) if lane is not None]
 
     def clear(self) -> None:
-        """Delete every lane (tests and repair)."""
-        for k in self.keys():
-            self.redis.delete(*self._keys(k), keys.lane_lock(k))
+        """Delete every lane of this namespace, locks included (tests and repair).
+
+        Other namespaces' keys, and anything else in the database, stay untouched.
+        """
+        batch: list[Any] = []
+        for found in self.redis.scan_iter(match=keys.namespace_pattern(self.namespace), count=500):
+            batch.append(found)
+            if len(batch) >= DELETE_BATCH:
+                self.redis.delete(*batch)
+                batch.clear()
+        if batch:
+            self.redis.delete(*batch)

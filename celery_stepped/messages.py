@@ -23,8 +23,10 @@ __all__ = [
     "complete_message",
     "insurance_message",
     "job_message",
+    "member_message",
     "resume_message",
     "start_message",
+    "task_message",
     "timeout_message",
     "wait_message",
 ]
@@ -39,6 +41,7 @@ class TaskName(StrEnum):
     WAIT = "stepped.wait"
     TIMEOUT = "stepped.timeout"
     COMPLETE = "stepped.complete"
+    MEMBER = "stepped.member"
 
 
 class MessageKind(StrEnum):
@@ -50,6 +53,10 @@ class MessageKind(StrEnum):
     COMPLETE = "complete"
     JOB = "job"
     ADVANCE = "advance"
+    #: A plain Celery task, member of a step's join (``step.task``).
+    TASK = "task"
+    #: A task member's report (``stepped.member``): its outcome, or its timeout.
+    MEMBER = "member"
 
 
 @dataclass
@@ -71,6 +78,10 @@ class Message:
     queue: str | None = None
     task_id: str = field(default_factory=lambda: str(uuid4()))
     retries: int = 0
+    #: Seconds after which the broker's worker drops the message (a root's ``expires=``).
+    expires: float | None = None
+    #: Broker priority (a root's ``priority=``).
+    priority: int | None = None
 
     def label(self) -> str:
         """A readable name for ``celery events`` and Flower: ``stepped.start trip(Car/1, 5)``."""
@@ -103,16 +114,22 @@ class StartCall:
     args: list[Any]
     link: int | None = None
     request: str | None = None
+    #: A root's Celery canvas (``link``, ``link_error``, ``chain``, ``chord``, ...),
+    #: applied when it is final (:mod:`celery_stepped.results`).
+    canvas: dict[str, Any] | None = None
 
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``stepped.start`` message."""
-        return {
+        payload: dict[str, Any] = {
             "actor": self.actor,
             "name": self.name,
             "args": self.args,
             "link": self.link,
             "request": self.request,
         }
+        if self.canvas:
+            payload["canvas"] = self.canvas
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> StartCall:
@@ -123,10 +140,18 @@ class StartCall:
             list(payload.get("args") or []),
             payload.get("link"),
             payload.get("request"),
+            payload.get("canvas"),
         )
 
 
-def start_message(call: StartCall, queue: str | None = None) -> Message:
+def start_message(
+    call: StartCall,
+    queue: str | None = None,
+    *,
+    countdown: float | None = None,
+    expires: float | None = None,
+    priority: int | None = None,
+) -> Message:
     """``stepped.start``: start an action (a root, or a child for a parent link)."""
     options: dict[str, Any] = {"task_id": call.request} if call.request else {}
     return Message(
@@ -134,9 +159,12 @@ def start_message(call: StartCall, queue: str | None = None) -> Message:
         call.name,
         TaskName.START,
         [call.payload()],
+        countdown=countdown,
         display_args=call.args,
         actor=call.actor,
         queue=queue,
+        expires=expires,
+        priority=priority,
         **options,
     )
 
@@ -162,12 +190,12 @@ def insurance_message(action_id: int) -> Message:
     return Message(MessageKind.ACTION, "resume", TaskName.RESUME, [action_id])
 
 
-def advance_message(step_id: int) -> Message:
+def advance_message(step_id: int, queue: str | None = None) -> Message:
     """``stepped.advance``: the body of a step's chord (its members all reported)."""
-    return Message(MessageKind.ADVANCE, "advance", TaskName.ADVANCE, [step_id])
+    return Message(MessageKind.ADVANCE, "advance", TaskName.ADVANCE, [step_id], queue=queue)
 
 
-def wait_message(link_id: int, seconds: float) -> Message:
+def wait_message(link_id: int, seconds: float, queue: str | None = None) -> Message:
     """``stepped.wait``: a timed wait of ``seconds`` elapsed."""
     return Message(
         MessageKind.WAIT,
@@ -176,10 +204,13 @@ def wait_message(link_id: int, seconds: float) -> Message:
         [link_id],
         countdown=seconds,
         display_args=[seconds],
+        queue=queue,
     )
 
 
-def timeout_message(action_id: int, name: str, countdown: float) -> Message:
+def timeout_message(
+    action_id: int, name: str, countdown: float, queue: str | None = None
+) -> Message:
     """``stepped.timeout``: check the action's timeout in ``countdown`` seconds."""
     return Message(
         MessageKind.TIMEOUT,
@@ -188,6 +219,7 @@ def timeout_message(action_id: int, name: str, countdown: float) -> Message:
         [action_id],
         countdown=countdown,
         display_args=[action_id],
+        queue=queue,
     )
 
 
@@ -219,7 +251,7 @@ class CompleteCall:
         return cls(str(status), action_id=None if action_id is None else int(action_id))
 
 
-def complete_message(status: str, name: str, actor: list[str]) -> Message:
+def complete_message(status: str, name: str, actor: list[str], queue: str | None = None) -> Message:
     """``stepped.complete``: complete the performing outbound action ``name`` on
     ``actor``, found when the message runs (``complete_later``)."""
     return Message(
@@ -229,9 +261,42 @@ def complete_message(status: str, name: str, actor: list[str]) -> Message:
         [CompleteCall(status, actor, name).payload()],
         display_args=[status],
         actor=actor,
+        queue=queue,
     )
 
 
 def job_message(action_id: int, task_name: str) -> Message:
     """The user's Celery task of a job-backed action, called with the action id."""
     return Message(MessageKind.JOB, task_name, task_name, [action_id], display_args=[action_id])
+
+
+def task_message(link_id: int, call: dict[str, Any], queue: str | None = None) -> Message:
+    """A user's Celery signature, member ``link_id`` of a step (``step.task``).
+
+    ``args`` is ``[link_id, signature]``; the outbox sends the signature with the
+    member's callbacks (``stepped.member``) on ``queue`` (None: the Stepped queue).
+    """
+    sig = dict(call["signature"])
+    return Message(
+        MessageKind.TASK,
+        str(sig["task"]),
+        str(sig["task"]),
+        [link_id, sig],
+        display_args=list(sig.get("args") or []),
+        queue=queue,
+    )
+
+
+def member_message(
+    link_id: int, outcome: str, countdown: float | None = None, queue: str | None = None
+) -> Message:
+    """``stepped.member``: task member ``link_id`` ended with ``outcome`` (or timed out)."""
+    return Message(
+        MessageKind.MEMBER,
+        "member",
+        TaskName.MEMBER,
+        [link_id, outcome],
+        countdown=countdown,
+        display_args=[outcome],
+        queue=queue,
+    )

@@ -22,6 +22,7 @@ from celery import Celery
 from celery.exceptions import Retry
 from celery.result import AsyncResult
 
+from .members import send_member
 from .messages import Message, MessageKind
 
 __all__ = [
@@ -56,6 +57,11 @@ class BrokerOutbox:
         """Publish every message through one producer."""
         with self.app.producer_or_acquire() as producer:
             for message in messages:
+                if message.kind is MessageKind.TASK:
+                    link_id, payload = message.args
+                    queue = message.queue or self.queue
+                    send_member(self.app, link_id, payload, queue, task_id=message.task_id)
+                    continue
                 if message.kind is MessageKind.JOB:
                     task = self.app.tasks[message.task]
                     task.apply_async(
@@ -71,7 +77,14 @@ class BrokerOutbox:
                     task_id=message.task_id,
                     producer=producer,
                     shadow=message.label(),
+                    **_delivery(message),
                 )
+
+
+def _delivery(message: Message) -> dict[str, Any]:
+    """Broker options a message sets only when given (``expires``, ``priority``)."""
+    options = {"expires": message.expires, "priority": message.priority}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 class EagerOutbox:

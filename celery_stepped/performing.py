@@ -21,6 +21,7 @@ from .actors import ActorRegistry
 from .effects import Delivery, Effects
 from .events import Events, error_record
 from .join import close_step
+from .members import task_member_messages
 from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
 from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
@@ -48,8 +49,7 @@ class Position(NamedTuple):
     step_id: int | None
     step_status: str | None
     pending: int | None
-    #: True while the step waits on members (its ``completed_at`` is not set).
-    step_open: bool | None
+    step_open: bool | None  # no completed_at: it waits on members
 
 
 class Ran(NamedTuple):
@@ -112,11 +112,17 @@ class Performer:
                 s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
             effects = Effects()
             if timeout is not None:
-                effects.messages.append(timeout_message(action_id, name, timeout))
+                queue = self.queue_of(actor_type, name)
+                effects.messages.append(timeout_message(action_id, name, timeout, queue))
             effects.staged = stage(s, effects.messages, now)
             s.commit()
         self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
         return effects
+
+    def queue_of(self, actor_type: str, name: str) -> str | None:
+        """The action's own queue: its waits, timeout and task reports go there."""
+        queue: str | None = self.lookup(actor_type, name).resolved("action_queue")
+        return queue
 
     @staticmethod
     def _began_before(s: Session, action_id: int, delivery: Delivery) -> Effects | None:
@@ -174,16 +180,10 @@ class Performer:
                 continue
             if at.step_status == StepStatus.FAILED.value:
                 return Effects(complete=[(action_id, ActionStatus.FAILED.value)])
-            # The step at the index succeeded: the next one runs (and takes the index).
             return self._run_from(action_id, at.step_index + 1, at.outbound, bodies)
 
     def _run_from(self, action_id: int, index: int, outbound: bool, bodies: list[Any]) -> Effects:
-        """Run bodies from ``index`` on while each closes at once.
-
-        ``current_step_index`` moves to a step in the transaction that writes its row,
-        so it stays at the last step that ran (an index past the last step, left by
-        earlier versions, just finds no body to run).
-        """
+        """Run bodies from ``index`` on while each closes at once (see step_index.py)."""
         effects = Effects()
         while index < len(bodies):
             ran = self.perform_step(action_id, index, bodies[index], effects)
@@ -314,21 +314,24 @@ class Performer:
         ]
         s.add_all(links)
         s.flush()
-        return messages + self.member_messages(links)
+        return messages + self.member_messages(links, self.queue_of(action.actor_type, action.name))
 
-    def member_messages(self, links: list[ParentLink]) -> list[Message]:
-        """The chord header of a step: one message per member link."""
+    def member_messages(self, links: list[ParentLink], queue: str | None = None) -> list[Message]:
+        """The chord header of a step: one message per member link (``queue``: the step's
+        action's, for its waits and task reports)."""
         messages = []
         for link in links:
             call = dict(link.call or {})
             if link.kind == LinkKind.WAIT:
-                messages.append(wait_message(link.id, float(call.get("seconds", 0))))
+                messages.append(wait_message(link.id, float(call.get("seconds", 0)), queue))
+                continue
+            if link.kind == LinkKind.TASK:
+                messages.extend(task_member_messages(link.id, call, queue))
                 continue
             start = StartCall(
                 call["actor"], call["name"], call["args"], link.id, call.get("request")
             )
-            queue = self.lookup(start.actor[0], start.name).resolved("action_queue")
-            messages.append(start_message(start, queue))
+            messages.append(start_message(start, self.queue_of(start.actor[0], start.name)))
         return messages
 
     def unclaimed(self, step_id: int, delivery: Delivery) -> list[Message]:
@@ -362,11 +365,8 @@ def _achieved(s: Session, checksum_key: str) -> str | None:
 def _new_step(
     action_id: int, index: int, started: datetime, context: StepContext, now: datetime
 ) -> Step:
-    """The Step row as the body left it: closed at once, or open while its members run.
-
-    A body that set ``step.status = "failed"`` still starts the members it asked for,
-    as in Stepped: the step is ``failed`` from the start and closes once they are final.
-    """
+    """The Step row as the body left it: closed at once, or open while its members run
+    (``step.status = "failed"`` still starts them, as in Stepped: failed from the start)."""
     members = len(context.members)
     if context.status == StepStatus.FAILED.value:
         status = StepStatus.FAILED.value

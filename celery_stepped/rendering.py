@@ -170,6 +170,8 @@ def _member_line(member: dict[str, Any], labels: Labels | None, compact: bool) -
     if member["kind"] == "wait":
         state = "done" if member["state"] == "done" else "waiting"
         return _Line(f"wait {member['seconds']:g}s: {state}", state)
+    if member["kind"] == "task":
+        return _task_line(member)
     action = member["action"]
     if action is None:
         who = f"{member['name']} on {_actor_text(member['actor'], labels)}"
@@ -183,6 +185,16 @@ def _member_line(member: dict[str, Any], labels: Labels | None, compact: bool) -
     if action.get("cycle"):
         return _Line(f"#{action['id']} (shown above)", "pending")
     return _node_line(action, labels, compact)
+
+
+def _task_line(member: dict[str, Any]) -> _Line:
+    """``task send_email(7): succeeded in 0.20s`` (a plain Celery task member)."""
+    args = ", ".join(repr(a) for a in member["args"])
+    text = f"task {member['name']}({args})"
+    if member["state"] == "waiting":
+        return _Line(f"{text}: running", "performing")
+    outcome = str(member["outcome"])
+    return _Line(f"{text}: {outcome} in {duration_text(member['duration_seconds'])}", outcome)
 
 
 def _error_lines(error: Mapping[str, Any] | None) -> list[_Line]:

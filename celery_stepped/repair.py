@@ -246,7 +246,13 @@ class Repair:
             except SteppedError as exc:
                 report.problems.append(f"link {link.id} of step {link.step_id}: {exc}")
                 continue
-            name = (link.call or {}).get("name")
+            call = link.call or {}
+            if link.kind == LinkKind.TASK:  # a plain task member: sent again, it counts once
+                name = (call.get("signature") or {}).get("task")
+                what = f"task {name} for step {link.step_id} never reported"
+                report.resends.append(Resend(str(name), link.id, what))
+                continue
+            name = call.get("name")
             report.resends.append(
                 Resend("stepped.start", link.id, f"{name} for step {link.step_id} never started")
             )

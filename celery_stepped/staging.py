@@ -13,15 +13,17 @@ redelivery).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
-from .messages import Message
-from .models import OutboxEntry
+from .messages import Message, StartCall, TaskName
+from .models import Action, OutboxEntry, ParentLink, Step
 
-__all__ = ["discard", "due", "stage"]
+__all__ = ["as_redelivery", "discard", "due", "named_by", "stage"]
 
 
 def stage(s: Session, messages: Iterable[Message], now: datetime) -> list[int]:
@@ -56,3 +58,33 @@ def due(
             .limit(limit)
         ).all()
     return [(row.id, Message.from_dict(row.message), row.created_at) for row in rows]
+
+
+def as_redelivery(message: Message, created: datetime, now: datetime) -> Message:
+    """A swept message: marked as a retry (its first run may have done part of the work),
+    its countdown shortened by the time it already waited."""
+    countdown = message.countdown
+    if countdown is not None:
+        countdown = max(0.0, countdown - (now - created).total_seconds())
+    return replace(message, retries=max(message.retries, 1), countdown=countdown)
+
+
+def named_by(
+    session_factory: Callable[[], Session], task: str, args: tuple[Any, ...]
+) -> tuple[int | None, int | None]:
+    """``(action id, unclaimed link id)`` that an internal message is about."""
+    with session_factory() as s:
+        if task == TaskName.START:
+            call = StartCall.from_payload(args[0])
+            if call.link is None:
+                return s.scalar(select(Action.id).where(Action.request_id == call.request)), None
+            link = s.get(ParentLink, call.link)
+            if link is None or link.action_id is not None:
+                return (None if link is None else link.action_id), None
+            return None, call.link
+        if task == TaskName.ADVANCE:
+            return s.scalar(select(Step.action_id).where(Step.id == int(args[0]))), None
+        if task == TaskName.WAIT:
+            of_link = select(Step.action_id).join(ParentLink, ParentLink.step_id == Step.id)
+            return s.scalar(of_link.where(ParentLink.id == int(args[0]))), None
+    return (None if args[0] is None else int(args[0])), None

@@ -336,6 +336,7 @@ class Starter:
             if call.link is not None:
                 action.ancestry = ancestry_of(s, call.link)
             action.request_id = call.request if call.link is None else None
+            action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
             s.add(action)
             try:

@@ -15,6 +15,7 @@ from uuid import uuid4
 
 from sqlalchemy.orm import Session
 
+from .members import task_call
 from .statuses import LinkKind, StepStatus
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class Intent:
     @property
     def is_member(self) -> bool:
         """True when the step's join waits on it (a child action or a wait)."""
-        return self.kind in (LinkKind.ACTION, LinkKind.WAIT)
+        return self.kind in (LinkKind.ACTION, LinkKind.WAIT, LinkKind.TASK)
 
 
 class Step:
@@ -92,6 +93,12 @@ class Step:
         if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
             raise TypeError("step.wait() takes non-negative seconds or a timedelta")
         self.intents.append(Intent(LinkKind.WAIT, {"seconds": float(seconds)}))
+
+    def task(self, signature: Any, timeout: float | int | timedelta | None = None) -> None:
+        """A plain Celery signature as a member of the step's join (``send.s(1)``): it
+        succeeds when the task returns and fails when it raises, is revoked, expires or
+        outlives ``timeout`` seconds (then ``timed_out``)."""
+        self.intents.append(Intent(LinkKind.TASK, task_call(signature, timeout)))
 
     def enqueue_job(self) -> None:
         """Enqueue the action's Celery job (the generated step of a job-backed action)."""

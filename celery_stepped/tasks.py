@@ -22,6 +22,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
+from .members import send_revoked_errbacks
+from .routing import delivered_from
+
 __all__ = [
     "STORE_ERRORS",
     "TASK_OPTIONS",
@@ -76,6 +79,13 @@ def recovering(task: Task) -> bool:
     return bool(delivery.get("redelivered") or request.retries)
 
 
+def queue_of(task: Task) -> str | None:
+    """The queue this delivery came from (its routing key), if the broker says."""
+    delivery = task.request.delivery_info or {}
+    queue = delivery.get("routing_key")
+    return str(queue) if queue else None
+
+
 def _task(
     app: Celery,
     name: str,
@@ -86,7 +96,7 @@ def _task(
 ) -> Task:
     def run(self: Task, *args: Any) -> None:
         try:
-            with delivering(recovering(self)):
+            with delivering(recovering(self)), delivered_from(queue_of(self)):
                 handler(*args)
         except STORE_ERRORS as exc:
             retries = self.request.retries or 0
@@ -146,6 +156,18 @@ def _check_queues(app: Celery, queue: str) -> None:
         )
 
 
+def _check_content(app: Celery) -> None:
+    """Pickle lets a forged message run code in any task, Stepped's included."""
+    accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
+    if accepted & {"pickle", "application/x-python-serialize"}:
+        logger.warning(
+            "this worker accepts pickle (accept_content=%s): anyone who can write to the "
+            "broker can run code in it. Stepped sends JSON only; accept ['json'] unless "
+            "another task needs pickle (see the README's security section)",
+            sorted(accepted),
+        )
+
+
 def _sweep(watch: Watch) -> None:
     try:
         sent = watch.sweep(watch.sweep_after)
@@ -168,6 +190,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     if app is None or watch is None:
         return
     _check_queues(app, watch.queue)
+    _check_content(app)
     name = "stepped-outbox-sweep"
     threading.Thread(target=_sweep_forever, args=(watch,), name=name, daemon=True).start()
 
@@ -179,3 +202,4 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 celery_signals.worker_ready.connect(_on_worker_ready, weak=False)
 celery_signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+celery_signals.task_revoked.connect(send_revoked_errbacks, weak=False)

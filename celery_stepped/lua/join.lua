@@ -5,14 +5,15 @@
 -- has not superseded yet, nothing changes and the reply lists the pending actions,
 -- so the caller supersedes them in SQL first and calls again. A pending action is
 -- therefore never dropped from Redis before SQL knows it is superseded.
--- KEYS[1] lane state hash     (stepped:{<key>}:state)
--- KEYS[2] lane pending zset   (stepped:{<key>}:pending)
+-- KEYS[1] lane state hash     (stepped:<namespace>:{<lane key>}:state)
+-- KEYS[2] lane pending zset   (stepped:<namespace>:{<lane key>}:pending)
 -- ARGV[1] action id
 -- ARGV[2] checksum of the action, or "" for none
 -- ARGV[3] ancestry: comma-framed ancestor ids, e.g. ",3,7,"
 -- ARGV[4] comma-framed ids the caller already superseded in SQL, "," for none
 -- Returns {"perform"} | {"queued", removed_id...} | {"deadlock", current_id}
 --       | {"retry", pending_id...}
+-- (the first word is a LaneOutcome of lanes.py)
 local id = ARGV[1]
 local current = redis.call("HGET", KEYS[1], "current")
 if not current then

@@ -1,7 +1,7 @@
 -- Remove a pending action from a lane (it completed without performing, e.g. it
 -- was cancelled or timed out while queued). Deletes the lane when it is empty.
--- KEYS[1] lane state hash     (stepped:{<key>}:state)
--- KEYS[2] lane pending zset   (stepped:{<key>}:pending)
+-- KEYS[1] lane state hash     (stepped:<namespace>:{<lane key>}:state)
+-- KEYS[2] lane pending zset   (stepped:<namespace>:{<lane key>}:pending)
 -- ARGV[1] action id
 -- Returns the number of removed members (0 or 1)
 local removed = redis.call("ZREM", KEYS[2], ARGV[1])

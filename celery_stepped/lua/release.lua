@@ -1,10 +1,11 @@
 -- Release a lane after its current action completed: promote the oldest pending
 -- action, or delete the lane when nothing waits. Idempotent: releasing an action
 -- that is not current changes nothing and reports the current one.
--- KEYS[1] lane state hash     (stepped:{<key>}:state)
--- KEYS[2] lane pending zset   (stepped:{<key>}:pending)
+-- KEYS[1] lane state hash     (stepped:<namespace>:{<lane key>}:state)
+-- KEYS[2] lane pending zset   (stepped:<namespace>:{<lane key>}:pending)
 -- ARGV[1] id of the action that completed
 -- Returns {"next", id} | {"empty"} | {"other", current_id} | {"absent"}
+-- (the first word is a LaneOutcome of lanes.py)
 local current = redis.call("HGET", KEYS[1], "current")
 if not current then
   return {"absent"}

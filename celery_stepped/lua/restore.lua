@@ -1,6 +1,6 @@
 -- Rebuild one lane from SQL after Redis lost it (repair).
--- KEYS[1] lane state hash     (stepped:{<key>}:state)
--- KEYS[2] lane pending zset   (stepped:{<key>}:pending)
+-- KEYS[1] lane state hash     (stepped:<namespace>:{<lane key>}:state)
+-- KEYS[2] lane pending zset   (stepped:<namespace>:{<lane key>}:pending)
 -- ARGV[1] current action id, or "" for none
 -- ARGV[2] checksum of the current action, or ""
 -- ARGV[3] pending action id, or "" for none

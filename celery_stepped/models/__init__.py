@@ -128,6 +128,9 @@ class Action(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: The action that superseded this one (``status == "superseded"``).
     superseded_by_id: Mapped[int | None] = mapped_column(Integer)
+    #: A root's Celery canvas (``link``, ``link_error``, ``chain``, ``chord``, group
+    #: membership), applied when it is final (``celery_stepped.results``).
+    canvas: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     steps: Mapped[list[Step]] = relationship(
         back_populates="action", order_by="Step.definition_index"

@@ -6,6 +6,9 @@ the :class:`~celery_stepped.Stepped` instance.
 - ``action_started(action_id, name)``: an action went from pending to performing.
 - ``action_completed(action_id, status)``: an action reached a final status (after
   its after callbacks ran).
+- ``action_short_circuited(name, status, request_id, canvas)``: an action ended before
+  it was persisted (cancelled or completed in ``before``, skipped by an achievement);
+  ``request_id`` and ``canvas`` (its Celery callbacks) are set for a root from ``later()``.
 - ``step_started(action_id, index)``: a step body committed.
 - ``step_completed(step_id, status)``: a step closed, exactly once per step.
 - ``exception_handled(exception, action_id, step_index, block)``: an exception of a
@@ -19,6 +22,7 @@ from celery.utils.dispatch import Signal
 
 __all__ = [
     "action_completed",
+    "action_short_circuited",
     "action_started",
     "exception_handled",
     "step_completed",
@@ -27,6 +31,10 @@ __all__ = [
 
 action_started = Signal(name="stepped.action_started", providing_args={"action_id", "name"})
 action_completed = Signal(name="stepped.action_completed", providing_args={"action_id", "status"})
+action_short_circuited = Signal(
+    name="stepped.action_short_circuited",
+    providing_args={"name", "status", "request_id", "canvas"},
+)
 step_started = Signal(name="stepped.step_started", providing_args={"action_id", "index"})
 step_completed = Signal(name="stepped.step_completed", providing_args={"step_id", "status"})
 exception_handled = Signal(

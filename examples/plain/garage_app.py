@@ -4,7 +4,10 @@ Both the example script (``garage.py``) and its worker (``celery -A garage_app w
 import this module. It is configured from the environment:
 
 - ``GARAGE_REDIS_URL``: Redis server without a database number (broker on ``/0``,
-  Stepped's lanes on ``/1``); default ``redis://127.0.0.1:6379``.
+  Stepped's lanes on ``/1`` in the namespace ``garage``); default
+  ``redis://127.0.0.1:6379``. Every task, Stepped's and the garage's own, goes to the
+  queue ``garage`` (``celery -A garage_app worker -Q garage``), so the Flask shop
+  example on the same Redis (databases 2 and 3, queue ``shop``) never takes its work.
 - ``GARAGE_DATABASE_URL``: SQLAlchemy URL of the tables; default ``sqlite:///garage.db``.
 
 A ``service`` of a car is a tree of actions::
@@ -33,13 +36,18 @@ from celery_stepped.models import Action
 REDIS_URL = os.environ.get("GARAGE_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 DATABASE_URL = os.environ.get("GARAGE_DATABASE_URL", "sqlite:///garage.db")
 
+QUEUE = "garage"
+
 app = Celery("garage", broker=f"{REDIS_URL}/0")
 app.conf.update(
+    task_default_queue=QUEUE,  # the garage's own tasks (wash)
     task_ignore_result=True,  # Stepped keeps its state in SQL: no result backend needed
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
-stepped = Stepped(app, database_url=DATABASE_URL, redis_url=f"{REDIS_URL}/1")
+stepped = Stepped(
+    app, database_url=DATABASE_URL, redis_url=f"{REDIS_URL}/1", queue=QUEUE, namespace="garage"
+)
 
 
 # -- models (any SQLAlchemy model is an actor) ------------------------------------------

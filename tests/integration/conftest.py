@@ -1,10 +1,13 @@
 """Fixtures of the integration suite: real ``celery worker`` processes on real Redis and SQL.
 
 Each test module gets one :class:`Cluster` (module scope): a database of its own (a
-SQLite file, or ``STEPPED_DATABASE_URL``), the test process's Stepped instance built
-by :func:`tests.integration.worker_app.build`, and the worker subprocesses it started.
-Workers are always stopped by the fixture's finalizer, also when a test fails. Between
-tests the rows, the lanes and the probe are emptied; the workers keep running.
+SQLite file, or the run's PostgreSQL schema), a name of its own (``<run>-<module>``:
+its lanes' namespace and the prefix of its broker and probe keys, see
+:mod:`tests.isolation`), the test process's Stepped instance built by
+:func:`tests.integration.worker_app.build`, and the worker subprocesses it started.
+Workers are always stopped by the fixture's finalizer, also when a test fails; the
+module's Redis keys are deleted then. Between tests the rows, the lanes and the probe
+are emptied; the workers keep running.
 """
 
 from __future__ import annotations
@@ -22,23 +25,19 @@ from typing import Any
 import pytest
 import redis
 from celery.result import AsyncResult
+from kombu.transport.redis import PrefixedStrictRedis
 from sqlalchemy import delete, select
 
-from celery_stepped.embedded import WorkerProcess
+from celery_stepped.embedded import EmbeddedRedis, WorkerProcess
 from celery_stepped.models import Achievement, Action, ParentLink, Step
 from celery_stepped.statuses import FINAL_STATUSES
-from tests.conftest import (
-    BROKER_DB,
-    LANES_DB,
-    load_car,
-    make_car,
-    reset_database,
-    stored_actions,
-)
+from tests.conftest import load_car, make_car, reset_database, stored_actions
 from tests.integration import worker_app
+from tests.isolation import RUN, delete_matching, delete_owned, prefix_pattern
 from tests.models import Car
 
-PROBE_DB = 4
+#: Queues some modules' workers consume besides ``stepped`` and ``celery``.
+EXTRA_QUEUES = ("body",)
 ROOT = Path(__file__).resolve().parents[2]
 #: The Flask example (``examples/flask_app``): ``shop.py`` and ``run.py``.
 SHOP = ROOT / "examples" / "flask_app"
@@ -51,41 +50,54 @@ class Cluster:
 
     def __init__(
         self,
-        redis_base: str,
+        redis_url: str,
         database_url: str,
         logs: Path,
+        name: str,
         visibility_timeout: float | None = None,
         duplicate: bool = False,
+        backend: bool = False,
     ) -> None:
         self.logs_dir = logs
+        self.name = name
+        self.broker_prefix = f"{name}:broker:"
         self.env = {
-            worker_app.ENV_BROKER: f"{redis_base}/{BROKER_DB}",
-            worker_app.ENV_LANES: f"{redis_base}/{LANES_DB}",
+            worker_app.ENV_BROKER: redis_url,
+            worker_app.ENV_LANES: redis_url,
             worker_app.ENV_DATABASE: database_url,
-            worker_app.ENV_PROBE: f"{redis_base}/{PROBE_DB}",
+            worker_app.ENV_PROBE: redis_url,
+            worker_app.ENV_NAME: name,
         }
         if visibility_timeout is not None:
             self.env[worker_app.ENV_VISIBILITY] = str(visibility_timeout)
         if duplicate:
             self.env[worker_app.ENV_DUPLICATE] = "1"
+        if backend:
+            self.env[worker_app.ENV_BACKEND] = redis_url
         self.app, self.stepped, self.probe = worker_app.build(
             self.env[worker_app.ENV_BROKER],
             self.env[worker_app.ENV_LANES],
             database_url,
             self.env[worker_app.ENV_PROBE],
+            name,
             duplicate=duplicate,
+            backend_url=self.env.get(worker_app.ENV_BACKEND),
         )
-        self.broker = redis.Redis.from_url(self.env[worker_app.ENV_BROKER])
+        #: The broker's Redis as the workers see it: every key prefixed like theirs.
+        self.broker = PrefixedStrictRedis(
+            connection_pool=redis.ConnectionPool.from_url(redis_url),
+            global_keyprefix=self.broker_prefix,
+        )
         self.started = 0
         self.workers: list[WorkerProcess] = []
 
     # -- workers -------------------------------------------------------------------------
 
-    def start_worker(self, concurrency: int = 2) -> WorkerProcess:
-        """Start one more ``celery worker -Q stepped,celery`` process and wait until ready."""
+    def start_worker(self, concurrency: int = 2, queues: str = "stepped,celery") -> WorkerProcess:
+        """Start one more ``celery worker -Q <queues>`` process and wait until ready."""
         worker = WorkerProcess(
             "tests.integration.worker_app",
-            queues="stepped,celery",
+            queues=queues,
             concurrency=concurrency,
             env=self.env,
             cwd=str(ROOT),
@@ -125,8 +137,14 @@ class Cluster:
         with self.stepped.session() as s:
             for model in (ParentLink, Step, Achievement, Action, Car):
                 s.execute(delete(model))
-        self.stepped.redis.flushdb()
+        self.stepped.lanes.clear()
         self.probe.flush()
+        if worker_app.ENV_BACKEND in self.env:
+            redis.Redis.from_url(self.env[worker_app.ENV_BACKEND]).flushdb()
+
+    def flush_broker(self) -> None:
+        """The broker loses every message (this module's broker keys only)."""
+        delete_matching(self.stepped.redis, prefix_pattern(self.broker_prefix))
 
     def make_car(self, **values: Any) -> Car:
         """Insert a car and return it detached."""
@@ -220,7 +238,7 @@ class Cluster:
         stays unacknowledged while it runs, or while a worker holds it for its ETA)."""
 
         def idle() -> bool:
-            queued = any(self.broker.llen(q) for q in ("stepped", "celery"))
+            queued = any(self.broker.llen(q) for q in ("stepped", "celery", *EXTRA_QUEUES))
             return not queued and not self.broker.hlen("unacked")
 
         self.wait_for("the workers to go idle", idle)
@@ -259,18 +277,33 @@ def make_cluster(
     visibility_timeout: float | None = None,
     duplicate: bool = False,
     env: Mapping[str, str] | None = None,
+    backend: bool = False,
 ) -> Cluster:
-    """A module's cluster: fresh database and Redis databases, then the workers (with
-    ``env`` added to their environment)."""
+    """A module's cluster: a fresh database, Redis keys of its own, then the workers
+    (with ``env`` added to their environment; ``backend=True``: with a Redis result
+    backend, its keys prefixed ``<name>:backend:``).
+
+    ``redis_base`` is unused (the run's Redis database comes from the ``redis_url``
+    fixture); it stays for the modules that build their own cluster.
+    """
     directory = tmp_path_factory.mktemp("integration")
-    database_url = os.environ.get("STEPPED_DATABASE_URL") or f"sqlite:///{directory / 'stepped.db'}"
-    for db in (LANES_DB, BROKER_DB, PROBE_DB):
-        redis.Redis.from_url(f"{redis_base}/{db}").flushdb()
-    cluster = Cluster(redis_base, database_url, directory, visibility_timeout, duplicate)
+    database_url = request.getfixturevalue("database_server")
+    database_url = database_url or f"sqlite:///{directory / 'stepped.db'}"
+    name = f"{RUN}-{request.module.__name__.rsplit('.', 1)[-1]}"
+    cluster = Cluster(
+        request.getfixturevalue("redis_url"),
+        database_url,
+        directory,
+        name,
+        visibility_timeout,
+        duplicate,
+        backend,
+    )
     cluster.env.update(env or {})
 
     def finish() -> None:
         cluster.stop_workers()
+        delete_owned(cluster.stepped.redis, name)
         cluster.stepped.redis.close()
         cluster.probe.redis.close()
         cluster.broker.close()
@@ -298,13 +331,26 @@ def it(cluster: Cluster) -> Iterator[Cluster]:
     yield cluster
 
 
+#: The Redis databases the Flask example uses (fixed numbers: broker, lanes).
+SHOP_DATABASES = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def shop_redis() -> Iterator[str]:
+    """A Redis server of the module's own for the Flask example: it uses fixed database
+    numbers, which another run on a shared Redis server may be using."""
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
 @contextlib.contextmanager
 def shop_module(env: Mapping[str, str]) -> Iterator[ModuleType]:
-    """The Flask example's ``shop`` module, imported with ``env`` (``SHOP_REDIS_URL``,
-    ``SHOP_DATABASE_URL``, ...) and its tables created; its Redis databases (0: broker,
-    1: lanes) are flushed before and after, and its classes unmapped after."""
+    """The Flask example's ``shop`` module, imported with ``env`` (``SHOP_REDIS_URL``: a
+    Redis server of the test's own, see ``shop_redis``; ``SHOP_DATABASE_URL``, ...) and its
+    tables created; its Redis databases (2: broker, 3: lanes) are flushed before and
+    after, and its classes unmapped after."""
     base = env["SHOP_REDIS_URL"]
-    for db in (0, 1):
+    for db in SHOP_DATABASES:
         redis.Redis.from_url(f"{base}/{db}").flushdb()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
@@ -320,5 +366,5 @@ def shop_module(env: Mapping[str, str]) -> Iterator[ModuleType]:
         module.stepped.engine.dispose()
         # Unmap Order: the next import maps a new class of the same actor type name.
         module.ShopBase.registry.dispose()
-        for db in (0, 1):
+        for db in SHOP_DATABASES:
             redis.Redis.from_url(f"{base}/{db}").flushdb()

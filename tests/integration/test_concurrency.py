@@ -52,7 +52,7 @@ def test_500_children_finishing_at_once_advance_their_step_exactly_once(it: Clus
     assert it.probe.count(f"action_completed:{root.id}") == 1
     it.assert_signals_once()
     # Both worker processes ran children (so their joins really raced).
-    ran_in = {int(pid) for pid in it.probe.redis.smembers("probe:pids")}
+    ran_in = it.probe.pids()
     for worker in it.workers:
         assert ran_in & set(worker.child_pids()), "a worker ran no child"
     for worker in it.workers:

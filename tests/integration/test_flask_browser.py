@@ -125,11 +125,11 @@ def serving(shop: Shop, process: subprocess.Popen[bytes]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def shop(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+def shop(shop_redis: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     """``python examples/flask_app/run.py --port P`` on the suite's Redis and a SQLite file."""
     folder = tmp_path_factory.mktemp("shop-browser")
     env = {
-        "SHOP_REDIS_URL": redis_base,
+        "SHOP_REDIS_URL": shop_redis,
         "SHOP_DATABASE_URL": f"sqlite:///{folder / 'shop.db'}",
         "SHOP_ACTION_TOKEN": TOKEN,
     }

@@ -14,12 +14,14 @@ from tests.integration.conftest import SHOP, shop_module
 
 
 @pytest.fixture(scope="module")
-def shop(redis_base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+def shop(shop_redis: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     """The example module (imported once), its tables, and a real worker running its tasks."""
     database = tmp_path_factory.mktemp("shop") / "shop.db"
-    env = {"SHOP_REDIS_URL": redis_base, "SHOP_DATABASE_URL": f"sqlite:///{database}"}
+    env = {"SHOP_REDIS_URL": shop_redis, "SHOP_DATABASE_URL": f"sqlite:///{database}"}
     with shop_module(env) as module:
-        worker = WorkerProcess("shop:celery_app", cwd=str(SHOP), env=env, concurrency=2)
+        worker = WorkerProcess(
+            "shop:celery_app", queues=module.QUEUE, cwd=str(SHOP), env=env, concurrency=2
+        )
         worker.start()
         try:
             yield module

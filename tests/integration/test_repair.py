@@ -19,7 +19,7 @@ def test_repair_rebuilds_flushed_lanes_and_the_tree_completes(it: Cluster) -> No
     it.quiet()
     assert it.stepped.repair().lines == []  # healthy: nothing to do
 
-    it.stepped.redis.flushdb()  # Redis loses the lanes
+    it.stepped.lanes.clear()  # Redis loses the lanes
     assert it.stepped.lanes.count() == 0
     dry = it.stepped.repair()
     assert not dry.applied
@@ -61,8 +61,8 @@ def test_repair_resends_what_a_flushed_broker_lost(it: Cluster) -> None:
     assert tree.status == "performing"
     broker = it.broker
     assert broker.llen("stepped") == 5  # three lane jobs and two mids never started
-    broker.flushdb()
-    it.stepped.redis.flushdb()
+    it.flush_broker()
+    it.stepped.lanes.clear()
 
     report = it.stepped.repair(apply=True)
     starts = [r for r in report.resends if r.task == "stepped.start"]
@@ -120,7 +120,7 @@ def test_repair_reissues_advances_and_resumes_that_were_lost(it: Cluster) -> Non
     it.stepped.complete(a.id)
     broker = it.broker
     assert broker.llen("stepped") == 3
-    broker.flushdb()
+    it.flush_broker()
     holder_step, sharer_step = (it.stepped.get_action(x.id).steps[0].id for x in (holder, sharer))
     resends = {(r.task, r.target) for r in it.stepped.repair().resends}
     assert resends == {

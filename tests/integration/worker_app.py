@@ -7,7 +7,7 @@ the same URLs so both sides share one set of definitions.
 
 Step bodies record their effects in SQL with atomic statements (``log = log || x``,
 ``honks = honks + 1``), so a body that ran twice but committed once shows once. A
-:class:`Probe` (a Redis database of its own) counts what happened outside SQL: signal
+:class:`Probe` (Redis keys of its own prefix) counts what happened outside SQL: signal
 deliveries in every process, body executions, message content types; it also holds
 the flags a blocking body waits for.
 """
@@ -30,12 +30,15 @@ from sqlalchemy.exc import OperationalError
 
 from celery_stepped import Stepped, signals
 from celery_stepped.messages import Message
+from tests.isolation import delete_matching, prefix_pattern
 from tests.models import Car
 
 ENV_BROKER = "STEPPED_TEST_BROKER_URL"
 ENV_LANES = "STEPPED_TEST_LANES_URL"
 ENV_DATABASE = "STEPPED_TEST_DATABASE_URL"
 ENV_PROBE = "STEPPED_TEST_PROBE_URL"
+#: The cluster's name: its lanes' namespace and the start of its broker and probe keys.
+ENV_NAME = "STEPPED_TEST_NAME"
 #: Seconds before Redis restores an unacknowledged message (the redelivery tests).
 ENV_VISIBILITY = "STEPPED_TEST_VISIBILITY_TIMEOUT"
 #: "1": publish every internal message twice (the duplicate delivery tests).
@@ -77,56 +80,66 @@ def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:
     broker.send = send_or_die  # type: ignore[method-assign]
 
 
+#: A Redis result backend URL (the canvas tests).
+ENV_BACKEND = "STEPPED_TEST_BACKEND_URL"
+
+
 class Probe:
-    """Counters and flags in Redis, shared by the test process and every worker."""
+    """Counters and flags in Redis, shared by the test process and every worker.
 
-    COUNTS = "probe:counts"
-    CONTENT = "probe:content-types"
-    PIDS = "probe:pids"
+    Every key starts with ``prefix``; :meth:`flush` deletes those keys and no other.
+    """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, prefix: str) -> None:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.prefix = prefix
+        self.counts_key = f"{prefix}counts"
+        self.content_key = f"{prefix}content-types"
+        self.pids_key = f"{prefix}pids"
 
     def bump(self, field: str, amount: int = 1) -> None:
         """Add ``amount`` to the counter ``field``."""
-        self.redis.hincrby(self.COUNTS, field, amount)
+        self.redis.hincrby(self.counts_key, field, amount)
 
     def counts(self, prefix: str = "") -> dict[str, int]:
         """Every counter whose name starts with ``prefix``."""
-        return {
-            k: int(v) for k, v in self.redis.hgetall(self.COUNTS).items() if k.startswith(prefix)
-        }
+        counts = self.redis.hgetall(self.counts_key)
+        return {k: int(v) for k, v in counts.items() if k.startswith(prefix)}
 
     def count(self, field: str) -> int:
         """One counter (0 when never bumped)."""
-        return int(self.redis.hget(self.COUNTS, field) or 0)
+        return int(self.redis.hget(self.counts_key, field) or 0)
 
     def content_types(self) -> dict[str, int]:
         """How many ``stepped.*`` messages each content type carried."""
-        return {k: int(v) for k, v in self.redis.hgetall(self.CONTENT).items()}
+        return {k: int(v) for k, v in self.redis.hgetall(self.content_key).items()}
+
+    def pids(self) -> set[int]:
+        """The processes that recorded themselves in :attr:`pids_key`."""
+        return {int(pid) for pid in self.redis.smembers(self.pids_key)}
 
     def release(self, name: str) -> None:
         """Let the body blocked on ``name`` go on."""
-        self.redis.set(f"probe:release:{name}", 1)
+        self.redis.set(f"{self.prefix}release:{name}", 1)
 
     def entered(self, name: str) -> int | None:
         """The pid of the process that entered the block ``name`` most recently."""
-        pid = self.redis.get(f"probe:entered:{name}")
+        pid = self.redis.get(f"{self.prefix}entered:{name}")
         return None if pid is None else int(pid)
 
     def block(self, name: str, limit: float = 90) -> None:
         """In a step body: record this pid, then wait until ``release(name)``."""
-        self.redis.set(f"probe:entered:{name}", os.getpid())
+        self.redis.set(f"{self.prefix}entered:{name}", os.getpid())
         self.bump(f"entered:{name}")
         deadline = time.monotonic() + limit
-        while not self.redis.exists(f"probe:release:{name}"):
+        while not self.redis.exists(f"{self.prefix}release:{name}"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"block {name!r} was never released")
             time.sleep(0.05)
 
     def flush(self) -> None:
-        """Forget everything."""
-        self.redis.flushdb()
+        """Forget everything (the probe's own keys only)."""
+        delete_matching(self.redis, prefix_pattern(self.prefix))
 
 
 def append(step: Any, car: Car, token: str) -> None:
@@ -195,7 +208,7 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
 
     @fan_leaf.step
     def fan_leaf_body(step: Any, car: Car, i: int) -> None:
-        probe.redis.sadd(Probe.PIDS, os.getpid())
+        probe.redis.sadd(probe.pids_key, os.getpid())
         honk(step, car)
 
     # -- a lane: one performing, the newest pending supersedes ------------------------------
@@ -369,6 +382,151 @@ def define_actions(stepped: Stepped, probe: Probe) -> None:
         step.do("store_down")
 
 
+# -- issue 13: stepped actions and plain Celery canvas --------------------------------------
+
+
+def define_canvas(stepped: Stepped, probe: Probe) -> None:
+    """Actions and plain tasks of ``test_canvas.py`` (chains, chords, task members, routing)."""
+    app = stepped.app
+
+    def task(name: str, **options: Any) -> Any:
+        return app.task(name=name, serializer="json", acks_late=True, shared=False, **options)
+
+    canvas_drive = app.stepped_action("canvas_drive", actor=Car, concurrency_key=_key("cd"))
+
+    @canvas_drive.step
+    def canvas_drive_body(step: Any, car: Car, token: str) -> None:
+        append(step, car, f"drive-{token}")
+
+    canvas_fail = app.stepped_action("canvas_fail", actor=Car)
+
+    @canvas_fail.step
+    def canvas_fail_body(step: Any, car: Car) -> None:
+        append(step, car, "fail")
+        step.status = "failed"
+
+    canvas_cancelled = app.stepped_action("canvas_cancelled", actor=Car)
+
+    @canvas_cancelled.before
+    def canvas_cancel(action: Any, car: Car) -> None:
+        action.cancel()
+
+    canvas_outbound = app.stepped_action("canvas_outbound", actor=Car, outbound=True)
+
+    @canvas_outbound.step
+    def canvas_outbound_body(step: Any, car: Car) -> None:
+        append(step, car, "outbound")
+
+    @task("tests.canvas.note")
+    def note(previous: Any, car_id: int, token: str) -> str:
+        with stepped.session() as session:
+            session.execute(
+                update(Car).where(Car.id == car_id).values(log=Car.log + f"{token}-{previous};")
+            )
+        return f"noted-{token}"
+
+    @task("tests.canvas.collect")
+    def collect(results: list[Any]) -> list[Any]:
+        probe.bump("collected")
+        return sorted(results)
+
+    @task("tests.canvas.errback")
+    def errback(task_id: str) -> None:
+        probe.bump(f"errback:{task_id}")
+
+    define_members(stepped, probe, task)
+
+
+def define_members(stepped: Stepped, probe: Probe, task: Any) -> None:
+    """Plain tasks as members of a step's join (``step.task``) and a routed step body."""
+    app = stepped.app
+
+    def note(car_id: int, token: str) -> None:
+        with stepped.session() as session:
+            session.execute(update(Car).where(Car.id == car_id).values(log=Car.log + f"{token};"))
+
+    @task("tests.canvas.mail")
+    def mail(car_id: int, token: str, fail: bool = False) -> str:
+        probe.bump(f"ran:{token}")
+        if fail:
+            raise ValueError(f"{token} bounced")
+        note(car_id, token)
+        return token
+
+    @task("tests.canvas.blocking_member", reject_on_worker_lost=True)
+    def blocking_member(car_id: int, name: str) -> str:
+        probe.bump(f"ran:{name}")
+        probe.block(name)
+        note(car_id, name)
+        return name
+
+    members_three = app.stepped_action("members_three", actor=Car)
+
+    @members_three.step
+    def three_out(step: Any, car: Car) -> None:
+        for i in (1, 2, 3):
+            step.task(mail.s(car.id, f"m{i}", i == 2))
+
+    @members_three.step
+    def three_never(step: Any, car: Car) -> None:
+        append(step, car, "never")
+
+    members_late = app.stepped_action("members_late", actor=Car)
+
+    @members_late.step
+    def late_out(step: Any, car: Car) -> None:
+        step.task(mail.s(car.id, "expired").set(expires="2000-01-01T00:00:00+00:00"))
+        step.task(blocking_member.s(car.id, "slow"), timeout=0.5)
+        step.task(mail.s(car.id, "fine"))
+
+    define_routed(stepped, probe, mail)
+
+    members_redelivered = app.stepped_action("members_redelivered", actor=Car)
+
+    @members_redelivered.step
+    def redelivered_out(step: Any, car: Car) -> None:
+        step.task(blocking_member.s(car.id, "member"))
+        step.task(mail.s(car.id, "quick"))
+
+    @members_redelivered.step
+    def redelivered_after(step: Any, car: Car) -> None:
+        probe.bump("ran:members-after")
+        probe.block("members-after")
+        append(step, car, "after")
+
+
+def define_routed(stepped: Stepped, probe: Probe, mail: Any) -> None:
+    """An action on the ``body`` queue whose members run on the default queues."""
+    app = stepped.app
+    routed = app.stepped_action("routed", actor=Car, queue="body")
+
+    def seen(name: str) -> None:
+        probe.redis.sadd(f"probe:pids:{name}", os.getpid())
+
+    @routed.step
+    def routed_out(step: Any, car: Car) -> None:
+        seen("routed")
+        step.do("routed_child")
+        step.task(mail.s(car.id, "routed-mail"))
+
+    @routed.step
+    def routed_wait(step: Any, car: Car) -> None:
+        seen("routed")
+        step.wait(0.2)
+
+    @routed.step
+    def routed_last(step: Any, car: Car) -> None:
+        seen("routed")
+        append(step, car, "routed-last")
+
+    routed_child = app.stepped_action("routed_child", actor=Car)
+
+    @routed_child.step
+    def routed_child_body(step: Any, car: Car) -> None:
+        seen("routed-child")
+        append(step, car, "child")
+
+
 def _key(prefix: str) -> Any:
     """A concurrency key of its own per argument list, so siblings never share a lane."""
 
@@ -421,15 +579,21 @@ def build(
     lanes_url: str,
     database_url: str,
     probe_url: str,
+    name: str,
     visibility_timeout: float | None = None,
     duplicate: bool = False,
+    backend_url: str | None = None,
 ) -> tuple[Celery, Stepped, Probe]:
     """The app, its Stepped instance and the probe, with every test action defined.
 
-    The app's default serializer is pickle and the worker accepts JSON only, so an
-    internal message that did not force JSON would be refused (and counted).
+    ``name`` is the lanes' namespace; broker keys start with ``<name>:broker:`` (kombu's
+    ``global_keyprefix``), probe keys with ``<name>:probe:``. The app's default
+    serializer is pickle and the worker accepts JSON only, so an internal message that
+    did not force JSON would be refused (and counted).
     """
-    app = Celery("stepped_integration", broker=broker_url, set_as_current=False)
+    app = Celery(
+        "stepped_integration", broker=broker_url, backend=backend_url, set_as_current=False
+    )
     app.conf.update(
         stepped_outbox_sweep_after=float(os.environ.get("STEPPED_TEST_SWEEP_AFTER", 60)),
         stepped_outbox_sweep_every=float(os.environ.get("STEPPED_TEST_SWEEP_EVERY", 30)),
@@ -441,15 +605,20 @@ def build(
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    transport: dict[str, Any] = {"global_keyprefix": f"{name}:broker:"}
     if visibility_timeout is not None:
-        app.conf.broker_transport_options = {
-            "visibility_timeout": visibility_timeout,
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-        }
-    stepped = Stepped(app, database_url=database_url, redis_url=lanes_url)
-    probe = Probe(probe_url)
+        transport.update(
+            visibility_timeout=visibility_timeout,
+            unacked_restore_interval=1,
+            unacked_restore_throttle=1,
+        )
+    app.conf.broker_transport_options = transport
+    if backend_url is not None:
+        app.conf.result_backend_transport_options = {"global_keyprefix": f"{name}:backend:"}
+    stepped = Stepped(app, database_url=database_url, redis_url=lanes_url, namespace=name)
+    probe = Probe(probe_url, f"{name}:probe:")
     define_actions(stepped, probe)
+    define_canvas(stepped, probe)
     connect_probe(stepped, probe)
     if duplicate:
         send_everything_twice(stepped)
@@ -465,8 +634,10 @@ def _from_env() -> Celery | None:
         os.environ[ENV_LANES],
         os.environ[ENV_DATABASE],
         os.environ[ENV_PROBE],
+        os.environ[ENV_NAME],
         float(visibility) if visibility else None,
         os.environ.get(ENV_DUPLICATE) == "1",
+        os.environ.get(ENV_BACKEND),
     )
     if os.environ.get(ENV_CRASH):
         crash_before_sending(stepped, probe, os.environ[ENV_CRASH])
@@ -475,7 +646,7 @@ def _from_env() -> Celery | None:
 
     def record_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
         if request is not None and str(request.name).startswith("stepped."):
-            probe.redis.hincrby(Probe.CONTENT, str(request.content_type), 1)
+            probe.redis.hincrby(probe.content_key, str(request.content_type), 1)
 
     celery_signals.task_received.connect(record_content_type, weak=False)
     return app

@@ -24,7 +24,8 @@ from sqlalchemy import text
 from celery_stepped import ActionStatus, Stepped
 from celery_stepped.cli import stepped as stepped_group
 from celery_stepped.testing import JobQueue, perform_stepped_actions
-from tests.conftest import LANES_DB, make_car
+from tests.conftest import REDIS_DB, make_car
+from tests.isolation import RUN
 from tests.models import Car
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -326,7 +327,7 @@ def test_repair_reports_then_applies(stepped: Stepped, stepped_jobs: JobQueue) -
     assert invoke(stepped, "repair").output.strip() == (
         "Nothing to repair: lanes and steps agree with SQL."
     )
-    stepped.redis.flushdb()  # Redis lost the lanes
+    stepped.lanes.clear()  # Redis lost the lanes
     expected = f"lane 'booth': missing -> current {current.id}, pending {pending.id}"
 
     dry = invoke(stepped, "repair")
@@ -360,6 +361,7 @@ stepped = Stepped(
     app,
     database_url=os.environ["CLI_DATABASE_URL"],
     redis_url=os.environ["CLI_REDIS_URL"],
+    namespace=os.environ["CLI_NAMESPACE"],
 )
 trip = app.stepped_action("trip", actor=Car)
 
@@ -392,7 +394,8 @@ def test_celery_command_line_runs_the_subcommands(
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "CLI_BROKER_URL": f"{redis_base}/15",
         "CLI_DATABASE_URL": database_url,
-        "CLI_REDIS_URL": f"{redis_base}/{LANES_DB}",
+        "CLI_REDIS_URL": f"{redis_base}/{REDIS_DB}",
+        "CLI_NAMESPACE": RUN,
     }
 
     def celery(*args: str) -> str:

@@ -24,7 +24,7 @@ from sqlalchemy import text
 from celery_stepped import Stepped
 from celery_stepped.cli import stepped as stepped_group
 from celery_stepped.models.migrations import current_revision, revisions
-from tests.conftest import LANES_DB
+from tests.conftest import REDIS_DB
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ def test_unreachable_redis_names_the_url_without_password(unreachable: Stepped) 
 def test_unreachable_database_names_the_url(tmp_path: Path, redis_base: str) -> None:
     url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}"
     app = Celery("nodb", set_as_current=False)
-    instance = Stepped(app, database_url=url, redis_url=f"{redis_base}/{LANES_DB}")
+    instance = Stepped(app, database_url=url, redis_url=f"{redis_base}/{REDIS_DB}")
     message = one_error_line(invoke(instance, "actions"))
     assert message.startswith(f"cannot reach the database {url}: ")
 
@@ -143,7 +143,7 @@ def test_celery_command_line_names_the_app_and_prints_no_traceback(
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "DB_URL": database_url,
-        "REDIS_URL": f"{redis_base}/{LANES_DB}",
+        "REDIS_URL": f"{redis_base}/{REDIS_DB}",
     }
     command = [sys.executable, "-m", "celery", "--workdir", str(tmp_path), "-A", "errors_app"]
     done = subprocess.run(

@@ -15,7 +15,7 @@ import pytest
 import redis
 from sqlalchemy import event, func, select, update
 
-from celery_stepped import ActionStatus, Deadlock, Stepped, signals
+from celery_stepped import ActionStatus, Deadlock, Stepped, keys, signals
 from celery_stepped.effects import Delivery
 from celery_stepped.lanes import Lane
 from celery_stepped.models import Achievement, Action, ParentLink, Step
@@ -34,8 +34,14 @@ SHOP = "Car/maintenance"
 
 
 def redis_keys(stepped: Stepped) -> list[str]:
-    """Every key celery_stepped holds in Redis."""
-    return sorted(k.decode() for k in stepped.redis.keys("stepped:*"))
+    """Every key the instance holds in Redis (its namespace: other runs may share Redis)."""
+    pattern = keys.namespace_pattern(stepped.namespace)
+    return sorted(k.decode() for k in stepped.redis.scan_iter(match=pattern))
+
+
+def lane_key(stepped: Stepped, lane: str, part: str) -> str:
+    """The Redis key of one part (``state``, ``pending``, ``lock``) of a lane, as documented."""
+    return f"stepped:{stepped.namespace}:{{{lane}}}:{part}"
 
 
 def status(stepped: Stepped, action_id: int | None) -> str:
@@ -129,7 +135,8 @@ def test_default_concurrency_key_is_the_tenancy_key(stepped: Stepped) -> None:
     assert stepped.lanes.keys() == expected
     assert stepped.lanes.count() == 3
     assert redis_keys(stepped) == sorted(
-        [f"stepped:{{Car/{one.id}/wash}}:pending"] + [f"stepped:{{{k}}}:state" for k in expected]
+        [lane_key(stepped, f"Car/{one.id}/wash", "pending")]
+        + [lane_key(stepped, k, "state") for k in expected]
     )
 
 
@@ -263,7 +270,8 @@ def test_one_performing_action_per_lane_in_fifo_order(stepped: Stepped, car: Car
             c = shop.hold.now(car)
             assert stepped.lanes.get(SHOP) == Lane(SHOP, b.id, [c.id])
             # the lane's sequence grows with every queued action (scores are FIFO)
-            scores = stepped.redis.zrange(f"stepped:{{{SHOP}}}:pending", 0, -1, withscores=True)
+            pending = lane_key(stepped, SHOP, "pending")
+            scores = stepped.redis.zrange(pending, 0, -1, withscores=True)
             assert scores == [(str(c.id).encode(), 2.0)]
             with stepped.session() as s:
                 performing = s.scalar(
@@ -889,7 +897,7 @@ def test_enter_supersedes_in_sql_before_redis_under_the_lane_lock(stepped: Stepp
     seen: list[tuple[list[int], bool, list[int]]] = []
 
     def supersede(ids: list[int]) -> None:
-        lock_held = stepped.redis.exists("stepped:{K}:lock") == 1
+        lock_held = stepped.redis.exists(lane_key(stepped, "K", "lock")) == 1
         lane = lanes.get("K")
         assert lane is not None
         seen.append((ids, lock_held, lane.pending_ids))
@@ -900,7 +908,7 @@ def test_enter_supersedes_in_sql_before_redis_under_the_lane_lock(stepped: Stepp
     assert (result.outcome, result.superseded) == ("queued", [2, 3])
     assert seen == [([2], True, [2]), ([3], True, [3])]
     assert lanes.get("K") == Lane("K", 1, [4])
-    assert stepped.redis.exists("stepped:{K}:lock") == 0
+    assert stepped.redis.exists(lane_key(stepped, "K", "lock")) == 0
     # a lane without pending actions needs no lock and no SQL
     assert lanes.enter("L", 5, None, ",", lambda ids: pytest.fail("no supersede")).outcome == (
         "perform"
@@ -910,7 +918,7 @@ def test_enter_supersedes_in_sql_before_redis_under_the_lane_lock(stepped: Stepp
 def test_the_lane_lock_has_a_token_and_an_expiry(stepped: Stepped) -> None:
     lock = stepped.lanes.lock(SHOP)
     assert lock.acquire(blocking=False)
-    key = f"stepped:{{{SHOP}}}:lock"
+    key = lane_key(stepped, SHOP, "lock")
     token = stepped.redis.get(key)
     assert token is not None and len(token) >= 32
     assert 0 < stepped.redis.pttl(key) <= 30_000
@@ -976,7 +984,7 @@ def test_a_redelivered_start_recovers_from_a_crash_while_superseding(
         assert waiting == [second.id]
         in_lane = second.id if reached_redis else first.id
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [in_lane])
-        assert not stepped.redis.exists(f"stepped:{{{SHOP}}}:lock")  # released on the way out
+        assert not stepped.redis.exists(lane_key(stepped, SHOP, "lock"))  # released on the way out
 
         stepped.core.run_message(start)  # the broker delivers the message again
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [second.id])

@@ -31,7 +31,7 @@ from celery_stepped.models import Action, ParentLink, Step
 from celery_stepped.testing import perform_stepped_actions
 from tests.conftest import load_car
 from tests.models import Car
-from tests.unit.test_lanes import SHOP, define_shop, redis_keys, succeed_outbound
+from tests.unit.test_lanes import SHOP, define_shop, lane_key, redis_keys, succeed_outbound
 
 PARENTS, CHILDREN = 250, 8
 ACTIONS = PARENTS * CHILDREN
@@ -118,7 +118,10 @@ def test_concurrent_joins_into_an_occupied_lane(stepped: Stepped, car: Car) -> N
         assert ACTIONS < (link_rows or 0) < 2 * ACTIONS
 
         # the lane: the held action and one pending action, O(1) keys and members
-        pending_key, state_key = f"stepped:{{{SHOP}}}:pending", f"stepped:{{{SHOP}}}:state"
+        pending_key, state_key = (
+            lane_key(stepped, SHOP, "pending"),
+            lane_key(stepped, SHOP, "state"),
+        )
         assert stepped.redis.zcard(pending_key) == 1
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [pending])
         fields = {k.decode() for k in stepped.redis.hkeys(state_key)}

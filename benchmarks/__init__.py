@@ -1,0 +1,1 @@
+"""Benchmarks of celery_stepped against plain Celery: ``python -m benchmarks.run``."""

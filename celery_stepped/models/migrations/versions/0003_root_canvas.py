@@ -1,0 +1,24 @@
+"""a root's Celery canvas
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-02 15:50:00
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("stepped_actions", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("canvas", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("stepped_actions", schema=None) as batch_op:
+        batch_op.drop_column("canvas")

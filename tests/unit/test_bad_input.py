@@ -1,0 +1,84 @@
+"""Bad input gets a clear error, and nothing is left stuck (issue 15, item 2)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from celery import Celery
+
+from celery_stepped import ActorNotFound, Stepped
+from celery_stepped.models import Action
+from celery_stepped.tasks import _check_content
+from tests.models import Car
+
+
+def test_steppeds_own_records_are_not_actor_types(stepped: Stepped, car: Car) -> None:
+    for name in ("Action", "Step", "Achievement", "ParentLink", "OutboxEntry"):
+        with pytest.raises(ActorNotFound, match=name):
+            stepped.actors.resolve(name)
+    assert stepped.actors.resolve("Car").cls is Car
+    record = Action(name="x", actor_type="Car", actor_id="1", concurrency_key="k")
+    assert not stepped.actors.is_actor(record)
+    with pytest.raises(TypeError, match="is not an actor"):
+        stepped.actors.identify(record)
+
+
+def test_a_worker_that_accepts_pickle_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    app = Celery("pickled", set_as_current=False)
+    caplog.set_level(logging.WARNING, logger="celery_stepped")
+    app.conf.accept_content = ["json"]
+    _check_content(app)
+    assert caplog.records == []
+    app.conf.accept_content = ["json", "pickle"]
+    _check_content(app)
+    (record,) = caplog.records
+    assert "accepts pickle" in record.getMessage()
+
+
+@pytest.mark.parametrize("timeout", [-5, 0, 0.0])
+def test_a_timeout_must_be_positive(stepped: Stepped, timeout: float) -> None:
+    with pytest.raises(ValueError, match="more than 0 seconds"):
+        stepped.app.stepped_action("late", actor=Car, timeout=timeout)
+
+
+def test_a_forged_wait_naming_a_child_actions_link_is_ignored(
+    stepped: Stepped, car: Car, caplog: pytest.LogCaptureFixture
+) -> None:
+    from typing import Any
+
+    from celery_stepped.messages import wait_message
+    from celery_stepped.testing import perform_stepped_actions
+
+    app = stepped.app
+
+    @app.stepped_action(outbound=True)
+    def approve(car: Car) -> None:
+        pass
+
+    @app.stepped_action
+    def service(step: Any, car: Car) -> None:
+        step.do(approve)
+
+    with stepped.capture():
+        root = service.now(car)
+        perform_stepped_actions(stepped)  # approve performs, waiting to be completed
+        (step,) = stepped.get_action(root.id).steps
+        (child,) = step.actions
+        link_id = _link_of(stepped, step.id)
+        stepped.core.run_message(wait_message(link_id, 0))  # forged: not a wait
+        assert stepped.get_action(root.id).steps[0].pending_actions_count == 1
+        assert stepped.get_action(child.id).status == "performing"
+        assert any("ignored" in r.getMessage() for r in caplog.records)
+        stepped.complete(child.id)
+        perform_stepped_actions(stepped)
+    assert stepped.get_action(root.id).status == "succeeded"
+
+
+def _link_of(stepped: Stepped, step_id: int) -> int:
+    from sqlalchemy import select
+
+    from celery_stepped.models import ParentLink
+
+    with stepped.session() as s:
+        return int(s.scalar(select(ParentLink.id).where(ParentLink.step_id == step_id)))
