@@ -227,7 +227,7 @@ def timeout_message(
 class CompleteCall:
     """What a ``stepped.complete`` message carries.
 
-    ``complete_later`` names the actor and the action: the performing outbound action
+    ``complete_later`` sends ``[actor, name, status]``: the performing outbound action
     is looked up when the message runs. Messages of earlier versions carry
     ``[action_id, status]`` instead (``action_id`` set, ``actor`` and ``name`` None).
     """
@@ -237,16 +237,16 @@ class CompleteCall:
     name: str | None = None
     action_id: int | None = None
 
-    def payload(self) -> dict[str, Any]:
-        """The JSON payload of the ``stepped.complete`` message."""
-        return {"actor": self.actor, "name": self.name, "status": self.status}
+    def args(self) -> list[Any]:
+        """The positional arguments of the ``stepped.complete`` message."""
+        return [self.actor, self.name, self.status]
 
     @classmethod
     def from_args(cls, args: tuple[Any, ...] | list[Any]) -> CompleteCall:
         """Rebuild the call from a message's args (either form)."""
-        if len(args) == 1 and isinstance(args[0], dict):
-            payload = args[0]
-            return cls(str(payload["status"]), list(payload["actor"]), str(payload["name"]))
+        if len(args) == 3:
+            actor, name, status = args
+            return cls(str(status), list(actor), str(name))
         action_id, status = args
         return cls(str(status), action_id=None if action_id is None else int(action_id))
 
@@ -258,7 +258,7 @@ def complete_message(status: str, name: str, actor: list[str], queue: str | None
         MessageKind.COMPLETE,
         name,
         TaskName.COMPLETE,
-        [CompleteCall(status, actor, name).payload()],
+        CompleteCall(status, actor, name).args(),
         display_args=[status],
         actor=actor,
         queue=queue,

@@ -150,6 +150,8 @@ def test_complete_later_finds_the_action_performing_when_its_message_runs(
             ("action", "charge", []),
             ("complete", "charge", ["failed"]),
         ]
+        (message,) = [m for m in jobs.messages if m.kind == "complete"]
+        assert message.args == [["Car", str(car.id)], "charge", "failed"]  # no action id
         perform_stepped_actions(stepped)
     (action,) = stored_actions(stepped, "charge")
     assert action.status == "failed"
