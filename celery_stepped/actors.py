@@ -21,6 +21,8 @@ from .models import Base as SteppedBase
 __all__ = ["REF", "ActorRegistry", "ActorType", "is_reference"]
 
 REF = "__stepped_actor__"
+#: How deep arguments may nest (lists and dicts); deeper ones are refused at call time.
+MAX_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -200,8 +202,11 @@ class ActorRegistry:
 
     # -- arguments ---------------------------------------------------------------
 
-    def dump(self, value: Any, path: str = "arguments") -> Any:
-        """JSON-ready copy of ``value`` with actors as references; TypeError otherwise."""
+    def dump(self, value: Any, path: str = "arguments", depth: int = 0) -> Any:
+        """JSON-ready copy of ``value`` with actors as references; TypeError otherwise
+        (also for values nested deeper than ``MAX_DEPTH`` levels)."""
+        if depth > MAX_DEPTH:
+            raise TypeError(f"{path}: arguments nest deeper than {MAX_DEPTH} levels")
         if value is None or isinstance(value, bool | int | str):
             return value
         if isinstance(value, float):
@@ -209,7 +214,7 @@ class ActorRegistry:
                 raise TypeError(f"{path}: {value!r} is not JSON-serialisable")
             return value
         if isinstance(value, list | tuple):
-            return [self.dump(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return [self.dump(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
         if is_reference(value):  # dumped before (a stepped signature's arguments)
             return {REF: [str(part) for part in value[REF]]}
         if isinstance(value, dict):
@@ -219,7 +224,7 @@ class ActorRegistry:
                     raise TypeError(f"{path}: dict key {k!r} is not a string")
                 if k == REF:
                     raise TypeError(f"{path}: the key {REF!r} is reserved")
-                out[k] = self.dump(v, f"{path}[{k!r}]")
+                out[k] = self.dump(v, f"{path}[{k!r}]", depth + 1)
             return out
         if self.is_actor(value):
             return {REF: list(self.identify(value))}

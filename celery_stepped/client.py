@@ -139,7 +139,12 @@ class Client:
         """Complete one action; the completed action, or None when it was already final."""
         check_status(status)
         completed = self.engine.complete(action_id, status)
-        return self.get_action(action_id) if completed else None
+        if completed:
+            return self.get_action(action_id)
+        with self.session_factory() as s:
+            if s.get(Action, action_id) is None:
+                raise ActionNotFound(f"no action #{action_id}")
+        return None
 
     def performing_outbound(self, actor: Any, name: str) -> Action | None:
         """The newest performing outbound action ``name`` on ``actor``."""

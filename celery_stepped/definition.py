@@ -128,6 +128,8 @@ class SteppedAction(Task, Generic[P]):
         parent: SteppedAction[Any] | None = None,
     ) -> None:
         _check_options(action_name, timeout, checksum)
+        _check_key("concurrency_key", concurrency_key)
+        _check_key("checksum_key", checksum_key)
         self.runner = runner
         self.definitions = definitions
         self.action_name = action_name
@@ -357,6 +359,20 @@ def _check_options(action_name: Any, timeout: Any, checksum: Any) -> None:
         raise ValueError(f"timeout must be more than 0 seconds, got {timeout!r}")
     if checksum is not None and not callable(checksum):
         raise TypeError("checksum must be a callable (actor, *args)")
+
+
+def _check_key(option: str, value: Any) -> None:
+    """A key is a string, a list/tuple of parts, a callable ``(actor, *args)`` or None."""
+    if value is None or callable(value) or isinstance(value, str):
+        return
+    if isinstance(value, list | tuple) and all(
+        isinstance(part, str | int) and not isinstance(part, bool) for part in value
+    ):
+        return
+    raise TypeError(
+        f"{option} takes a string, a list of parts (strings or ints), or a callable "
+        f"(actor, *args); got {value!r}"
+    )
 
 
 def _no_kwargs(kwargs: dict[str, Any]) -> None:

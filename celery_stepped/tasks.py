@@ -18,12 +18,14 @@ from typing import Any
 
 from celery import Celery, Task
 from celery import signals as celery_signals
+from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
 from .members import send_revoked_errbacks
 from .routing import delivered_from
+from .validation import InvalidMessage, check_message
 
 __all__ = [
     "STORE_ERRORS",
@@ -47,6 +49,8 @@ TASK_OPTIONS: dict[str, Any] = {
     "shared": False,
     "ignore_result": True,
     "bind": True,
+    # Malformed messages are rejected in the worker's main process, before a pool gets them.
+    "Strategy": "celery_stepped.validation:checked_strategy",
 }
 #: Stepped's own store errors: a locked SQLite file, a PostgreSQL deadlock or a lost
 #: connection, a Redis hiccup. A message that meets one runs again from the start (every
@@ -95,6 +99,11 @@ def _task(
     give_up: GiveUp,
 ) -> Task:
     def run(self: Task, *args: Any) -> None:
+        try:
+            check_message(name, args)
+        except InvalidMessage as exc:
+            logger.error("rejected %s: %s", self.request.id, exc)
+            raise Reject(str(exc), requeue=False) from exc
         try:
             with delivering(recovering(self)), delivered_from(queue_of(self)):
                 handler(*args)

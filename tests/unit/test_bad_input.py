@@ -82,3 +82,72 @@ def _link_of(stepped: Stepped, step_id: int) -> int:
 
     with stepped.session() as s:
         return int(s.scalar(select(ParentLink.id).where(ParentLink.step_id == step_id)))
+
+
+def _nested(levels: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_arguments_nested_too_deep_are_refused_at_call_time(stepped: Stepped, car: Car) -> None:
+    @stepped.app.stepped_action
+    def carry(car: Car, load: object) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="nest deeper than 32 levels"):
+        carry.later(car, _nested(500))
+    with stepped.capture() as jobs:
+        carry.later(car, _nested(10))  # fine
+        assert len(jobs.enqueued) == 1
+
+
+@pytest.mark.parametrize(
+    ("task", "args"),
+    [
+        ("stepped.start", ()),
+        ("stepped.start", ({"actor": "Car/1", "name": "x"},)),
+        ("stepped.start", ({"actor": ["Car", "1"], "name": "x", "link": "7"},)),
+        ("stepped.resume", ("12",)),
+        ("stepped.resume", (12, 13)),
+        ("stepped.advance", (None,)),
+        ("stepped.wait", (-1,)),
+        ("stepped.timeout", (True,)),
+        ("stepped.complete", (5, "done")),
+        ("stepped.complete", (5,)),
+        ("stepped.advance", (_nested(500),)),
+    ],
+)
+def test_malformed_internal_messages_are_invalid(task: str, args: tuple[object, ...]) -> None:
+    from celery_stepped.validation import InvalidMessage, check_message
+
+    with pytest.raises(InvalidMessage):
+        check_message(task, args)
+
+
+def test_well_formed_internal_messages_pass() -> None:
+    from celery_stepped.validation import check_message
+
+    start = {"actor": ["Car", "1"], "name": "x", "args": [1], "link": None, "request": "r"}
+    check_message("stepped.start", (start,))
+    check_message("stepped.resume", (12,))
+    check_message("stepped.complete", (None, "succeeded"))
+    check_message("stepped.complete", (["Car", "1"], "charge", "failed"))
+
+
+def test_completing_an_unknown_action_says_so(stepped: Stepped) -> None:
+    from celery_stepped import ActionNotFound
+
+    with pytest.raises(ActionNotFound, match="999999"):
+        stepped.complete(999999)
+    with pytest.raises(ValueError, match="status must be one of"):
+        stepped.complete(1, "exploded")
+
+
+@pytest.mark.parametrize("key", [5, 2.5, {"lane": 1}, ["a", None], True])
+def test_keys_of_the_wrong_type_are_refused_at_definition(stepped: Stepped, key: object) -> None:
+    with pytest.raises(TypeError, match="concurrency_key takes a string"):
+        stepped.app.stepped_action("wash", actor=Car, concurrency_key=key)
+    with pytest.raises(TypeError, match="checksum_key takes a string"):
+        stepped.app.stepped_action("dry", actor=Car, checksum_key=key)
