@@ -22,11 +22,12 @@ from .engine import Engine
 from .errors import ActionNotFound
 from .messages import Message, StartCall, complete_message, start_message
 from .models import Action, Step
+from .outbound import performing_outbound
 from .outbox import Outboxes
 from .registry import Registry
 from .results import ActionResult, Found, find_request
 from .staging import discard, stage
-from .statuses import COMPLETION_STATUSES, ActionStatus
+from .statuses import COMPLETION_STATUSES
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -147,20 +148,8 @@ class Client:
 
     def performing_outbound(self, actor: Any, name: str) -> Action | None:
         """The newest performing outbound action ``name`` on ``actor``."""
-        type_name, identity = self.actors.identify(actor)
         with self.session_factory() as session:
-            return session.scalar(
-                select(Action)
-                .where(
-                    Action.actor_type == type_name,
-                    Action.actor_id == identity,
-                    Action.name == name,
-                    Action.outbound.is_(True),
-                    Action.status == ActionStatus.PERFORMING.value,
-                )
-                .order_by(Action.id.desc())
-                .limit(1)
-            )
+            return session.scalar(performing_outbound(*self.actors.identify(actor), name))
 
     def complete_outbound(self, actor: Any, name: str, status: str) -> Action | None:
         """Complete the performing outbound action ``name`` on ``actor`` (or None)."""
@@ -168,15 +157,13 @@ class Client:
         action = self.performing_outbound(actor, name)
         return None if action is None else self.complete(action.id, status)
 
-    def complete_outbound_later(self, actor: Any, name: str, status: str) -> AsyncResult | None:
-        """Enqueue completing the performing outbound action ``name`` on ``actor``."""
+    def complete_outbound_later(self, actor: Any, name: str, status: str) -> AsyncResult:
+        """Enqueue completing the outbound action ``name`` on ``actor``: the one
+        performing when the message runs (none then: the message does nothing)."""
         check_status(status)
-        action = self.performing_outbound(actor, name)
-        if action is None:
-            return None
-        actor_ref = [action.actor_type, action.actor_id]
-        queue = self.lookup(action.actor_type, name).resolved("action_queue")
-        return self.send_durably(complete_message(action.id, status, name, actor_ref, queue))
+        actor_ref = list(self.actors.identify(actor))
+        queue = self.lookup(actor_ref[0], name).resolved("action_queue")
+        return self.send_durably(complete_message(status, name, actor_ref, queue))
 
     # -- reading ---------------------------------------------------------------------
 

@@ -16,12 +16,17 @@ P = ParamSpec("P")
 
 
 class Definer:
-    """Builds :class:`SteppedAction` definitions and registers them (app and registry)."""
+    """Builds :class:`SteppedAction` definitions and registers them (app and registry).
+
+    It also builds the registry's implicit definitions (an actor's method run as a
+    one-step action), so it hands the registry :meth:`implicit` on construction.
+    """
 
     def __init__(self, app: Celery, registry: Registry, runner: Runner) -> None:
         self.app = app
         self.registry = registry
         self.runner = runner
+        registry.allow_implicit(self.implicit)
 
     @overload
     def action(self, name_or_fn: Callable[Concatenate[Any, P], Any]) -> SteppedAction[P]: ...
@@ -93,11 +98,38 @@ class Definer:
         job = options.get("job")
         if job is not None and not hasattr(job, "apply_async"):
             raise TypeError("job= takes a Celery task")
-        cls = type(f"SteppedAction_{name}", (SteppedAction,), {"__module__": __name__})
+        definition = self._build(name, actor, options)
+        self.registry.add(definition)
+        self._register_task(definition)
+        return definition
+
+    def implicit(self, actor_class: type, name: str) -> SteppedAction[Any]:
+        """The implicit definition of ``name`` for ``actor_class`` (the registry caches
+        it): one generated step calling the actor's method ``name``."""
+        definition = self._build(name, actor_class, {}, implicit=True)
+        self._register_task(definition)
+        return definition
+
+    def _build(
+        self, name: str, actor: type | None, options: dict[str, Any], implicit: bool = False
+    ) -> SteppedAction[Any]:
+        """A definition of its own class (``implicit``: a class attribute, True for an
+        implicit definition)."""
+        attributes = {"__module__": __name__, "implicit": implicit}
+        cls = type(f"SteppedAction_{name}", (SteppedAction,), attributes)
         definition: SteppedAction[Any] = cls(
             self.runner, self.registry, name, actor=actor, **options
         )
-        self.registry.add(definition)
-        if definition.name not in self.app.tasks:
-            self.app.register_task(definition)
         return definition
+
+    def _register_task(self, definition: SteppedAction[Any]) -> None:
+        """The Celery task of the name: the first definition of it, unless that was an
+        implicit one and this one is declared (calls dispatch by name either way)."""
+        existing = self.app.tasks.get(definition.name)
+        if existing is not None and getattr(existing, "implicit", False):
+            if getattr(definition, "implicit", False):
+                return
+            self.app.tasks.unregister(definition.name)
+            existing = None
+        if existing is None:
+            self.app.register_task(definition)

@@ -78,8 +78,8 @@ class Runner(Protocol):
     def complete_outbound(self, actor: Any, name: str, status: str) -> Action | None:
         """Complete the performing outbound action ``name`` on ``actor``."""
 
-    def complete_outbound_later(self, actor: Any, name: str, status: str) -> AsyncResult | None:
-        """Enqueue completing the performing outbound action ``name`` on ``actor``."""
+    def complete_outbound_later(self, actor: Any, name: str, status: str) -> AsyncResult:
+        """Enqueue completing the outbound action ``name`` performing on ``actor`` then."""
 
     def load_arguments(self, value: Any) -> Any:
         """Arguments with actor references loaded."""
@@ -304,8 +304,8 @@ class SteppedAction(Task, Generic[P]):
         """Complete the performing outbound action of this name on ``actor``."""
         return self.runner.complete_outbound(actor, self.action_name, status)
 
-    def complete_later(self, actor: Any, status: str = "succeeded") -> AsyncResult | None:
-        """Enqueue completing the performing outbound action of this name on ``actor``."""
+    def complete_later(self, actor: Any, status: str = "succeeded") -> AsyncResult:
+        """Enqueue completing the outbound action of this name performing on ``actor`` then."""
         return self.runner.complete_outbound_later(actor, self.action_name, status)
 
     def signature(self, args: Any = None, *starargs: Any, **starkwargs: Any) -> SteppedSignature:

@@ -25,6 +25,7 @@ from .events import Events, error_record, logger
 from .join import counted_steps_of_performing, report_link
 from .members import task_outcome
 from .messages import (
+    CompleteCall,
     Message,
     MessageKind,
     StartCall,
@@ -34,6 +35,7 @@ from .messages import (
     timeout_message,
 )
 from .models import Action, ParentLink, Step
+from .outbound import outbound_to_complete
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
 from .routing import Routes
@@ -381,10 +383,15 @@ class Engine:
         self.complete(int(action_id), ActionStatus.TIMED_OUT.value)
         return True
 
-    def complete_message(self, action_id: int | None, status: str) -> None:
-        """``stepped.complete``: the message of ``complete_later``."""
-        if action_id is not None:
-            self.complete(int(action_id), status)
+    def complete_message(self, *args: Any) -> None:
+        """``stepped.complete`` (``complete_later``): the outbound action performing now."""
+        call = CompleteCall.from_args(args)
+        with self.session_factory() as s:
+            action_id = outbound_to_complete(s, call)
+        if action_id is None:
+            self.events.nothing_to_complete(call.name, call.actor, call.status)
+            return
+        self.complete(action_id, call.status)
 
     def complete(self, action_id: int, status: str) -> bool:
         """Complete an open action from outside; True when this call completed it."""

@@ -83,6 +83,16 @@ class Events:
             logger.info("action #%s%s: %s", action_id, what, facts.change(status))
         signals.action_completed.send(sender=self.sender, action_id=action_id, status=status)
 
+    def nothing_to_complete(self, name: str | None, actor: list[str] | None, status: str) -> None:
+        """A ``stepped.complete`` message found no performing outbound action."""
+        target = "/".join(actor or []) or "?"
+        logger.info(
+            "stepped.complete: no performing outbound action %s on %s, %s not applied",
+            name,
+            target,
+            status,
+        )
+
     def short_circuited(
         self, name: str, status: str, request_id: str | None, canvas: dict[str, Any] | None
     ) -> None:

@@ -238,8 +238,9 @@ class Stepped:
 
     def complete_outbound_later(
         self, actor: Any, name: str, status: str = "succeeded"
-    ) -> AsyncResult | None:
-        """Enqueue completing the performing outbound action ``name`` on ``actor``."""
+    ) -> AsyncResult:
+        """Enqueue completing the outbound action ``name`` performing on ``actor`` when
+        the message runs."""
         return self.client.complete_outbound_later(actor, name, status)
 
     def sweep_outbox(self, older_than: float = 60.0) -> int:

@@ -91,16 +91,26 @@ def report_parents(
 
 
 def close_step(s: Session, step_id: int, now: datetime) -> str | None:
-    """Close a performing step whose members all reported; its status, or None if it
-    was closed already (or still waits)."""
-    unsuccessful = s.scalar(select(Step.unsuccessful_actions_count).where(Step.id == step_id))
-    status = StepStatus.FAILED.value if unsuccessful else StepStatus.SUCCEEDED.value
+    """Close an open step whose members all reported; its status, or None if it was
+    closed already (or still waits).
+
+    A step is open until ``completed_at`` is set. It fails when a member was
+    unsuccessful or when its body set ``step.status = "failed"`` (that step is
+    ``failed`` from the start, as in Stepped, and closes once its members are final).
+    """
+    row = s.execute(
+        select(Step.status, Step.unsuccessful_actions_count).where(Step.id == step_id)
+    ).first()
+    if row is None:
+        return None
+    failed = row.unsuccessful_actions_count or row.status == StepStatus.FAILED.value
+    status = StepStatus.FAILED.value if failed else StepStatus.SUCCEEDED.value
     closed = changed(
         s,
         update(Step)
         .where(
             Step.id == step_id,
-            Step.status == StepStatus.PERFORMING.value,
+            Step.completed_at.is_(None),
             Step.pending_actions_count <= 0,
         )
         .values(status=status, completed_at=now),

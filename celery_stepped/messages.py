@@ -14,6 +14,7 @@ from typing import Any
 from uuid import uuid4
 
 __all__ = [
+    "CompleteCall",
     "Message",
     "MessageKind",
     "StartCall",
@@ -222,15 +223,42 @@ def timeout_message(
     )
 
 
-def complete_message(
-    action_id: int, status: str, name: str, actor: list[str], queue: str | None = None
-) -> Message:
-    """``stepped.complete``: complete an action from outside (``complete_later``)."""
+@dataclass
+class CompleteCall:
+    """What a ``stepped.complete`` message carries.
+
+    ``complete_later`` sends ``[actor, name, status]``: the performing outbound action
+    is looked up when the message runs. Messages of earlier versions carry
+    ``[action_id, status]`` instead (``action_id`` set, ``actor`` and ``name`` None).
+    """
+
+    status: str
+    actor: list[str] | None = None
+    name: str | None = None
+    action_id: int | None = None
+
+    def args(self) -> list[Any]:
+        """The positional arguments of the ``stepped.complete`` message."""
+        return [self.actor, self.name, self.status]
+
+    @classmethod
+    def from_args(cls, args: tuple[Any, ...] | list[Any]) -> CompleteCall:
+        """Rebuild the call from a message's args (either form)."""
+        if len(args) == 3:
+            actor, name, status = args
+            return cls(str(status), list(actor), str(name))
+        action_id, status = args
+        return cls(str(status), action_id=None if action_id is None else int(action_id))
+
+
+def complete_message(status: str, name: str, actor: list[str], queue: str | None = None) -> Message:
+    """``stepped.complete``: complete the performing outbound action ``name`` on
+    ``actor``, found when the message runs (``complete_later``)."""
     return Message(
         MessageKind.COMPLETE,
         name,
         TaskName.COMPLETE,
-        [action_id, status],
+        CompleteCall(status, actor, name).args(),
         display_args=[status],
         actor=actor,
         queue=queue,

@@ -28,6 +28,7 @@ from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
+from .step_index import move_index
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -49,6 +50,7 @@ class Position(NamedTuple):
     step_id: int | None
     step_status: str | None
     pending: int | None
+    step_open: bool | None  # no completed_at: it waits on members
 
 
 class Ran(NamedTuple):
@@ -152,6 +154,7 @@ class Performer:
                     Step.id,
                     Step.status,
                     Step.pending_actions_count,
+                    Step.completed_at.is_(None),
                 )
                 .outerjoin(
                     Step,
@@ -169,22 +172,20 @@ class Performer:
             if at is None or at.action_status != PERFORMING:
                 return _recover_final(action_id, at, delivery)
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
-            if at.step_index >= len(bodies):
-                return _after_last_step(action_id, at.outbound)
             if at.step_id is None:
-                return self._run_from(action_id, at, bodies)
-            if at.step_status == StepStatus.PERFORMING.value:
+                return self._run_from(action_id, at.step_index, at.outbound, bodies)
+            if at.step_open:  # performing, or failed by its body while its members run
                 if at.pending:
                     return Effects(messages=self.unclaimed(at.step_id, delivery))
                 self.close(at.step_id)
                 continue
             if at.step_status == StepStatus.FAILED.value:
                 return Effects(complete=[(action_id, ActionStatus.FAILED.value)])
-            self._bump(action_id, at.step_index)
+            return self._run_from(action_id, at.step_index + 1, at.outbound, bodies)
 
-    def _run_from(self, action_id: int, at: Position, bodies: list[Any]) -> Effects:
-        """Run bodies from ``at.step_index`` on while each closes at once."""
-        index, effects = at.step_index, Effects()
+    def _run_from(self, action_id: int, index: int, outbound: bool, bodies: list[Any]) -> Effects:
+        """Run bodies from ``index`` on while each closes at once (see step_index.py)."""
+        effects = Effects()
         while index < len(bodies):
             ran = self.perform_step(action_id, index, bodies[index], effects)
             if ran.outcome != "done":
@@ -193,7 +194,7 @@ class Performer:
                 effects.complete.append((action_id, ActionStatus.FAILED.value))
                 return effects
             index += 1
-        return effects.add(_after_last_step(action_id, at.outbound))
+        return effects.add(_after_last_step(action_id, outbound))
 
     def close(self, step_id: int) -> None:
         """Close a step whose members all reported (once)."""
@@ -202,15 +203,6 @@ class Performer:
             s.commit()
         if status is not None:
             self.events.step_completed(step_id, status)
-
-    def _bump(self, action_id: int, index: int) -> None:
-        with self.session_factory() as s:
-            s.execute(
-                update(Action)
-                .where(Action.id == action_id, Action.current_step_index == index)
-                .values(current_step_index=index + 1, updated_at=self.clock())
-            )
-            s.commit()
 
     def perform_step(
         self, action_id: int, index: int, body: Callable[..., Any], effects: Effects
@@ -248,7 +240,7 @@ class Performer:
             s.commit()
         self.events.step_started(action_id, index)
         effects.messages.extend(messages)
-        if context.members and step.status == StepStatus.PERFORMING.value:
+        if step.completed_at is None:
             return Ran("waiting")
         self.events.step_completed(step.id, step.status)
         return Ran("done", step.status)
@@ -299,6 +291,8 @@ class Performer:
             )
             s.add(step)
             try:
+                s.flush()
+                s.execute(move_index(action_id, index))
                 s.commit()
             except IntegrityError:
                 s.rollback()
@@ -309,9 +303,8 @@ class Performer:
     def _write_members(self, s: Session, step: Step, context: StepContext) -> list[Message]:
         """The step's join members as rows; the messages that start them (and its job)."""
         action = context.action
+        action.current_step_index = max(action.current_step_index, step.definition_index)
         messages: list[Message] = []
-        if step.status == StepStatus.FAILED.value:
-            return messages
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
         now = self.clock()
@@ -327,8 +320,6 @@ class Performer:
             for intent in context.members
         ]
         s.add_all(links)
-        if not links and action.current_step_index == step.definition_index:
-            action.current_step_index = step.definition_index + 1
         s.flush()
         return messages + self.member_messages(links, self.queue_of(action.actor_type, action.name))
 
@@ -344,7 +335,9 @@ class Performer:
             if link.kind == LinkKind.TASK:
                 messages.extend(task_member_messages(link.id, call, queue))
                 continue
-            start = StartCall(call["actor"], call["name"], call["args"], link.id)
+            start = StartCall(
+                call["actor"], call["name"], call["args"], link.id, call.get("request")
+            )
             messages.append(start_message(start, self.queue_of(start.actor[0], start.name)))
         return messages
 
@@ -379,10 +372,11 @@ def _achieved(s: Session, checksum_key: str) -> str | None:
 def _new_step(
     action_id: int, index: int, started: datetime, context: StepContext, now: datetime
 ) -> Step:
-    """The Step row as the body left it: failed, closed at once, or waiting on members."""
+    """The Step row as the body left it: closed at once, or open while its members run
+    (``step.status = "failed"`` still starts them, as in Stepped: failed from the start)."""
     members = len(context.members)
     if context.status == StepStatus.FAILED.value:
-        status, members = StepStatus.FAILED.value, 0
+        status = StepStatus.FAILED.value
     else:
         status = StepStatus.PERFORMING.value if members else StepStatus.SUCCEEDED.value
     return Step(

@@ -158,7 +158,7 @@ def _action_text(node: dict[str, Any], labels: Labels | None) -> str:
 def _step_text(node: dict[str, Any], step: dict[str, Any]) -> str:
     text = f"{_step_label(node, step)}: {step['status']}"
     total = len(step["members"])
-    if step["status"] == "performing":
+    if step["completed_at"] is None:  # open: performing, or failed by its body
         return f"{text}, waiting on {step['pending_members']} of {total}" if total else text
     text += f" in {duration_text(step['duration_seconds'])}"
     if step["unsuccessful_members"]:

@@ -38,7 +38,8 @@ from .messages import Message, advance_message, resume_message, timeout_message,
 from .models import Action, ParentLink, Step
 from .outbox import Outboxes
 from .performing import Performer
-from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
+from .statuses import ActionStatus, LinkKind, LinkState
+from .step_index import ran_every_step
 from .superseding import LaneEntry
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ class Repair:
             .where(
                 ParentLink.state == LinkState.WAITING.value,
                 ParentLink.action_id.is_(None),
-                Step.status == StepStatus.PERFORMING.value,
+                Step.completed_at.is_(None),
             )
             .order_by(ParentLink.id)
         ).all()
@@ -294,14 +295,14 @@ class Repair:
         except SteppedError as exc:
             report.problems.append(f"action {action.id} ({action.name}): {exc}")
             return None
-        if index >= count:
+        if ran_every_step(s, action.id, index, count):
             return None if action.outbound else "every step done, the action never completed"
         step = s.scalar(
             select(Step).where(Step.action_id == action.id, Step.definition_index == index)
         )
         if step is None:
             return f"step {index + 1} never ran"
-        if step.status != StepStatus.PERFORMING.value:
+        if step.completed_at is not None:
             return f"step {index + 1} {step.status}, the action never moved on"
         return None  # waiting on members, or reported above as unadvanced
 
@@ -339,7 +340,7 @@ def _unreported_steps(s: Session, report: RepairReport) -> list[Message]:
         select(Step.id)
         .join(Action, Action.id == Step.action_id)
         .where(
-            Step.status == StepStatus.PERFORMING.value,
+            Step.completed_at.is_(None),
             Step.pending_actions_count <= 0,
             Action.status == PERFORMING,
         )

@@ -3,11 +3,13 @@
 The engine calls these in order for a ``stepped.start`` message (or ``now()``):
 :meth:`Starter.existing` finds the action a redelivered message already created;
 :meth:`Starter.prepare` runs ``before`` and computes keys, timeout and checksum
-(``_ShortCircuit`` ends it there: cancelled, completed, failed or achieved, and no
-row is written); :meth:`Starter.share` attaches the caller to an identical action
-already performing; :meth:`Starter.create` writes the pending row and claims the
-parent link in one transaction. Entering the lane is the next transition
-(:mod:`celery_stepped.superseding`).
+(``ShortCircuit`` ends it there: cancelled, completed, failed or achieved, and no
+action row is written; what keys and ``before`` decided is recorded as a
+:mod:`~celery_stepped.start_records` record with ``before``'s changes, so a start
+message delivered twice runs ``before`` once); :meth:`Starter.share` attaches the
+caller to an identical action already performing; :meth:`Starter.create` writes the
+pending row and claims the parent link in one transaction. Entering the lane is the
+next transition (:mod:`celery_stepped.superseding`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .join import changed, report_link, waits_on
 from .lanes import Lanes
 from .messages import StartCall
 from .models import Achievement, Action, ParentLink, Step
+from .start_records import add_record, ended_in_before, outcome_of, recorded, replay
 from .statuses import ActionStatus, LinkState
 
 if TYPE_CHECKING:
@@ -192,26 +195,64 @@ class Starter:
         return action
 
     def prepare(self, definition: SteppedAction[Any], call: StartCall, root: bool) -> Action:
-        """Keys and timeout, ``before``, then the checksum; raise ShortCircuit to stop."""
+        """Keys and timeout, ``before``, then the checksum; raise ShortCircuit to stop.
+
+        Keys and ``before`` run once per start: what they decided is recorded with
+        ``before``'s own changes, and a delivery of the same message replays it.
+        """
         if not _needs_actor(definition):  # plain keys, no hooks: no query, no transaction
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
             self._keys(definition, action, None, call.args)
             return action
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
-            args = self.actors.load(call.args, s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
-            action.arguments = args
-            self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
-            self._run_before(s, definition, action, actor)
-            loaded = list(action.arguments)
-            call.args = action.arguments = self.actors.dump(loaded)
+            outcome = recorded(s, call) or self._first_run(s, definition, call, action, actor)
+            ended = replay(action, outcome)
+            if ended is not None:
+                raise ShortCircuit(ended)
+            call.args = action.arguments
+            loaded = self.actors.load(action.arguments, s)
             self._guarded(s, lambda: self._checksum(definition, action, actor, loaded), "keys")
             if action.checksum is not None and action.checksum == s.scalar(
                 select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
             ):
                 raise ShortCircuit(ActionStatus.SUCCEEDED.value)
         return action
+
+    def _first_run(
+        self,
+        s: Session,
+        definition: SteppedAction[Any],
+        call: StartCall,
+        action: Action,
+        actor: Any,
+    ) -> dict[str, Any]:
+        """Run keys and ``before``; commit their changes with the record of the outcome.
+
+        A delivery running at the same time loses on the record's unique key: its
+        changes roll back and it takes the winner's outcome.
+        """
+        args = self.actors.load(call.args, s)
+        action.arguments = args
+        try:
+            self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
+            self._run_before(s, definition, action, actor)
+            ended = ended_in_before(action)
+        except ShortCircuit as short:  # a handled exception, rolled back already
+            ended = short.status
+        arguments = [] if ended else self.actors.dump(list(action.arguments))
+        outcome = outcome_of(action, ended, arguments)
+        add_record(s, call, outcome, self.clock())
+        try:
+            s.commit()  # before's changes are kept, also when it stops the action
+        except IntegrityError:
+            s.rollback()
+            earlier = recorded(s, call)
+            if earlier is None:
+                raise  # not a record of the same start: the changes broke a constraint
+            return earlier
+        return outcome
 
     def _guarded(self, s: Session, block: Callable[[], None], name: str) -> None:
         """Run a user block; a handled exception fails the action (nothing written)."""
@@ -227,11 +268,8 @@ class Starter:
     ) -> None:
         for hook in definition.before_hooks():
             self._guarded(s, partial(_call_before, hook, action, actor), "before")
-            if action._short_circuit is not None:
+            if ended_in_before(action) is not None:
                 break
-        s.commit()  # the actor's changes in before are kept, also when it stops the action
-        if action._short_circuit is not None:
-            raise ShortCircuit(action._short_circuit)
 
     @staticmethod
     def _keys(definition: SteppedAction[Any], action: Action, actor: Any, args: list[Any]) -> None:
@@ -297,7 +335,7 @@ class Starter:
         with self.session_factory() as s:
             if call.link is not None:
                 action.ancestry = ancestry_of(s, call.link)
-            action.request_id = call.request
+            action.request_id = call.request if call.link is None else None
             action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
             s.add(action)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from uuid import uuid4
 
 from sqlalchemy.orm import Session
 
@@ -82,9 +83,9 @@ class Step:
                 continue
             self._check(type(target), name)
             ref = list(self._identify(target))
-            self.intents.append(
-                Intent(LinkKind.ACTION, {"actor": ref, "name": name, "args": dumped})
-            )
+            # The request id its start message carries: ``before`` runs once per start.
+            call = {"actor": ref, "name": name, "args": dumped, "request": str(uuid4())}
+            self.intents.append(Intent(LinkKind.ACTION, call))
 
     def wait(self, duration: float | int | timedelta) -> None:
         """A timed wait the step depends on."""

@@ -17,6 +17,7 @@ from .messages import Message, MessageKind
 from .models import Action
 from .outbox import EnqueuedJob, JobQueue
 from .statuses import ActionStatus
+from .step_index import ran_every_step
 
 if TYPE_CHECKING:
     from .extension import Stepped
@@ -38,19 +39,20 @@ def capture(stepped: Stepped) -> AbstractContextManager[JobQueue]:
 
 
 def _ready_outbound(stepped: Stepped) -> list[Action]:
+    ready = []
     with stepped.session_factory() as session:
         rows = session.scalars(
             select(Action).where(
                 Action.status == ActionStatus.PERFORMING.value, Action.outbound.is_(True)
             )
         ).all()
+        for action in rows:
+            count = len(stepped.definition_for(action.actor_type, action.name).steps_for_run())
+            if ran_every_step(session, action.id, action.current_step_index, count):
+                ready.append(action)
         session.expunge_all()
-    ready = []
-    for action in rows:
-        definition = stepped.definition_for(action.actor_type, action.name)
-        if action.current_step_index >= len(definition.steps_for_run()):
-            action._load_actor = stepped.actors.load_ref
-            ready.append(action)
+    for action in ready:
+        action._load_actor = stepped.actors.load_ref
     return ready
 
 

@@ -30,7 +30,7 @@ from sqlalchemy.types import TypeDecorator
 from ..errors import ConfigurationError
 from ..statuses import FINAL_STATUSES, ActionStatus, StepStatus
 
-__all__ = ["Achievement", "Action", "Base", "OutboxEntry", "ParentLink", "Step"]
+__all__ = ["Achievement", "Action", "Base", "OutboxEntry", "ParentLink", "StartRecord", "Step"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -234,6 +234,19 @@ class OutboxEntry(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     message: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StartRecord(Base):
+    """What ``before`` decided for one start message, keyed by its parent link or its
+    request id, and written in the transaction that commits ``before``'s own changes:
+    a start delivered again replays it instead of running ``before`` a second time."""
+
+    __tablename__ = "stepped_starts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), unique=True)
+    outcome: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -217,7 +217,9 @@ class Cluster:
         def ready() -> Action | None:
             action = self.stepped.get_action(action_id)
             steps = self.stepped.definition_for(action.actor_type, action.name)
-            done = action.current_step_index >= len(steps.steps_for_run())
+            last = len(steps.steps_for_run()) - 1
+            closed = [s for s in action.steps if s.definition_index == last]
+            done = bool(closed) and closed[0].status == "succeeded"
             return action if action.status == "performing" and done else None
 
         return self.wait_for(f"outbound action {action_id} to be ready", ready)

@@ -137,7 +137,7 @@ def test_tree_json_is_the_whole_tree(stepped: Stepped, stepped_jobs: JobQueue, c
     tree = json.loads(result.output)
     assert (tree["id"], tree["name"], tree["status"]) == (root, "trip", "succeeded")
     assert (tree["root"], tree["arguments"], tree["actor"]) == (True, [7], f"Car/{car.id}")
-    assert (tree["current_step_index"], tree["step_count"]) == (2, 2)
+    assert (tree["current_step_index"], tree["step_count"]) == (1, 2)
     assert tree["duration_seconds"] >= 0
     first, second = tree["steps"]
     assert (first["index"], first["name"], first["status"]) == (0, "leave", "succeeded")
@@ -251,7 +251,7 @@ def test_actions_lists_filters_and_limits(
 
     roots = json.loads(invoke(stepped, "actions", "--roots", "--json").output)
     assert [(a["id"], a["name"]) for a in roots] == [(wreck.id, "wreck"), (root, "trip")]
-    assert roots[1]["step_count"] == 2 and roots[1]["current_step_index"] == 2
+    assert roots[1]["step_count"] == 2 and roots[1]["current_step_index"] == 1
 
     failed = json.loads(invoke(stepped, "actions", "--status", "failed", "--json").output)
     assert sorted(a["name"] for a in failed) == ["crash", "wreck"]

@@ -505,10 +505,15 @@ def test_step_status_failed_fails_the_action(stepped: Stepped, car: Car) -> None
 
     with stepped.capture() as jobs:
         action = picky.now(car)
-        assert jobs.enqueued == []
+        # As in Stepped, the children the body asked for still run (test_semantics.py).
+        assert [(j.kind, j.name) for j in jobs.enqueued] == [("action", "honk")]
+        assert action.status == "performing"
+        perform_stepped_actions(stepped)
+    action = stepped.get_action(action.id)
     assert action.status == "failed"
     assert [s.status for s in action.steps] == ["failed"]
     assert load_car(stepped, car.id).log == "kept;"
+    assert load_car(stepped, car.id).honks == 1
 
 
 def test_fan_out_on_list_with_none(stepped: Stepped) -> None:

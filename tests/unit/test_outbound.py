@@ -83,9 +83,9 @@ def test_unsuccessful_outbound_completion_fails_parent(
 def test_complete_later_and_stepped_complete(stepped: Stepped, car: Car) -> None:
     charge, checkout = define_outbound(stepped)
     with stepped.capture() as jobs:
-        assert charge.complete_later(car) is None  # nothing to complete yet
+        assert charge.complete_later(car) is not None  # decided when its message runs
         root = checkout.now(car)
-        perform_stepped_actions(stepped)
+        perform_stepped_actions(stepped)  # the first message ran before charge started
         assert charge.complete_later(car, status="succeeded") is not None
         assert [(j.kind, j.name, j.args) for j in jobs.enqueued] == [
             ("complete", "charge", ["succeeded"])
