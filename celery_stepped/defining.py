@@ -7,7 +7,8 @@ from typing import Any, Concatenate, ParamSpec, overload
 
 from celery import Celery
 
-from .definition import Runner, SteppedAction, actor_class_of, function_step
+from .bodies import actor_class_of, function_step
+from .definition import Runner, SteppedAction
 from .registry import Registry
 
 __all__ = ["Definer"]

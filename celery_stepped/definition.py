@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol
 
 from celery import Task
 
+from .bodies import StepFn, actor_class_of, function_step, job_step, method_step
 from .canvas import SteppedSignature
 from .statuses import COMPLETION_STATUSES
 
@@ -21,41 +22,12 @@ if TYPE_CHECKING:
     from celery.result import AsyncResult
 
     from .models import Action
-    from .step import Step
 
-__all__ = ["Definitions", "Runner", "SteppedAction", "function_step"]
+__all__ = ["Definitions", "Runner", "SteppedAction"]
 
 P = ParamSpec("P")
-StepFn = Callable[..., Any]
 KeySpec = str | Sequence[str] | Callable[..., Any] | None
 TimeoutSpec = int | float | timedelta | Callable[[Any], Any] | None
-
-
-def _accepts_step(fn: Callable[..., Any]) -> bool:
-    """Function form: pass a ``Step`` first only when the function asks for one."""
-    params = list(inspect.signature(fn).parameters.values())
-    if not params:
-        return False
-    first = params[0]
-    annotation = first.annotation
-    if isinstance(annotation, str):
-        return annotation.split(".")[-1] == "Step" or first.name == "step"
-    if getattr(annotation, "__name__", None) == "Step":
-        return True
-    return first.name == "step"
-
-
-def _first_param_class(fn: Callable[..., Any], skip_step: bool) -> type | None:
-    try:
-        hints = inspect.get_annotations(fn, eval_str=True)
-    except Exception:
-        hints = {}
-    params = list(inspect.signature(fn).parameters.values())
-    index = 1 if skip_step else 0
-    if len(params) <= index:
-        return None
-    annotation = hints.get(params[index].name)
-    return annotation if isinstance(annotation, type) else None
 
 
 class Runner(Protocol):
@@ -264,9 +236,9 @@ class SteppedAction(Task, Generic[P]):
         if self._steps:
             base = list(self._steps)
         elif self.job is not None:
-            base = [_job_step]
+            base = [job_step]
         else:
-            base = [_method_step(self.action_name)]
+            base = [method_step(self.action_name)]
         return [*self._prepended, *base]
 
     def before_hooks(self) -> list[StepFn]:
@@ -380,37 +352,3 @@ def _no_kwargs(kwargs: dict[str, Any]) -> None:
         raise TypeError(
             "stepped actions take positional arguments only; got " + ", ".join(sorted(kwargs))
         )
-
-
-def _method_step(name: str) -> StepFn:
-    def call_actor_method(step: Step, actor: Any, *args: Any) -> None:
-        method = getattr(actor, name, None)
-        if not callable(method):
-            raise AttributeError(
-                f"{type(actor).__name__} has no method {name!r} for the generated step"
-            )
-        method(*args)
-
-    call_actor_method.__name__ = name
-    return call_actor_method
-
-
-def _job_step(step: Step, actor: Any, *args: Any) -> None:
-    step.enqueue_job()
-
-
-def function_step(fn: Callable[..., Any]) -> StepFn:
-    """Adapt a function-form body ``(actor, *args)`` or ``(step, actor, *args)``."""
-    if _accepts_step(fn):
-        return fn
-
-    def body(step: Step, actor: Any, *args: Any) -> Any:
-        return fn(actor, *args)
-
-    body.__name__ = getattr(fn, "__name__", "step")
-    return body
-
-
-def actor_class_of(fn: Callable[..., Any]) -> type | None:
-    """The actor class a function-form action declares on its actor parameter."""
-    return _first_param_class(fn, _accepts_step(fn))

@@ -28,7 +28,7 @@ from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
-from .step_index import move_index
+from .step_index import move_index, new_step_row, step_exists
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -223,12 +223,12 @@ class Performer:
             action = s.get_one(Action, action_id, with_for_update=True)
             if action.status != PERFORMING:
                 return Ran("stopped")
-            if _step_exists(s, action_id, index):
+            if step_exists(s, action_id, index):
                 return Ran("exists")
             context = self._run_body(s, action, index, body)
             if isinstance(context, dict):
                 return self._failed_step(action_id, index, started, context)
-            step = _new_step(action_id, index, started, context, self.clock())
+            step = new_step_row(action_id, index, started, context, self.clock())
             s.add(step)
             try:
                 s.flush()
@@ -360,33 +360,8 @@ class Performer:
         return self.member_messages(links)
 
 
-def _step_exists(s: Session, action_id: int, index: int) -> bool:
-    found = select(Step.id).where(Step.action_id == action_id, Step.definition_index == index)
-    return s.scalar(found) is not None
-
-
 def _achieved(s: Session, checksum_key: str) -> str | None:
     return s.scalar(select(Achievement.checksum).where(Achievement.checksum_key == checksum_key))
-
-
-def _new_step(
-    action_id: int, index: int, started: datetime, context: StepContext, now: datetime
-) -> Step:
-    """The Step row as the body left it: closed at once, or open while its members run
-    (``step.status = "failed"`` still starts them, as in Stepped: failed from the start)."""
-    members = len(context.members)
-    if context.status == StepStatus.FAILED.value:
-        status = StepStatus.FAILED.value
-    else:
-        status = StepStatus.PERFORMING.value if members else StepStatus.SUCCEEDED.value
-    return Step(
-        action_id=action_id,
-        definition_index=index,
-        status=status,
-        pending_actions_count=members,
-        started_at=started,
-        completed_at=None if members else now,
-    )
 
 
 def _after_last_step(action_id: int, outbound: bool) -> Effects:

@@ -8,7 +8,8 @@ past the last step (a one-step action ends at 0). Whether that step closed is on
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -16,7 +17,10 @@ from sqlalchemy.orm import Session
 from .models import Action, Step
 from .statuses import StepStatus
 
-__all__ = ["move_index", "ran_every_step"]
+if TYPE_CHECKING:
+    from .step import Step as StepContext
+
+__all__ = ["move_index", "new_step_row", "ran_every_step", "step_exists"]
 
 
 def move_index(action_id: int, index: int) -> Any:
@@ -38,3 +42,29 @@ def ran_every_step(s: Session, action_id: int, index: int, step_count: int) -> b
         select(Step.status).where(Step.action_id == action_id, Step.definition_index == index)
     )
     return status == StepStatus.SUCCEEDED.value
+
+
+def step_exists(s: Session, action_id: int, index: int) -> bool:
+    """True when the step at ``index`` already has its row (its body ran)."""
+    found = select(Step.id).where(Step.action_id == action_id, Step.definition_index == index)
+    return s.scalar(found) is not None
+
+
+def new_step_row(
+    action_id: int, index: int, started: datetime, context: StepContext, now: datetime
+) -> Step:
+    """The Step row as the body left it: closed at once, or open while its members run
+    (``step.status = "failed"`` still starts them, as in Stepped: failed from the start)."""
+    members = len(context.members)
+    if context.status == StepStatus.FAILED.value:
+        status = StepStatus.FAILED.value
+    else:
+        status = StepStatus.PERFORMING.value if members else StepStatus.SUCCEEDED.value
+    return Step(
+        action_id=action_id,
+        definition_index=index,
+        status=status,
+        pending_actions_count=members,
+        started_at=started,
+        completed_at=None if members else now,
+    )

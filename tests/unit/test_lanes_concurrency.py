@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from celery_stepped import Stepped
@@ -87,6 +88,7 @@ def statuses(stepped: Stepped, name: str) -> Counter[str]:
     return Counter({status: int(n) for status, n in rows})
 
 
+@pytest.mark.timeout(300)  # 2,000 joins from 8 threads: about a minute on 2 busy cores
 def test_concurrent_joins_into_an_occupied_lane(stepped: Stepped, car: Car) -> None:
     shop = define_shop(stepped)
     batch = stepped.app.stepped_action("batch", actor=Car, concurrency_key=lambda c, n: f"b/{n}")
