@@ -74,7 +74,8 @@ def test_unmigrated_database_says_to_migrate(stepped: Stepped) -> None:
     drop_everything(stepped)
     for command in (["actions"], ["tree", "1"], ["lanes"]):
         message = one_error_line(invoke(stepped, *command))
-        assert message.startswith("the Stepped tables are missing in sqlite:///")
+        dialect = stepped.engine.dialect.name  # sqlite:/// or postgresql+psycopg://
+        assert message.startswith(f"the Stepped tables are missing in {dialect}")
         assert message.endswith("run `celery -A tests stepped migrate`")
 
 

@@ -536,9 +536,10 @@ def test_start_records_survive_trees_deleted_and_ids_reused(stepped: Stepped, ca
                 session.execute(delete(model))
         second = trip.now(car)
         perform_stepped_actions(stepped)
-    assert [link.id for link in stored_links(stepped)] == old_links  # ids handed out again
+    if stepped.engine.dialect.name == "sqlite":  # SQLite hands the same ids out again
+        assert [link.id for link in stored_links(stepped)] == old_links
+        assert first.id == second.id
     assert stepped.get_action(second.id).status == "succeeded"
-    assert first.id == second.id
     stored = load_car(stepped, car.id)
     assert (stored.log, stored.mileage) == ("before;before;", 20)
 
