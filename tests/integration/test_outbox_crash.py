@@ -34,7 +34,7 @@ def test_a_timed_wait_survives_kill_9_between_commit_and_send(it: Cluster) -> No
     car = it.make_car()
     root = it.later("nap", car)
     assert it.wait_final(root).status == "succeeded"
-    assert it.probe.redis.get("probe:crashed") is not None  # the process did die there
+    assert it.probe.redis.get(f"{it.probe.prefix}crashed") is not None  # it did die there
     assert it.log_tokens(car.id) == ["woke"]
     assert "outbox sweep sent" in it.logs()
     it.quiet()

@@ -25,7 +25,7 @@ def cluster(
 
 
 def pids(it: Cluster, name: str) -> set[int]:
-    return {int(pid) for pid in it.probe.redis.smembers(f"probe:pids:{name}")}
+    return {int(pid) for pid in it.probe.redis.smembers(f"{it.probe.prefix}pids:{name}")}
 
 
 def test_every_step_body_runs_on_its_actions_queue(it: Cluster) -> None:

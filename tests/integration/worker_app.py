@@ -72,7 +72,7 @@ def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:
 
     def send_or_die(messages: Sequence[Message]) -> None:
         if any(m.kind == kind for m in messages) and probe.redis.set(
-            "probe:crashed", os.getpid(), nx=True
+            f"{probe.prefix}crashed", os.getpid(), nx=True
         ):
             os.kill(os.getpid(), SIGKILL)
         send(messages)
@@ -501,7 +501,7 @@ def define_routed(stepped: Stepped, probe: Probe, mail: Any) -> None:
     routed = app.stepped_action("routed", actor=Car, queue="body")
 
     def seen(name: str) -> None:
-        probe.redis.sadd(f"probe:pids:{name}", os.getpid())
+        probe.redis.sadd(f"{probe.prefix}pids:{name}", os.getpid())
 
     @routed.step
     def routed_out(step: Any, car: Car) -> None:
