@@ -50,7 +50,7 @@ def audit(stepped: Stepped, requests: list[str]) -> Findings:
     found.lost += [f"root of request {r} never created" for r in requests if r not in roots]
     found.stuck += [f"action {a.id} {a.name} {a.status}" for a in actions.values() if not _final(a)]
     found.stuck += [f"{n} outbox message(s) unsent" for n in [outbox] if n]
-    found.stuck += [f"lane {k!r} left in Redis" for k in stepped.lanes.keys()]
+    found.stuck += [f"lane {lane.key!r} left in Redis" for lane in stepped.lanes.all()]
     _audit_steps(found, steps, links, effects)
     _audit_superseded(found, actions, links)
     return found
@@ -84,9 +84,7 @@ def _audit_join(found: Findings, step: Step, links: list[ParentLink]) -> None:
     """The step's counters agree with its members: one count per member outcome."""
     waiting = [link for link in links if link.state == "waiting"]
     unsuccessful = [
-        link
-        for link in links
-        if link.state == "done" and link.outcome not in ("succeeded", None)
+        link for link in links if link.state == "done" and link.outcome not in ("succeeded", None)
     ]
     if waiting:
         found.stuck.append(f"step {step.id}: {len(waiting)} member(s) still waited on")
@@ -103,9 +101,7 @@ def _audit_join(found: Findings, step: Step, links: list[ParentLink]) -> None:
         )
 
 
-def _audit_superseded(
-    found: Findings, actions: dict[int, Action], links: list[ParentLink]
-) -> None:
+def _audit_superseded(found: Findings, actions: dict[int, Action], links: list[ParentLink]) -> None:
     """Every step that waited on a superseded action waits on (or counted) its superseder."""
     on_step: dict[int, set[int]] = defaultdict(set)
     for link in links:

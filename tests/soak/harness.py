@@ -132,6 +132,9 @@ class Driver:
         self.requests: list[str] = []
         self.completed: set[int] = set()
         self.root = stepped.registry.find(soak_app.Widget, "soak_root")
+        #: Roots up to this id wait for repair (Redis lost their messages): not counted
+        #: as open, so the driver keeps the load up meanwhile.
+        self.stalled_up_to = 0
 
     def launch(self, count: int) -> None:
         """Start ``count`` roots through the broker."""
@@ -149,11 +152,18 @@ class Driver:
             return int(
                 s.scalar(
                     select(func.count(Action.id)).where(
-                        Action.root.is_(True), Action.status.in_(("pending", "performing"))
+                        Action.root.is_(True),
+                        Action.status.in_(("pending", "performing")),
+                        Action.id > self.stalled_up_to,
                     )
                 )
                 or 0
             )
+
+    def mark_stalled(self) -> None:
+        """Redis is about to be lost: the open roots will wait for repair."""
+        with self.stepped.session() as s:
+            self.stalled_up_to = int(s.scalar(select(func.max(Action.id))) or 0)
 
     def unstarted_roots(self) -> list[str]:
         """Requests whose root has no row yet (its start message is on its way)."""

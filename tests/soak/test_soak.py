@@ -105,8 +105,8 @@ class Soak:
             cut_database_connections(self.admin_url, APPLICATION)
         elif kind == "redis":
             wait_until("every started root to exist", lambda: not self.driver.unstarted_roots(), 60)
+            self.driver.mark_stalled()
             self.redis.crash_and_restart()
-            self.lost_redis = True
 
     def drain(self) -> None:
         """Repair where Redis was lost, then wait until every action is final."""
