@@ -42,6 +42,9 @@ class LaneRepair:
     superseded: list[int] = field(default_factory=list)
     found_current_id: int | None = None
     found_pending_ids: list[int] = field(default_factory=list)
+    #: A worker rebuilt the lane after Redis lost it: the messages Redis lost with it
+    #: (its current action's timeout) are sent again.
+    recovered: bool = False
 
     @property
     def superseder(self) -> int | None:
@@ -55,6 +58,8 @@ class LaneRepair:
         found = _lane_text(self.found_current_id, self.found_pending_ids)
         wanted = _lane_text(self.current_id, [] if self.pending_id is None else [self.pending_id])
         line = f"lane {self.key!r}: {found} -> {wanted}"
+        if self.recovered:
+            line += " (rebuilt by a worker after Redis lost it)"
         if self.superseded:
             ids = ", ".join(str(i) for i in self.superseded)
             line += f"; supersede older pending action(s) {ids} by {self.superseder}"
@@ -62,10 +67,10 @@ class LaneRepair:
 
 
 def plan_lane(
-    key: str, rows: list[Any], found: tuple[int | None, list[int]], problems: list[str]
+    key: str, rows: list[Any], found: tuple[int | None, list[int], bool], problems: list[str]
 ) -> LaneRepair | None:
     """The lane ``key`` as SQL's open ``rows`` say it must be (``found``: Redis's current
-    and pending ids); None when Redis already agrees."""
+    and pending ids, and whether a worker rebuilt the lane); None when Redis agrees."""
     performing = [r.id for r in rows if r.status == PERFORMING]
     pending = [r.id for r in rows if r.status == PENDING]
     if len(performing) > 1:
@@ -73,7 +78,7 @@ def plan_lane(
             f"lane {key!r} has {len(performing)} performing actions "
             f"({', '.join(map(str, performing))}); keeping {performing[0]} as current"
         )
-    found_current, found_pending = found
+    found_current, found_pending, recovered = found
     current = performing[0] if performing else None
     if current is None and found_current in pending:  # promoted, about to begin
         current = found_current
@@ -83,9 +88,9 @@ def plan_lane(
         current, newest = newest, None
     older = waiting
     wanted_pending = [] if newest is None else [newest]
-    if not older and found_current == current and found_pending == wanted_pending:
+    if not (older or recovered) and (found_current, found_pending) == (current, wanted_pending):
         return None
-    return LaneRepair(key, current, newest, older, found_current, found_pending)
+    return LaneRepair(key, current, newest, older, found_current, found_pending, recovered)
 
 
 class LaneRebuild:
@@ -108,10 +113,12 @@ class LaneRebuild:
         with self.session_factory() as s:
             return list(s.execute(query.order_by(Action.id)).all())
 
-    def found(self, key: str) -> tuple[int | None, list[int]]:
-        """Redis's current and pending ids of lane ``key``."""
+    def found(self, key: str) -> tuple[int | None, list[int], bool]:
+        """Redis's current and pending ids of lane ``key``, and whether a worker rebuilt
+        it after Redis lost it."""
         lane = self.lanes.get(key)
-        return (lane.current_id, list(lane.pending_ids)) if lane else (None, [])
+        recovered = self.lanes.recovered(key)
+        return (lane.current_id, list(lane.pending_ids), recovered) if lane else (None, [], False)
 
     def rebuild(self, key: str, problems: list[str]) -> tuple[LaneRepair | None, Effects]:
         """Plan and apply lane ``key`` under its lock, from SQL read under it; the plan

@@ -230,6 +230,11 @@ class Lanes:
         ]
         return bool(self._restore(self._keys(key), argv))
 
+    def recovered(self, key: str) -> bool:
+        """Whether a worker rebuilt ``key``'s lane after Redis lost it (``restore`` with
+        ``only_if_missing``) and no repair has rewritten it since."""
+        return bool(self.redis.hexists(self._keys(key)[0], "recovered"))
+
     def exists(self, key: str) -> bool:
         """Whether ``key``'s lane exists in Redis (an action holds or waits in it)."""
         return bool(self.redis.exists(*self._keys(key)))

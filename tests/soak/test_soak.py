@@ -6,8 +6,9 @@ and restarted empty (the soak's own embedded Redis: broker and lanes), a worker 
 with SIGKILL while it runs a task (twice), and, on PostgreSQL, every connection of the
 workers terminated (``pg_terminate_backend``). A worker that exits on its own (Celery's
 Redis transport does after a Redis restart, see the README) is started again, as a
-supervisor would. After the last root: ``stepped.repair(apply=True)`` (Redis was lost),
-then a drain until every action is final.
+supervisor would. A few seconds after Redis came back, ``stepped.repair(apply=True)``
+runs once, as an operator would, while the workers and the driver go on (repair must be
+safe beside them); after the last root, a drain until every action is final.
 
 Roots whose start message is still in the broker when Redis dies would be lost with it
 (``later()`` keeps no row once the message is sent): the driver lets those arrive before
@@ -45,7 +46,9 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 #: Actions the run creates before the driver stops starting roots.
 TARGET = int(os.environ.get("STEPPED_SOAK_ACTIONS", 5000))
 #: Roots open at once (the rest of the load is their trees).
-OPEN_ROOTS = 24
+OPEN_ROOTS = 16
+#: Seconds after Redis came back before the repair runs.
+REPAIR_AFTER = 3.0
 #: Seconds the drain may take after the last root.
 DRAIN = 240.0
 NAME = f"{RUN}-soak"
@@ -74,6 +77,7 @@ class Soak:
         kinds = ["redis", "kill", "kill"] + (["database"] if admin_url else [])
         self.faults = sorted((self.rng.uniform(0.1, 0.8) * TARGET, k) for k in kinds)
         self.injected: list[str] = []
+        self.repair_at: float | None = None
         self.workers = Workers(soak_env(self.redis.url, worker_url, NAME), logs)
 
     def run(self) -> None:
@@ -90,6 +94,7 @@ class Soak:
             if _retrying(self.driver.open_roots) < OPEN_ROOTS:
                 self.driver.launch(4)
             self.tend()
+            self.maybe_repair()
             time.sleep(0.05)
 
     def tend(self) -> None:
@@ -107,12 +112,19 @@ class Soak:
             wait_until("every started root to exist", lambda: not self.driver.unstarted_roots(), 60)
             self.driver.mark_stalled()
             self.redis.crash_and_restart()
+            self.repair_at = time.monotonic() + REPAIR_AFTER
+
+    def maybe_repair(self, now: bool = False) -> None:
+        """Repair once, when it is due after Redis was lost."""
+        if self.repair_at is None or (time.monotonic() < self.repair_at and not now):
+            return
+        self.repair_at = None
+        report = _retrying(lambda: self.stepped.repair(apply=True))
+        print(f"soak: repair beside live workers made {len(report.lines)} change(s)")
 
     def drain(self) -> None:
-        """Repair where Redis was lost, then wait until every action is final."""
-        if "redis" in self.injected:
-            report = _retrying(lambda: self.stepped.repair(apply=True))
-            print(f"soak: repair made {len(report.lines)} change(s)")
+        """Wait until every action is final (repair first if it is still due)."""
+        self.maybe_repair(now=True)
         deadline = time.monotonic() + DRAIN
         while time.monotonic() < deadline:
             self.tend()

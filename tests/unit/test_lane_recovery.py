@@ -189,3 +189,33 @@ def test_repair_waits_for_the_lane_lock_of_a_live_join(stepped: Stepped) -> None
     assert not stepped.redis.exists(lane_key(stepped, SHOP, "lock"))
     assert stepped.lanes.get(SHOP) == Lane(SHOP, pending, [])
     assert stepped.lanes.release(SHOP, pending)[0] == LaneOutcome.EMPTY
+
+
+def test_repair_resends_the_timeout_of_an_action_whose_lane_a_worker_rebuilt(
+    stepped: Stepped,
+) -> None:
+    """Redis lost the lane and the broker the action's timeout; a join rebuilt the lane
+    before repair ran, so Redis and SQL agree on it: repair still sends the timeout."""
+    car = make_car(stepped)
+    shop = define_shop(stepped)
+    waiting = stepped.app.stepped_action(
+        "waiting", actor=Car, outbound=True, timeout=60, concurrency_key=SHOP
+    )
+
+    @waiting.step
+    def send(step: Any, car: Car) -> None:
+        car.note("sent")
+
+    with stepped.capture() as jobs:
+        held = waiting.now(car)
+        jobs.perform_all(only="action")
+        lose_lane(stepped, SHOP)
+        shop.paint.now(car, 1)  # rebuilds the lane: held is current again
+        report = stepped.repair()
+        (lane,) = report.lanes
+        assert (lane.key, lane.recovered, lane.current_id) == (SHOP, True, held.id)
+        assert ("stepped.timeout", held.id) in [(r.task, r.target) for r in report.resends]
+        stepped.repair(apply=True)
+        assert not stepped.lanes.recovered(SHOP)
+        assert stepped.repair().lanes == []
+        stepped.lanes.clear()
