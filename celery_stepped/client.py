@@ -103,7 +103,7 @@ class Client:
             expires=given.expires,
             priority=given.priority,
         )
-        self.send_durably(message)
+        self.send_durably(message, keep_for=call.request)
         return self.result(call.request)
 
     def result(self, task_id: str) -> ActionResult:
@@ -119,14 +119,17 @@ class Client:
         dumped: list[Any] = self.actors.dump(list(args))
         return dumped
 
-    def send_durably(self, message: Message) -> AsyncResult:
+    def send_durably(self, message: Message, keep_for: str | None = None) -> AsyncResult:
         """Stage ``message`` in SQL, send it, then drop the entry: a message the broker
-        never got (it died meanwhile) is sent again by the outbox sweep."""
+        never got (it died meanwhile) is sent again by the outbox sweep. With
+        ``keep_for`` (a root's request id) the entry stays until that start runs, so a
+        start the broker had and lost with Redis is sent again too."""
         with self.session_factory() as s:
-            staged = stage(s, [message], self.clock())
+            staged = stage(s, [message], self.clock(), key=keep_for)
             s.commit()
         result = self.outboxes.send_one(message)
-        discard(self.session_factory, staged)
+        if keep_for is None:
+            discard(self.session_factory, staged)
         return result
 
     def load_arguments(self, value: Any) -> Any:

@@ -39,8 +39,8 @@ from .outbound import outbound_to_complete
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
 from .routing import Routes
-from .staging import as_redelivery, discard, due, named_by
-from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter
+from .staging import as_redelivery, discard, discard_keyed, due, named_by
+from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter, placeholder
 from .statuses import ActionStatus, LinkKind
 from .superseding import LaneEntry
 
@@ -271,14 +271,17 @@ class Engine:
     def start(self, payload: dict[str, Any]) -> int | None:
         """``stepped.start``: start an action (a root, or a child for a parent link)."""
         call = StartCall.from_payload(payload)
-        return self.start_call(call, root=call.link is None).id
+        started = self.start_call(call, root=call.link is None).id
+        if call.link is None and call.request is not None:
+            discard_keyed(self.session_factory, call.request)  # later()'s entry: it ran
+        return started
 
     def start_call(self, call: StartCall, root: bool) -> Action:
         """Start an action: before, keys, reuse, lane. Returns it (maybe not persisted)."""
         existing = self.starter.existing(call)
         if existing is not None:
             self._resume_existing(existing, call)
-            return self._placeholder(existing)
+            return placeholder(existing)
         definition = self.lookup(call.actor[0], call.name)
         try:
             action = self.starter.prepare(definition, call, root)
@@ -289,7 +292,7 @@ class Engine:
         if action.checksum is not None:
             shared = self.starter.share(action, call)
             if shared is not None:
-                return self._placeholder(shared)
+                return placeholder(shared)
         created = self.starter.create(action, call)
         if created is None:  # another delivery claimed the link first
             return self.start_call(call, root)
@@ -298,15 +301,6 @@ class Engine:
         if entry.deadlock is not None:
             self.events.report_or_raise(entry.deadlock, created.id, None, "lane")
         return created
-
-    @staticmethod
-    def _placeholder(action_id: int) -> Action:
-        """The action a call found (the caller reloads it by id when it needs more)."""
-        if action_id == FINISHED_WITHOUT_ROW:
-            return Action(name="", actor_type="", actor_id="", status="succeeded")
-        action = Action(name="", actor_type="", actor_id="")
-        action.id = action_id
-        return action
 
     def _resume_existing(self, action_id: int, call: StartCall) -> None:
         """A redelivered start: carry on from whatever the action's records say."""

@@ -31,10 +31,14 @@ from . import keys
 
 __all__ = ["JoinResult", "Lane", "LaneOutcome", "Lanes"]
 
-#: Seconds a lane lock lives unless released (a crashed holder frees it by expiry).
-LOCK_TIMEOUT = 30.0
-#: Seconds a join waits for a lane lock before it goes on without it.
-LOCK_WAIT = 30.0
+#: Seconds a lane lock lives unless released: a holder killed mid-join blocks the lane's
+#: other joins this long at most, well under a broker's redelivery. The work done under
+#: it is one short SQL transaction; should it take longer, the lock lapses and the
+#: compare-and-set of ``join.lua`` still keeps the lane right.
+LOCK_TIMEOUT = 5.0
+#: Seconds a join waits for a lane lock before it goes on without it (longer than
+#: :data:`LOCK_TIMEOUT`, so a dead holder's lock expires first).
+LOCK_WAIT = 6.0
 #: Seconds between two attempts to take a busy lane lock.
 LOCK_POLL = 0.005
 #: Keys deleted per DEL command when clearing a namespace.
@@ -160,7 +164,7 @@ class Lanes:
         if result.outcome is not LaneOutcome.RETRY:
             return result
         done: list[int] = []
-        with self._locked(key):
+        with self.locked(key):
             # Look again now that no other join runs: the pending action may have changed.
             result = self.join(key, action_id, checksum, ancestry)
             while result.outcome is LaneOutcome.RETRY:
@@ -182,7 +186,7 @@ class Lanes:
         )
 
     @contextmanager
-    def _locked(self, key: str) -> Iterator[bool]:
+    def locked(self, key: str) -> Iterator[bool]:
         """Hold the lane lock if it can be had in time; go on without it otherwise."""
         lock = self.lock(key)
         held = bool(lock.acquire())
@@ -213,15 +217,27 @@ class Lanes:
         key: str,
         current: tuple[int, str | None] | None,
         pending: tuple[int, str | None] | None,
-    ) -> None:
-        """Overwrite one lane with the given current and pending action (repair)."""
+        only_if_missing: bool = False,
+    ) -> bool:
+        """Overwrite one lane with the given current and pending action (repair); with
+        ``only_if_missing``, only when the lane does not exist. True if it was written."""
         argv: list[Any] = [
             current[0] if current else "",
             (current[1] or "") if current else "",
             pending[0] if pending else "",
             (pending[1] or "") if pending else "",
+            "1" if only_if_missing else "",
         ]
-        self._restore(self._keys(key), argv)
+        return bool(self._restore(self._keys(key), argv))
+
+    def recovered(self, key: str) -> bool:
+        """Whether a worker rebuilt ``key``'s lane after Redis lost it (``restore`` with
+        ``only_if_missing``) and no repair has rewritten it since."""
+        return bool(self.redis.hexists(self._keys(key)[0], "recovered"))
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key``'s lane exists in Redis (an action holds or waits in it)."""
+        return bool(self.redis.exists(*self._keys(key)))
 
     def current_checksum(self, key: str) -> tuple[int | None, str | None]:
         """The lane's current action id and its checksum (either may be None)."""

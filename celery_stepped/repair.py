@@ -33,11 +33,13 @@ from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .errors import SteppedError
+from .lane_repair import LaneRebuild, LaneRepair, plan_lane
 from .lanes import Lanes
 from .messages import Message, advance_message, resume_message, timeout_message, wait_message
 from .models import Action, ParentLink, Step
 from .outbox import Outboxes
 from .performing import Performer
+from .staging import discard
 from .statuses import ActionStatus, LinkKind, LinkState
 from .step_index import ran_every_step
 from .superseding import LaneEntry
@@ -45,33 +47,9 @@ from .superseding import LaneEntry
 if TYPE_CHECKING:
     from .definition import SteppedAction
 
-__all__ = ["LaneRepair", "Repair", "RepairReport", "Resend"]
+__all__ = ["LaneRepair", "Repair", "RepairReport", "Resend"]  # LaneRepair: lane_repair.py
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
-
-
-@dataclass
-class LaneRepair:
-    """One lane as SQL says it must be, and how Redis differed."""
-
-    key: str
-    current_id: int | None
-    pending_id: int | None
-    superseded: list[int] = field(default_factory=list)
-    found_current_id: int | None = None
-    found_pending_ids: list[int] = field(default_factory=list)
-
-    def describe(self) -> str:
-        """One line for the report."""
-        if self.current_id is None and self.pending_id is None:
-            return f"lane {self.key!r}: no open action in SQL, remove it from Redis"
-        found = _lane_text(self.found_current_id, self.found_pending_ids)
-        wanted = _lane_text(self.current_id, [] if self.pending_id is None else [self.pending_id])
-        line = f"lane {self.key!r}: {found} -> {wanted}"
-        if self.superseded:
-            ids = ", ".join(str(i) for i in self.superseded)
-            line += f"; supersede older pending action(s) {ids} by {self.pending_id}"
-        return line
 
 
 @dataclass
@@ -149,6 +127,7 @@ class Repair:
             The report; its ``lines`` describe each change.
         """
         report = RepairReport(applied=apply)
+        self._staged: list[int] = []
         messages = self._repair_lanes(report, apply)
         with self.session_factory() as s:
             messages += _unreported_steps(s, report)
@@ -158,62 +137,32 @@ class Repair:
             messages += _unreported_actions(s, report)
         if apply:
             self.outboxes.send(messages)
+            discard(self.session_factory, self._staged)
         return report
 
     # -- lanes --------------------------------------------------------------------------
 
     def _repair_lanes(self, report: RepairReport, apply: bool) -> list[Message]:
-        with self.session_factory() as s:
-            rows = s.execute(
-                select(Action.id, Action.concurrency_key, Action.status, Action.checksum)
-                .where(Action.status.in_((PENDING, PERFORMING)))
-                .order_by(Action.id)
-            ).all()
+        """Each lane as SQL says; applied lane by lane under the lane's lock."""
+        rebuild = LaneRebuild(self.session_factory, self.lanes, self.entry)
         by_key: dict[str, list[Any]] = defaultdict(list)
-        for row in rows:
+        for row in rebuild.open_rows():
             by_key[row.concurrency_key].append(row)
         messages: list[Message] = []
-        for key in sorted(set(by_key) | set(self.lanes.keys())):
-            planned = self._plan_lane(key, by_key.get(key, []), report)
-            if planned is None:
-                continue
-            report.lanes.append(planned)
-            if apply:
-                checksums = {r.id: r.checksum for r in by_key.get(key, [])}
-                messages += self._apply_lane(planned, checksums)
-        return messages
-
-    def _plan_lane(self, key: str, rows: list[Any], report: RepairReport) -> LaneRepair | None:
-        """The lane ``key`` as SQL says it must be; None when Redis already agrees."""
-        performing = [r.id for r in rows if r.status == PERFORMING]
-        pending = [r.id for r in rows if r.status == PENDING]
-        if len(performing) > 1:
-            report.problems.append(
-                f"lane {key!r} has {len(performing)} performing actions "
-                f"({', '.join(map(str, performing))}); keeping {performing[0]} as current"
-            )
-        current = performing[0] if performing else None
-        newest = pending[-1] if pending else None
-        older = pending[:-1]
-        if current is None and newest is not None:  # at the lane front: it performs next
-            current, newest = newest, None
-        lane = self.lanes.get(key)
-        found_current = lane.current_id if lane else None
-        found_pending = list(lane.pending_ids) if lane else []
-        wanted_pending = [] if newest is None else [newest]
-        if not older and found_current == current and found_pending == wanted_pending:
-            return None
-        return LaneRepair(key, current, newest, older, found_current, found_pending)
-
-    def _apply_lane(self, lane: LaneRepair, checksums: dict[int, str | None]) -> list[Message]:
         effects = Effects()
-        if lane.superseded and lane.pending_id is not None:
-            effects = self.entry.supersede(lane.superseded, lane.pending_id)
-        current = None if lane.current_id is None else (lane.current_id, checksums[lane.current_id])
-        pending = None if lane.pending_id is None else (lane.pending_id, checksums[lane.pending_id])
-        self.lanes.restore(lane.key, current, pending)
-        finished = self._resumes(effects.finished, "superseder already final")
-        return [advance_message(step_id) for step_id in effects.ready_steps] + finished
+        for key in sorted(set(by_key) | set(self.lanes.keys())):
+            if not apply:
+                planned = plan_lane(key, by_key.get(key, []), rebuild.found(key), report.problems)
+            else:
+                planned, done = rebuild.rebuild(key, report.problems)
+                effects.add(done)
+            if planned is not None:
+                report.lanes.append(planned)
+        messages += [advance_message(step_id) for step_id in effects.ready_steps]
+        messages += self._resumes(effects.finished, "superseder already final")
+        messages += self._resumes(effects.handoff, "promoted when its lane was released")
+        self._staged += effects.staged
+        return messages
 
     def _resumes(self, action_ids: list[int], reason: str) -> list[Message]:
         if not action_ids:
@@ -373,10 +322,3 @@ def _unreported_actions(s: Session, report: RepairReport) -> list[Message]:
         .order_by(Action.id)
     ).all()
     return [_resume(report, a, f"{a.status} but a parent still waits on it") for a in actions]
-
-
-def _lane_text(current: int | None, pending: list[int]) -> str:
-    if current is None and not pending:
-        return "missing"
-    waiting = ", ".join(str(i) for i in pending) or "none"
-    return f"current {current if current is not None else 'none'}, pending {waiting}"

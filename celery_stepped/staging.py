@@ -23,12 +23,14 @@ from sqlalchemy.orm import Session
 from .messages import Message, StartCall, TaskName
 from .models import Action, OutboxEntry, ParentLink, Step
 
-__all__ = ["as_redelivery", "discard", "due", "named_by", "stage"]
+__all__ = ["as_redelivery", "discard", "discard_keyed", "due", "named_by", "stage"]
 
 
-def stage(s: Session, messages: Iterable[Message], now: datetime) -> list[int]:
+def stage(
+    s: Session, messages: Iterable[Message], now: datetime, key: str | None = None
+) -> list[int]:
     """Write ``messages`` in ``s``'s transaction; the entry ids (one INSERT each)."""
-    rows = [{"message": m.to_dict(), "created_at": now} for m in messages]
+    rows = [{"message": m.to_dict(), "created_at": now, "key": key} for m in messages]
     if not rows:
         return []
     result = s.execute(insert(OutboxEntry).returning(OutboxEntry.id), rows)
@@ -41,6 +43,13 @@ def discard(session_factory: Callable[[], Session], entry_ids: list[int]) -> Non
         return
     with session_factory() as s:
         s.execute(delete(OutboxEntry).where(OutboxEntry.id.in_(entry_ids)))
+        s.commit()
+
+
+def discard_keyed(session_factory: Callable[[], Session], key: str) -> None:
+    """Delete the entries kept for request ``key`` (its start message has run)."""
+    with session_factory() as s:
+        s.execute(delete(OutboxEntry).where(OutboxEntry.key == key))
         s.commit()
 
 

@@ -45,6 +45,15 @@ Lookup = Callable[[str, str], "SteppedAction[Any]"]
 FINISHED_WITHOUT_ROW = -1
 
 
+def placeholder(action_id: int) -> Action:
+    """The action a start call found (the caller reloads it by id when it needs more)."""
+    if action_id == FINISHED_WITHOUT_ROW:
+        return Action(name="", actor_type="", actor_id="", status="succeeded")
+    action = Action(name="", actor_type="", actor_id="")
+    action.id = action_id
+    return action
+
+
 def checksum_digest(value: Any) -> str:
     """SHA-256 hex digest of the canonical JSON of ``value``."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -5,6 +5,12 @@ SQL first (their waiting parent steps move to the newcomer), then leave the lane
 Redis (:meth:`~celery_stepped.lanes.Lanes.enter`), so a crash in between loses none
 of them. Everything here returns :class:`~celery_stepped.effects.Effects` for the
 engine to act on.
+
+Redis may lose a lane (a restart without persistence) while its action still performs.
+Before joining a lane that has no current action, :meth:`LaneEntry.recover` looks in
+SQL for an action performing under that key and, under the lane's lock, makes it the
+lane's current action again, so the newcomer waits behind it instead of performing
+beside it. Pending actions the lost lane held are left to ``stepped repair``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .errors import Deadlock
-from .events import Events, Facts
+from .events import Events, Facts, logger
 from .join import changed, transfer_links, waits_on
 from .lanes import Lanes
 from .messages import advance_message
@@ -29,6 +35,7 @@ from .statuses import ActionStatus
 __all__ = ["Entry", "LaneEntry"]
 
 PENDING = ActionStatus.PENDING.value
+PERFORMING = ActionStatus.PERFORMING.value
 
 
 @dataclass
@@ -122,10 +129,49 @@ class LaneEntry:
             effects.finished.append(newcomer_id)  # it completed before the links arrived
         return effects
 
+    def recover(self, key: str, joining: int) -> int | None:
+        """Rebuild ``key``'s lane when Redis lost it while an action performs in it.
+
+        A lane exists as long as its current action performs (it is released only after
+        the action is final in SQL), so an action performing under a lane with no
+        current action means Redis lost the lane. It becomes current again, under the
+        lane's lock and after reading SQL again under it, and only if no join recreated
+        the lane meanwhile. Returns the lane's current action (None: none performs).
+        """
+        if self._performing(key, joining) is None:
+            return None
+        with self.lanes.locked(key):
+            found = self._performing(key, joining)
+            if found is not None and self.lanes.restore(key, found, None, only_if_missing=True):
+                logger.warning(
+                    "lane %r was missing in Redis while action #%s performs in it: rebuilt",
+                    key,
+                    found[0],
+                )
+        return self.lanes.current_checksum(key)[0]
+
+    def _performing(self, key: str, joining: int) -> tuple[int, str | None] | None:
+        """The oldest action performing under ``key`` (but ``joining``), with its checksum."""
+        with self.session_factory() as s:
+            row = s.execute(
+                select(Action.id, Action.checksum)
+                .where(
+                    Action.concurrency_key == key,
+                    Action.status == PERFORMING,
+                    Action.id != joining,
+                )
+                .order_by(Action.id)
+                .limit(1)
+            ).first()
+        return None if row is None else (row.id, row.checksum)
+
     def _waiting_current(self, action: Action) -> int | None:
         """The lane's current action when it waits on ``action`` through any parent
-        (shared and superseded parents included): entering would wait forever."""
+        (shared and superseded parents included): entering would wait forever. A lost
+        lane is rebuilt first (:meth:`recover`)."""
         current, _ = self.lanes.current_checksum(action.concurrency_key)
+        if current is None:
+            current = self.recover(action.concurrency_key, action.id)
         if current is None or current == action.id:
             return None
         with self.session_factory() as s:

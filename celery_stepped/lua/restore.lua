@@ -5,10 +5,18 @@
 -- ARGV[2] checksum of the current action, or ""
 -- ARGV[3] pending action id, or "" for none
 -- ARGV[4] checksum of the pending action, or ""
--- Returns 1
+-- ARGV[5] "1": only when the lane does not exist (a worker's lane recovery), marking
+--         it "recovered" until repair rewrites it; else ""
+-- Returns 1 when the lane was written, 0 when it existed and ARGV[5] is "1"
+if ARGV[5] == "1" and redis.call("EXISTS", KEYS[1], KEYS[2]) > 0 then
+  return 0
+end
 redis.call("DEL", KEYS[1], KEYS[2])
 if ARGV[1] ~= "" then
   redis.call("HSET", KEYS[1], "current", ARGV[1], "checksum", ARGV[2])
+end
+if ARGV[5] == "1" then
+  redis.call("HSET", KEYS[1], "recovered", "1")
 end
 if ARGV[3] ~= "" then
   local seq = redis.call("HINCRBY", KEYS[1], "seq", 1)

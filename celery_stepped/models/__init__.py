@@ -235,6 +235,9 @@ class OutboxEntry(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     message: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The request a root's start message carries: the entry stays until that start
+    #: runs (a broker that lost the message gets it again from the sweep).
+    key: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class StartRecord(Base):

@@ -97,3 +97,20 @@ def test_later_is_durable_before_the_broker_has_it(
         perform_stepped_actions(stepped)
     assert load_car(stepped, car.id).honks == 1
     assert entries(stepped) == 0
+
+
+def test_a_start_the_broker_had_and_lost_is_sent_again(stepped: Stepped, car: Car) -> None:
+    """later()'s entry stays until its start runs: a broker that took the message and
+    then lost it with Redis (restarted empty) gets it again from the sweep."""
+    tour = define(stepped)
+    with stepped.capture() as jobs:
+        tour.later(car)
+        assert entries(stepped) == 1  # kept while the message is only in the broker
+        assert [m.name for m in jobs.take()] == ["tour"]  # the broker lost it
+        assert stepped.sweep_outbox(older_than=0) == 1
+        perform_stepped_actions(stepped)
+        assert entries(stepped) == 0  # the start ran: its entry is gone
+        assert stepped.sweep_outbox(older_than=0) == 0
+    assert load_car(stepped, car.id).honks == 1
+    with stepped.session() as s:
+        assert s.scalar(select(func.count()).select_from(Action).where(Action.name == "tour")) == 1
