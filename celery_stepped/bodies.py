@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .step import Step
 
-__all__ = ["StepFn", "actor_class_of", "function_step", "job_step", "method_step"]
+__all__ = [
+    "StepFn",
+    "actor_class_of",
+    "check_arguments",
+    "function_step",
+    "job_step",
+    "method_step",
+]
 
 StepFn = Callable[..., Any]
 
@@ -72,7 +79,25 @@ def function_step(fn: Callable[..., Any]) -> StepFn:
         return fn(actor, *args)
 
     body.__name__ = getattr(fn, "__name__", "step")
+    body.__stepped_function__ = fn  # type: ignore[attr-defined]
     return body
+
+
+def check_arguments(name: str, bodies: list[StepFn], args: list[Any]) -> None:
+    """Raise TypeError when ``args`` do not fit every step body's signature (checked
+    when the action is called, not when a worker runs it)."""
+    for body in bodies:
+        function = getattr(body, "__stepped_function__", None)
+        # A function-form body is called as fn(actor, *args); any other as body(step, ...).
+        target = body if function is None else function
+        call = (None, *args) if function is not None else (None, None, *args)
+        try:
+            inspect.signature(target).bind(*call)
+        except TypeError as exc:
+            shown = getattr(target, "__name__", "step")
+            raise TypeError(f"{name}: step {shown}{inspect.signature(target)}: {exc}") from None
+        except ValueError:  # no signature to read (a builtin): nothing to check
+            continue
 
 
 def actor_class_of(fn: Callable[..., Any]) -> type | None:

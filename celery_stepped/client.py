@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from .actors import REF, ActorRegistry, is_reference
+from .bodies import check_arguments
 from .canvas import call_options
 from .engine import Engine
 from .errors import ActionNotFound
@@ -70,10 +71,11 @@ class Client:
             raise TypeError(f"{name} needs an actor")
         if is_reference(actor):  # from a stepped signature, dumped when it was built
             ref = list(actor[REF])
-            self.registry.find(self.actors.resolve(ref[0]).cls, name)
+            definition = self.registry.find(self.actors.resolve(ref[0]).cls, name)
         else:
-            self.registry.find(type(actor), name)
+            definition = self.registry.find(type(actor), name)
             ref = list(self.actors.identify(actor))
+        check_arguments(name, definition.steps_for_run(), list(args))
         return StartCall(ref, name, self.actors.dump(list(args)))
 
     def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:

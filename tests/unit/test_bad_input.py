@@ -192,3 +192,31 @@ def test_an_actor_deleted_while_its_action_waits_fails_it_and_frees_the_lane(
     assert f"Car/{car.id} does not exist" in step.error["message"]
     assert done.after_callbacks_failed_count == 1  # nothing to call it on
     assert stepped.lanes.get("booth") is None  # the lane moved on
+
+
+def test_a_wrong_number_of_arguments_is_refused_at_call_time(stepped: Stepped, car: Car) -> None:
+    from typing import Any
+
+    app = stepped.app
+
+    @app.stepped_action
+    def trip(step: Any, car: Car, miles: int) -> None:
+        pass
+
+    @app.stepped_action
+    def wash(car: Car, soap: str = "mild") -> None:
+        pass
+
+    with stepped.capture() as jobs:
+        with pytest.raises(
+            TypeError, match=r"trip: step trip\(step.*missing a required argument: 'miles'"
+        ):
+            trip.later(car)
+        with pytest.raises(TypeError, match="too many"):
+            trip.later(car, 5, 6)
+        with pytest.raises(TypeError, match="wash"):
+            wash.now(car, "strong", "extra")
+        assert jobs.enqueued == []  # nothing was sent
+        trip.later(car, 5)
+        wash.later(car)
+        assert len(jobs.enqueued) == 2

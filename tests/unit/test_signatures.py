@@ -129,11 +129,19 @@ def test_a_signature_carries_its_actor_as_a_reference(stepped: Stepped, car: Car
     signature = drive.s(car, 5)
     assert list(signature.args) == [{"__stepped_actor__": ["Car", str(car.id)]}, 5]
     assert json.loads(json.dumps(signature))["subtask_type"] == "stepped"
+
     # A parent's result comes after the actor; an immutable signature ignores it.
-    _, message = held(stepped, lambda: signature.apply_async(("succeeded",)))
+    @stepped.app.stepped_action
+    def log_trip(car: Car, outcome: str, miles: int) -> None:
+        pass
+
+    taking = log_trip.s(car, 5)
+    _, message = held(stepped, lambda: taking.apply_async(("succeeded",)))
     assert message.args[0]["args"] == ["succeeded", 5]
     _, message = held(stepped, lambda: drive.si(car, 5).apply_async(("succeeded",)))
     assert message.args[0]["args"] == [5]
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        signature.apply_async(("succeeded",))  # drive(car, miles) takes no parent result
     rebuilt = SteppedSignature.from_dict(json.loads(json.dumps(signature)), app=stepped.app)
     assert isinstance(rebuilt.clone(), SteppedSignature)
 
