@@ -19,45 +19,27 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from .actors import ActorRegistry
 from .effects import Delivery, Effects
 from .errors import ActorNotFound
-from .events import Events, Facts, logger
+from .events import Facts, logger
 from .join import changed, counted_steps_of_performing, report_parents
-from .lanes import Lanes
 from .messages import Message, advance_message, insurance_message
 from .models import Achievement, Action, ParentLink
 from .staging import stage
 from .statuses import COMPLETION_STATUSES, ActionStatus
+from .transition import Transition
 
 if TYPE_CHECKING:
-    from .definition import SteppedAction
+    pass
 
 __all__ = ["Completer"]
 
 OPEN = (ActionStatus.PENDING.value, ActionStatus.PERFORMING.value)
 SUCCEEDED = ActionStatus.SUCCEEDED.value
-Lookup = Callable[[str, str], "SteppedAction[Any]"]
 
 
-class Completer:
+class Completer(Transition):
     """The completion transition of one Stepped instance."""
-
-    def __init__(
-        self,
-        session_factory: Callable[[], Session],
-        actors: ActorRegistry,
-        lanes: Lanes,
-        lookup: Lookup,
-        events: Events,
-        clock: Callable[[], datetime],
-    ) -> None:
-        self.session_factory = session_factory
-        self.actors = actors
-        self.lanes = lanes
-        self.lookup = lookup
-        self.events = events
-        self.clock = clock
 
     def complete(self, action_id: int, status: str, delivery: Delivery) -> tuple[bool, Effects]:
         """Give an open action its final status; ``(completed by this call, effects)``.

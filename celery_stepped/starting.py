@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -25,22 +25,19 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .actors import ActorRegistry
 from .effects import Effects
-from .events import Events
 from .join import changed, report_link, waits_on
-from .lanes import Lanes
 from .messages import StartCall
 from .models import Achievement, Action, ParentLink, Step
 from .start_records import add_record, ended_in_before, outcome_of, recorded, replay
 from .statuses import ActionStatus, LinkState
+from .transition import Transition
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
 
 __all__ = ["ShortCircuit", "Starter", "checksum_digest", "key_from_parts", "timeout_seconds"]
 
-Lookup = Callable[[str, str], "SteppedAction[Any]"]
 #: ``Starter.existing`` for a link that was counted without an action (never persisted).
 FINISHED_WITHOUT_ROW = -1
 
@@ -150,24 +147,8 @@ def ancestry_of(s: Session, link_id: int) -> str:
     return f"{parent.ancestry}{parent.id},"
 
 
-class Starter:
+class Starter(Transition):
     """The start transition of one Stepped instance."""
-
-    def __init__(
-        self,
-        session_factory: Callable[[], Session],
-        actors: ActorRegistry,
-        lanes: Lanes,
-        lookup: Lookup,
-        events: Events,
-        clock: Callable[[], datetime],
-    ) -> None:
-        self.session_factory = session_factory
-        self.actors = actors
-        self.lanes = lanes
-        self.lookup = lookup
-        self.events = events
-        self.clock = clock
 
     def existing(self, call: StartCall) -> int | None:
         """The action a earlier delivery of ``call`` created (or ``FINISHED_WITHOUT_ROW``)."""
