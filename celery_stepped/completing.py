@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -28,9 +28,6 @@ from .models import Achievement, Action, ParentLink
 from .staging import stage
 from .statuses import COMPLETION_STATUSES, ActionStatus
 from .transition import Transition
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Completer"]
 
