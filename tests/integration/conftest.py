@@ -139,8 +139,8 @@ class Cluster:
                 s.execute(delete(model))
         self.stepped.lanes.clear()
         self.probe.flush()
-        if worker_app.ENV_BACKEND in self.env:
-            redis.Redis.from_url(self.env[worker_app.ENV_BACKEND]).flushdb()
+        if worker_app.ENV_BACKEND in self.env:  # the results: this module's keys only
+            delete_matching(self.stepped.redis, prefix_pattern(f"{self.name}:backend:"))
 
     def flush_broker(self) -> None:
         """The broker loses every message (this module's broker keys only)."""
