@@ -18,14 +18,12 @@ from typing import Any
 
 from celery import Celery, Task
 from celery import signals as celery_signals
-from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
 from .members import send_revoked_errbacks
 from .routing import delivered_from
-from .validation import InvalidMessage, check_message
 
 __all__ = [
     "STORE_ERRORS",
@@ -99,11 +97,6 @@ def _task(
     give_up: GiveUp,
 ) -> Task:
     def run(self: Task, *args: Any) -> None:
-        try:
-            check_message(name, args)
-        except InvalidMessage as exc:
-            logger.error("rejected %s: %s", self.request.id, exc)
-            raise Reject(str(exc), requeue=False) from exc
         try:
             with delivering(recovering(self)), delivered_from(queue_of(self)):
                 handler(*args)
