@@ -28,6 +28,8 @@ from .definition import SteppedAction
 from .engine import Engine
 from .errors import ConfigurationError
 from .events import Events
+from .healing import Healing
+from .lane_repair import LaneRebuild
 from .lanes import Lanes
 from .messages import Message, TaskName
 from .models import Action, Base, utcnow
@@ -138,6 +140,8 @@ class Stepped:
         self.repairer = Repair(
             sessions, self.lanes, self.core.entry, self.core.performer, lookup, self.outboxes, clock
         )
+        rebuild = LaneRebuild(sessions, self.lanes, self.core.entry)
+        self.healing = Healing(sessions, self.lanes, rebuild, clock)
         self._register_tasks()
         self.report = RootReport(self.app, sessions)
         self._connect_report()
@@ -154,7 +158,7 @@ class Stepped:
         )
         sweep_after = float(conf.get("stepped_outbox_sweep_after") or 60)
         sweep_every = float(conf.get("stepped_outbox_sweep_every") or 30)
-        watch_worker(self.app, Watch(self.queue, self.core.sweep, sweep_after, sweep_every))
+        watch_worker(self.app, Watch(self.queue, self._sweep, sweep_after, sweep_every))
 
     def _connect_report(self) -> None:
         """Report final roots to Celery (``results.RootReport``): completed, short
@@ -247,6 +251,13 @@ class Stepped:
         """Send again the messages a crash left unsent (outbox entries older than
         ``older_than`` seconds); workers do this at start and periodically."""
         return self.core.sweep(older_than)
+
+    def _sweep(self, older_than: float) -> int:
+        """What a worker does at start and every ``stepped_outbox_sweep_every`` seconds:
+        the outbox sweep, then healing the lanes of stalled pending actions."""
+        sent = self.core.sweep(older_than)
+        self.core.drive(self.healing.heal(older_than))
+        return sent
 
     def report_exception(self, exc: BaseException, **context: Any) -> bool:
         """Log and signal ``exc`` if its class is handled; True when handled."""

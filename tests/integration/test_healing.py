@@ -1,0 +1,40 @@
+"""Healing through a real worker: its sweep resumes a lane front whose message was lost.
+
+The worker sweeps every second. The test completes a lane's outbound action from
+outside (as a webhook does) while capturing what that sends, then drops it: the
+``stepped.resume`` of the action promoted to the lane's front is lost, as when Redis
+loses the broker's data. The worker's sweep finds the action pending at the front on
+two sweeps in a row and resumes it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import Cluster, make_cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_base: str
+) -> Cluster:
+    env = {"STEPPED_TEST_SWEEP_AFTER": "1", "STEPPED_TEST_SWEEP_EVERY": "1"}
+    return make_cluster(request, tmp_path_factory, redis_base, env=env)
+
+
+def waiting(it: Cluster, action_id: int) -> bool:
+    return any(action_id in lane.pending_ids for lane in it.stepped.lanes.all())
+
+
+def test_the_sweep_resumes_a_lane_front_whose_resume_message_was_lost(it: Cluster) -> None:
+    car = it.make_car()
+    first = it.later("lane_job", car, "a")
+    it.wait_ready(first)
+    second = it.later("lane_job", car, "b")
+    it.wait_for("the second job to wait in the lane", lambda: waiting(it, second))
+    with it.stepped.capture() as jobs:
+        it.stepped.complete(first)  # promotes the second; its resume is captured ...
+        assert [m.task for m in jobs.take()] == ["stepped.resume"]  # ... and lost
+    assert it.wait_ready(second).status == "performing"
+    assert it.log_tokens(car.id) == ["lane-a", "lane-b"]
+    assert "stepped heal: pending action(s)" in it.logs()

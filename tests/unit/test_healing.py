@@ -1,0 +1,116 @@
+"""Healing (issue 15): the sweep resumes pending actions that nothing would move on.
+
+A lane's front action whose begin message was lost, an action left in no lane after
+Redis lost the lane, and one waiting behind a current action that is already final:
+each is found by :meth:`celery_stepped.healing.Healing.heal` on one sweep and healed
+on the next. Real Redis and SQL; the faults are injected by dropping the captured
+messages (what a broker that lost its data does) and deleting the lane's keys.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+
+from celery_stepped import Stepped
+from celery_stepped.lanes import Lane
+from celery_stepped.models import Action
+from celery_stepped.outbox import JobQueue
+from celery_stepped.testing import perform_stepped_actions
+from tests.conftest import make_car, stored_actions
+from tests.unit.test_lane_recovery import lose_lane
+from tests.unit.test_lanes import SHOP, define_shop, redis_keys, status, succeed_outbound
+
+
+def sweep_twice(stepped: Stepped) -> list[int]:
+    """Two sweeps' healing, as a worker's sweep thread runs it; what the second resumed."""
+    first = stepped.healing.heal(0)
+    assert first.handoff == []  # a suspect is healed only when a second sweep finds it
+    second = stepped.healing.heal(0)
+    stepped.core.drive(second)
+    return second.handoff
+
+
+def lose_messages(jobs: JobQueue) -> None:
+    """The broker loses every message it holds (Redis restarted empty)."""
+    jobs.take()
+
+
+def test_a_lane_front_whose_begin_message_was_lost_is_resumed(stepped: Stepped) -> None:
+    car = make_car(stepped)
+    shop = define_shop(stepped)
+    with stepped.capture() as jobs:
+        held = shop.hold.now(car)
+        shop.paint.now(car, 1)
+        (paint,) = stored_actions(stepped, "paint")
+        stepped.complete(held.id)  # promotes paint; its stepped.resume is then lost
+        lose_messages(jobs)
+        assert stepped.lanes.get(SHOP) == Lane(SHOP, paint.id, [])
+        assert status(stepped, paint.id) == "pending"
+        assert sweep_twice(stepped) == [paint.id]
+        perform_stepped_actions(stepped)
+    assert status(stepped, paint.id) == "succeeded"
+    assert redis_keys(stepped) == []
+
+
+def test_a_pending_action_redis_lost_the_lane_of_is_put_back_and_resumed(
+    stepped: Stepped,
+) -> None:
+    car = make_car(stepped)
+    shop = define_shop(stepped)
+    with stepped.capture() as jobs:
+        held = shop.hold.now(car)
+        shop.paint.now(car, 1)
+        shop.paint.now(car, 2)  # supersedes the first paint
+        first, second = stored_actions(stepped, "paint")
+        lose_lane(stepped, SHOP)
+        stepped.complete(held.id)  # its lane is gone: nothing is promoted
+        lose_messages(jobs)
+        assert stepped.lanes.get(SHOP) is None
+        assert [status(stepped, a.id) for a in (first, second)] == ["superseded", "pending"]
+        assert sweep_twice(stepped) == [second.id]
+        perform_stepped_actions(stepped)
+    assert status(stepped, second.id) == "succeeded"
+    assert redis_keys(stepped) == []
+
+
+def test_an_action_behind_a_final_current_action_is_promoted(stepped: Stepped) -> None:
+    car = make_car(stepped)
+    shop = define_shop(stepped)
+    with stepped.capture():
+        held = shop.hold.now(car)
+        shop.paint.now(car, 1)
+        (paint,) = stored_actions(stepped, "paint")
+        with stepped.session() as s:  # final in SQL, but its lane was never released
+            s.execute(update(Action).where(Action.id == held.id).values(status="succeeded"))
+        assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [paint.id])
+        assert sweep_twice(stepped) == [paint.id]
+        perform_stepped_actions(stepped)
+    assert status(stepped, paint.id) == "succeeded"
+
+
+def test_healing_leaves_actions_that_wait_in_their_lanes_alone(stepped: Stepped) -> None:
+    car = make_car(stepped)
+    shop = define_shop(stepped)
+    with stepped.capture() as jobs:
+        held = shop.hold.now(car)
+        shop.paint.now(car, 1)
+        (paint,) = stored_actions(stepped, "paint")
+        for _ in range(3):
+            stepped.core.drive(stepped.healing.heal(0))
+        assert len(jobs) == 0
+        assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [paint.id])
+        assert status(stepped, paint.id) == "pending"
+        perform_stepped_actions(stepped, complete_outbound=succeed_outbound)
+    assert [status(stepped, i) for i in (held.id, paint.id)] == ["succeeded", "succeeded"]
+
+
+def test_healing_only_looks_at_actions_older_than_the_sweep_age(stepped: Stepped) -> None:
+    car = make_car(stepped)
+    shop = define_shop(stepped)
+    with stepped.capture() as jobs:
+        held = shop.hold.now(car)
+        shop.paint.now(car, 1)
+        stepped.complete(held.id)
+        lose_messages(jobs)
+        for _ in range(3):
+            assert stepped.healing.heal(3600).handoff == []
