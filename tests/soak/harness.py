@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,12 +164,6 @@ class Driver:
         with self.stepped.session() as s:
             self.stalled_up_to = int(s.scalar(select(func.max(Action.id))) or 0)
 
-    def unstarted_roots(self) -> list[str]:
-        """Requests whose root has no row yet (its start message is on its way)."""
-        with self.stepped.session() as s:
-            known = set(s.scalars(select(Action.request_id).where(Action.root.is_(True))))
-        return [r for r in self.requests if r not in known]
-
     def complete_outbound(self) -> int:
         """Complete the ready ``soak_out`` children the driver answers (by their seed)."""
         with self.stepped.session() as s:
@@ -210,18 +203,6 @@ def cut_database_connections(admin_url: str, application_name: str) -> int:
             )
     finally:
         engine.dispose()
-
-
-def wait_until(what: str, predicate: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
-    """Poll ``predicate`` until truthy; raise AssertionError naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"soak: timed out waiting for {what}")
-        time.sleep(step)
 
 
 def soak_env(redis_url: str, database_url: str, name: str) -> dict[str, str]:
