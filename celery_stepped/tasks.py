@@ -177,7 +177,11 @@ def _sweep(watch: Watch) -> None:
         logger.exception("stepped outbox sweep failed")
         return
     if sent:
-        logger.warning("stepped outbox sweep sent %s message(s) a crash left unsent", sent)
+        logger.warning(
+            "stepped outbox sweep sent %s message(s) again: left unsent by a crash, or a "
+            "later() whose start had not run yet (a redelivery is harmless)",
+            sent,
+        )
 
 
 def _sweep_forever(watch: Watch) -> None:
