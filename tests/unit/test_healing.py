@@ -30,18 +30,24 @@ def sweep_twice(stepped: Stepped) -> list[int]:
     return second.handoff
 
 
+def paint_behind_hold(stepped: Stepped) -> tuple[Action, Action]:
+    """An outbound ``hold`` performing in the shop's lane and a ``paint`` pending behind it."""
+    car = make_car(stepped)
+    shop = define_shop(stepped)
+    held = shop.hold.now(car)
+    shop.paint.now(car, 1)
+    (paint,) = stored_actions(stepped, "paint")
+    return held, paint
+
+
 def lose_messages(jobs: JobQueue) -> None:
     """The broker loses every message it holds (Redis restarted empty)."""
     jobs.take()
 
 
 def test_a_lane_front_whose_begin_message_was_lost_is_resumed(stepped: Stepped) -> None:
-    car = make_car(stepped)
-    shop = define_shop(stepped)
     with stepped.capture() as jobs:
-        held = shop.hold.now(car)
-        shop.paint.now(car, 1)
-        (paint,) = stored_actions(stepped, "paint")
+        held, paint = paint_behind_hold(stepped)
         stepped.complete(held.id)  # promotes paint; its stepped.resume is then lost
         lose_messages(jobs)
         assert stepped.lanes.get(SHOP) == Lane(SHOP, paint.id, [])
@@ -74,12 +80,8 @@ def test_a_pending_action_redis_lost_the_lane_of_is_put_back_and_resumed(
 
 
 def test_an_action_behind_a_final_current_action_is_promoted(stepped: Stepped) -> None:
-    car = make_car(stepped)
-    shop = define_shop(stepped)
     with stepped.capture():
-        held = shop.hold.now(car)
-        shop.paint.now(car, 1)
-        (paint,) = stored_actions(stepped, "paint")
+        held, paint = paint_behind_hold(stepped)
         with stepped.session() as s:  # final in SQL, but its lane was never released
             s.execute(update(Action).where(Action.id == held.id).values(status="succeeded"))
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [paint.id])
@@ -89,12 +91,8 @@ def test_an_action_behind_a_final_current_action_is_promoted(stepped: Stepped) -
 
 
 def test_healing_leaves_actions_that_wait_in_their_lanes_alone(stepped: Stepped) -> None:
-    car = make_car(stepped)
-    shop = define_shop(stepped)
     with stepped.capture() as jobs:
-        held = shop.hold.now(car)
-        shop.paint.now(car, 1)
-        (paint,) = stored_actions(stepped, "paint")
+        held, paint = paint_behind_hold(stepped)
         for _ in range(3):
             stepped.core.drive(stepped.healing.heal(0))
         assert len(jobs) == 0
