@@ -141,7 +141,7 @@ class Stepped:
             sessions, self.lanes, self.core.entry, self.core.performer, lookup, self.outboxes, clock
         )
         rebuild = LaneRebuild(sessions, self.lanes, self.core.entry)
-        self.healing = Healing(sessions, self.lanes, rebuild, clock)
+        self.healing = Healing(sessions, self.lanes, rebuild, lookup, clock)
         self._register_tasks()
         self.report = RootReport(self.app, sessions)
         self._connect_report()

@@ -1,22 +1,29 @@
-"""Healing: the lanes of pending actions that nothing would move on, found by the sweep.
+"""Healing: what the workers' sweep resumes when nothing else would move it on.
 
-A pending action moves on by a message or by its lane: it begins when it reaches its
-lane's front (inline in the task that released the lane, or by ``stepped.resume``), or
-it is superseded by a newer one. Two faults leave it with neither:
+Every transition commits before it acts, and a crash after the commit is finished by
+the redelivery of the message that ran it. Two kinds of work fall outside that:
 
-- the message that would begin it was lost (Redis, and the broker with it, lost data
-  after the lane promoted it): it stays ``pending`` at the front of its lane, and every
-  action behind it and every parent waiting on it waits forever;
-- Redis lost its lane (a restart without persistence): it is in no lane at all, and no
-  release will ever promote it.
+- a pending action whose begin message the broker lost (Redis restarted empty after
+  the lane promoted it), or whose lane Redis lost: it sits at its lane's front, in no
+  lane, or behind a current action that is already final, and nothing will promote it;
+- work a task did *inline* for another action: a lane handoff runs the promoted action
+  in the task that released the lane, and a step's last member runs its parent's next
+  steps and completion, and that parent's parent's, in the same task. A worker killed
+  part-way leaves committed rows whose follow-up no redelivery finds: a performing
+  action whose current step closed but that never moved on, a step whose members all
+  reported but that never advanced, a final action whose parents still wait on it.
 
-``stepped repair`` fixes both, but only when an operator runs it. The outbox sweep that
-every worker runs (at start and every ``stepped_outbox_sweep_every`` seconds) also runs
-:meth:`Healing.heal`: it looks at pending actions older than the sweep's age, and at
-their lanes. A suspect (at its lane's front, or in no lane) seen on two sweeps in a row
-is healed: its lane is rebuilt from SQL under the lane's lock, as repair does, and the
-lane's current action is resumed if it is still pending. A resume is idempotent (the
-action begins once), so a suspect that was only slow costs one redundant message.
+``stepped repair`` finds all of it, but only when an operator runs it. The sweep every
+worker runs (at start and every ``stepped_outbox_sweep_every`` seconds) also runs
+:meth:`Healing.heal`, over rows older than the sweep's age (``stepped_outbox_sweep_after``).
+What it finds on two sweeps in a row is healed: a stalled pending action's lane is
+rebuilt from SQL under the lane's lock, as repair does, and its current action resumed;
+a stalled performing action is resumed, a stalled step advanced, an unreported action's
+report made again. Each of these is idempotent, so a suspect that was only slow costs a
+redundant message. One limit: a step body that runs for longer than two sweeps (90 s
+by default) looks like a stalled action; on PostgreSQL its resume waits for the body's
+row lock and finds the step written, on SQLite the body could run a second time (its
+database writes would not commit twice).
 """
 
 from __future__ import annotations
@@ -24,26 +31,34 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .effects import Effects
+from .errors import SteppedError
 from .events import logger
 from .lane_repair import LaneRebuild
 from .lanes import Lanes
-from .models import Action
-from .statuses import ActionStatus
+from .models import Action, ParentLink, Step
+from .statuses import ActionStatus, LinkState, StepStatus
+
+if TYPE_CHECKING:
+    from .definition import SteppedAction
 
 __all__ = ["Healing"]
 
-PENDING = ActionStatus.PENDING.value
-#: Pending actions looked at per sweep (the oldest first).
+PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+#: Rows of each kind looked at per sweep (the oldest first).
 BATCH = 500
+#: A suspect: ``(kind, id)``; kinds ``lane`` (a pending action), ``resume`` (a performing
+#: action), ``advance`` (a step), ``report`` (a final action).
+Suspect = tuple[str, int]
 
 
 class Healing:
-    """Finds and heals stalled pending actions (see the module's docstring).
+    """Finds and heals stalled work (see the module's docstring).
 
     One instance per Stepped instance; it remembers the suspects of the previous sweep
     of this process, so a suspect is healed only when a second sweep still finds it.
@@ -54,30 +69,37 @@ class Healing:
         session_factory: Callable[[], Session],
         lanes: Lanes,
         rebuild: LaneRebuild,
+        lookup: Callable[[str, str], SteppedAction[Any]],
         clock: Callable[[], datetime],
     ) -> None:
         self.session_factory = session_factory
         self.lanes = lanes
         self.rebuild = rebuild
+        self.lookup = lookup
         self.clock = clock
-        self._suspects: set[int] = set()
+        self._seen: set[Suspect] = set()
 
     def heal(self, older_than: float) -> Effects:
-        """Heal the lanes of suspects seen twice; what is left to do: the lanes' current
-        actions to resume (``handoff``) and what rebuilding them decided."""
-        suspects = self.suspects(older_than)
-        seen_before, self._suspects = self._suspects, {i for ids in suspects.values() for i in ids}
+        """Heal what two sweeps in a row found stalled (rows older than ``older_than``
+        seconds); what is left to do: the actions to resume (``handoff``), the steps to
+        advance, the reports to make again, and what rebuilding lanes decided."""
+        cutoff = self.clock() - timedelta(seconds=older_than)
+        lanes = self.pending_suspects(cutoff)
+        work = self.work_suspects(cutoff)
+        seen_before = self._seen
+        self._seen = work | {("lane", i) for ids in lanes.values() for i in ids}
         effects = Effects()
-        for key, ids in sorted(suspects.items()):
-            again = sorted(ids & seen_before)
+        for key, ids in sorted(lanes.items()):
+            again = sorted(i for i in ids if ("lane", i) in seen_before)
             if again:
                 effects.add(self.heal_lane(key, again))
-        return effects
+        return effects.add(_heal_work(sorted(work & seen_before)))
 
-    def suspects(self, older_than: float) -> dict[str, set[int]]:
-        """Pending actions older than ``older_than`` seconds that are at their lane's
-        front or in no lane, by concurrency key."""
-        cutoff = self.clock() - timedelta(seconds=older_than)
+    # -- pending actions: their lanes -----------------------------------------------------
+
+    def pending_suspects(self, cutoff: datetime) -> dict[str, set[int]]:
+        """Pending actions created before ``cutoff`` that their lane would never move
+        on, by concurrency key."""
         with self.session_factory() as s:
             rows = s.execute(
                 select(Action.id, Action.concurrency_key)
@@ -130,3 +152,97 @@ class Healing:
             ", ".join(map(str, effects.handoff)) or "nothing",
         )
         return effects
+
+    # -- work a killed task left half done ------------------------------------------------
+
+    def work_suspects(self, cutoff: datetime) -> set[Suspect]:
+        """Committed before ``cutoff`` and not followed up: performing actions whose
+        current step closed, steps whose members all reported, final actions whose
+        parents still wait on them."""
+        with self.session_factory() as s:
+            closed = s.execute(_closed_current_steps(cutoff)).all()
+            steps = s.scalars(_unadvanced_steps(cutoff)).all()
+            actions = s.scalars(_unreported_actions(cutoff)).all()
+        resume = {("resume", row.id) for row in closed if not self._waits_outside(row)}
+        return resume | {("advance", i) for i in steps} | {("report", i) for i in actions}
+
+    def _waits_outside(self, row: Any) -> bool:
+        """An outbound action whose steps all succeeded waits for its outside event (or
+        an action whose definition is gone, left to repair's report)."""
+        if not row.outbound or row.status != StepStatus.SUCCEEDED.value:
+            return False
+        try:
+            count = len(self.lookup(row.actor_type, row.name).steps_for_run())
+        except SteppedError:
+            return True
+        return bool(row.current_step_index >= count - 1)
+
+
+def _heal_work(suspects: list[Suspect]) -> Effects:
+    """What healing the work suspects takes: resumes, advances, reports."""
+    effects = Effects()
+    for kind, target in suspects:
+        if kind == "resume":
+            effects.handoff.append(target)
+        elif kind == "advance":
+            effects.ready(target)
+        else:
+            effects.finished.append(target)
+    if suspects:
+        said = ", ".join(f"{kind} {target}" for kind, target in suspects)
+        logger.warning("stepped heal: work a killed task left half done: %s", said)
+    return effects
+
+
+def _closed_current_steps(cutoff: datetime) -> Any:
+    """Performing actions whose current step closed before ``cutoff``."""
+    return (
+        select(
+            Action.id,
+            Action.actor_type,
+            Action.name,
+            Action.outbound,
+            Action.current_step_index,
+            Step.status,
+        )
+        .join(
+            Step,
+            (Step.action_id == Action.id) & (Step.definition_index == Action.current_step_index),
+        )
+        .where(Action.status == PERFORMING, Step.completed_at <= cutoff)
+        .order_by(Action.id)
+        .limit(BATCH)
+    )
+
+
+def _unadvanced_steps(cutoff: datetime) -> Any:
+    """Open steps (started before ``cutoff``) of performing actions whose members all
+    reported."""
+    return (
+        select(Step.id)
+        .join(Action, Action.id == Step.action_id)
+        .where(
+            Step.completed_at.is_(None),
+            Step.pending_actions_count <= 0,
+            Step.started_at <= cutoff,
+            Action.status == PERFORMING,
+        )
+        .order_by(Step.id)
+        .limit(BATCH)
+    )
+
+
+def _unreported_actions(cutoff: datetime) -> Any:
+    """Actions final before ``cutoff`` (but superseded ones, whose superseder reports)
+    with parent links still waiting on them."""
+    waited_on = select(ParentLink.action_id).where(ParentLink.state == LinkState.WAITING.value)
+    return (
+        select(Action.id)
+        .where(
+            Action.status.not_in((PENDING, PERFORMING, ActionStatus.SUPERSEDED.value)),
+            Action.completed_at <= cutoff,
+            Action.id.in_(waited_on),
+        )
+        .order_by(Action.id)
+        .limit(BATCH)
+    )

@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from celery_stepped import Stepped
 from celery_stepped.lanes import Lane
-from celery_stepped.models import Action
+from celery_stepped.models import Action, ParentLink, Step
 from celery_stepped.outbox import JobQueue
 from celery_stepped.testing import perform_stepped_actions
 from tests.conftest import make_car, stored_actions
@@ -112,3 +112,93 @@ def test_healing_only_looks_at_actions_older_than_the_sweep_age(stepped: Stepped
         lose_messages(jobs)
         for _ in range(3):
             assert stepped.healing.heal(3600).handoff == []
+
+
+# -- work a killed task left half done (faults injected by rewinding committed rows) ------
+
+
+def serviced(stepped: Stepped) -> tuple[Action, Action]:
+    """A ``service`` whose step started one ``paint``, both run to the end."""
+    shop = define_shop(stepped)
+    with stepped.capture():
+        service = shop.service.now(make_car(stepped), 1)
+        perform_stepped_actions(stepped)
+    (paint,) = stored_actions(stepped, "paint")
+    assert [status(stepped, a.id) for a in (service, paint)] == ["succeeded", "succeeded"]
+    return service, paint
+
+
+def reopen(stepped: Stepped, action: Action) -> None:
+    """The action's completion never committed (its task was killed before it)."""
+    with stepped.session() as s:
+        s.execute(
+            update(Action)
+            .where(Action.id == action.id)
+            .values(status="performing", completed_at=None)
+        )
+
+
+def test_an_action_whose_current_step_closed_but_that_never_moved_on_is_resumed(
+    stepped: Stepped,
+) -> None:
+    service, _ = serviced(stepped)
+    reopen(stepped, service)  # killed after its step closed, before it completed
+    with stepped.capture():
+        assert sweep_twice(stepped) == [service.id]
+        perform_stepped_actions(stepped)
+    assert status(stepped, service.id) == "succeeded"
+
+
+def test_a_step_whose_members_all_reported_but_that_never_advanced_is_advanced(
+    stepped: Stepped,
+) -> None:
+    service, _ = serviced(stepped)
+    reopen(stepped, service)
+    with stepped.session() as s:  # killed after the last member counted, before the advance
+        s.execute(
+            update(Step)
+            .where(Step.action_id == service.id)
+            .values(status="performing", completed_at=None)
+        )
+    with stepped.capture():
+        first = stepped.healing.heal(0)
+        second = stepped.healing.heal(0)
+        assert (first.ready_steps, len(second.ready_steps)) == ([], 1)
+        stepped.core.drive(second)
+        perform_stepped_actions(stepped)
+    assert status(stepped, service.id) == "succeeded"
+
+
+def test_a_final_action_whose_parents_still_wait_on_it_reports_again(stepped: Stepped) -> None:
+    service, paint = serviced(stepped)
+    reopen(stepped, service)
+    with stepped.session() as s:  # its parent's link was never counted
+        s.execute(
+            update(Step)
+            .where(Step.action_id == service.id)
+            .values(status="performing", completed_at=None, pending_actions_count=1)
+        )
+        s.execute(
+            update(ParentLink)
+            .where(ParentLink.action_id == paint.id)
+            .values(state="waiting", outcome=None)
+        )
+    with stepped.capture():
+        first = stepped.healing.heal(0)
+        second = stepped.healing.heal(0)
+        assert (first.finished, second.finished) == ([], [paint.id])
+        stepped.core.drive(second)
+        perform_stepped_actions(stepped)
+    assert status(stepped, service.id) == "succeeded"
+
+
+def test_an_outbound_action_that_ran_its_steps_waits_for_its_event_untouched(
+    stepped: Stepped,
+) -> None:
+    shop = define_shop(stepped)
+    with stepped.capture() as jobs:
+        held = shop.hold.now(make_car(stepped))
+        for _ in range(3):
+            stepped.core.drive(stepped.healing.heal(0))
+        assert len(jobs) == 0
+    assert status(stepped, held.id) == "performing"
