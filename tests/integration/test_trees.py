@@ -1,11 +1,72 @@
-"""Trees on a real worker: depth, fan-out, a failure deep inside, a timeout."""
+"""Trees on a real worker: depth, fan-out, a failure deep inside, a timeout.
+
+The worker is the pytest plugin's ``stepped_worker``: a Celery worker in a thread of the
+test process (a threads pool of two, so joins race as on a prefork worker) on the
+module's app, with the integration suite's actions, real Redis and real SQL. Nothing
+here kills a worker, so the module starts no worker process.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import signals as celery_signals
 from sqlalchemy import select
 
+from celery_stepped import Stepped
 from celery_stepped.models import Action, ParentLink, Step
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, make_cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_base: str
+) -> Cluster:
+    """The module's app, Stepped instance and probe, without worker processes."""
+    return make_cluster(request, tmp_path_factory, redis_base, workers=0)
+
+
+@pytest.fixture
+def celery_worker_pool() -> str:
+    """``celery.contrib.pytest``'s pool of the in-process worker."""
+    return "threads"
+
+
+@pytest.fixture
+def celery_worker_parameters() -> dict[str, Any]:
+    """Two threads."""
+    return {"concurrency": 2}
+
+
+@pytest.fixture
+def stepped(it: Cluster) -> Stepped:
+    """What the plugin's fixtures work on: the module's instance, emptied before the test."""
+    return it.stepped
+
+
+@pytest.fixture(autouse=True)
+def worker(it: Cluster, stepped_worker: Any, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The in-process worker for every test; it records the content type of each internal
+    message in the probe, and logs no error but handled exceptions."""
+
+    def record(sender: Any = None, request: Any = None, **_: Any) -> None:
+        if request is not None and str(request.name).startswith("stepped."):
+            it.probe.redis.hincrby(it.probe.content_key, str(request.content_type), 1)
+
+    celery_signals.task_received.connect(record, weak=False)
+    try:
+        yield
+    finally:
+        celery_signals.task_received.disconnect(record)
+    errors = [
+        r.getMessage()
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR and "stepped handled" not in r.getMessage()
+    ]
+    assert errors == []
 
 
 def test_three_level_tree(it: Cluster) -> None:
