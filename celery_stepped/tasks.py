@@ -184,9 +184,9 @@ def _sweep(watch: Watch) -> None:
         )
 
 
-def _sweep_forever(watch: Watch) -> None:
+def _sweep_forever(watch: Watch, stop: threading.Event) -> None:
     _sweep(watch)
-    while not watch.stop.wait(watch.sweep_every):
+    while not stop.wait(watch.sweep_every):
         _sweep(watch)
 
 
@@ -197,8 +197,12 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     _check_queues(app, watch.queue)
     _check_content(app)
+    # A new event per worker start: a second worker of the same app in one process (a
+    # test's in-process worker) sweeps again after the first one's shutdown set its event.
+    watch.stop = threading.Event()
     name = "stepped-outbox-sweep"
-    threading.Thread(target=_sweep_forever, args=(watch,), name=name, daemon=True).start()
+    args = (watch, watch.stop)
+    threading.Thread(target=_sweep_forever, args=args, name=name, daemon=True).start()
 
 
 def _on_worker_shutdown(**_: Any) -> None:
