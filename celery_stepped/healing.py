@@ -144,6 +144,8 @@ class Healing:
                 status = s.scalar(select(Action.status).where(Action.id == current))
             if status == PENDING:
                 effects.handoff.append(current)
+        if planned is None and not effects.handoff:
+            return effects  # it moved on meanwhile
         change = planned.describe() if planned is not None else f"lane {key!r} agreed with SQL"
         logger.warning(
             "stepped heal: pending action(s) %s had nothing to move them on: %s; resuming %s",
