@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .effects import Effects
 from .errors import SteppedError
@@ -236,15 +236,23 @@ def _unadvanced_steps(cutoff: datetime) -> Any:
 
 def _unreported_actions(cutoff: datetime) -> Any:
     """Actions final before ``cutoff`` (but superseded ones, whose superseder reports)
-    with parent links still waiting on them."""
-    waited_on = select(ParentLink.action_id).where(ParentLink.state == LinkState.WAITING.value)
+    that an open step of a performing action still waits on (found from the performing
+    actions down, so the query stays as small as the work in flight)."""
+    parent, child = aliased(Action), aliased(Action)
     return (
-        select(Action.id)
+        select(child.id)
+        .select_from(parent)
+        .join(Step, Step.action_id == parent.id)
+        .join(ParentLink, ParentLink.step_id == Step.id)
+        .join(child, child.id == ParentLink.action_id)
         .where(
-            Action.status.not_in((PENDING, PERFORMING, ActionStatus.SUPERSEDED.value)),
-            Action.completed_at <= cutoff,
-            Action.id.in_(waited_on),
+            parent.status == PERFORMING,
+            Step.completed_at.is_(None),
+            ParentLink.state == LinkState.WAITING.value,
+            child.status.not_in((PENDING, PERFORMING, ActionStatus.SUPERSEDED.value)),
+            child.completed_at <= cutoff,
         )
-        .order_by(Action.id)
+        .distinct()
+        .order_by(child.id)
         .limit(BATCH)
     )
