@@ -15,9 +15,11 @@ from typing import Any
 from sqlalchemy import event, select, update
 
 from celery_stepped import Stepped, keys
+from celery_stepped.contrib.flask.sharing import parents_of
 from celery_stepped.effects import Effects
 from celery_stepped.models import Action, ParentLink, Step
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
+from celery_stepped.views import action_tree
 from tests.conftest import load_car, stored_actions
 from tests.models import Car
 
@@ -254,3 +256,28 @@ def test_repair_leaves_open_chains_alone_and_resumes_a_final_end(
         assert [status(stepped, o.id) for o in orders] == ["succeeded"] * 3
         stepped.complete(held.id)
         perform_stepped_actions(stepped)
+
+
+# -- views ----------------------------------------------------------------------------------
+
+
+def test_a_superseder_shows_the_parents_it_inherited(stepped: Stepped, car: Car) -> None:
+    """The tree of a parent shows the child it started and its superseder; the Flask
+    page lists every parent of a superseder, those of its whole chain included."""
+    booth = define_booth(stepped)
+    with stepped.capture() as jobs:
+        booth.hold.now(car)
+        orders = [booth.order.now(car, n).id for n in range(3)]
+        jobs.perform_all()
+        first, middle, last = stored_actions(stepped, "paint")
+        assert parents_of(stepped, [first.id, middle.id, last.id]) == {
+            first.id: {orders[0]},
+            middle.id: {orders[0], orders[1]},
+            last.id: set(orders),
+        }
+        members = action_tree(stepped, orders[0])["steps"][0]["members"]
+        assert [(m["action"]["id"], m["state"]) for m in members] == [
+            (first.id, "transferred"),
+            (middle.id, "waiting"),
+        ]
+        assert members[1]["action"]["superseded_by"] == last.id
