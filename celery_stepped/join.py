@@ -244,7 +244,8 @@ def report_link(
 
 
 def waits_on(s: Session, action_id: int, target: int) -> bool:
-    """True when ``target`` waits on ``action_id`` through any chain of parent steps.
+    """True when ``target`` waits on ``action_id`` through any chain of parent steps
+    (or is ``action_id``: callers compare the two first).
 
     Every parent counts: the step that started it, those gained by sharing it (checksum)
     and those of the actions superseded into it (their links stay on them). One
