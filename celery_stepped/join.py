@@ -16,9 +16,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, func, literal_column, select, true, union_all, update
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .effects import Effects
 from .messages import advance_message
@@ -27,6 +27,7 @@ from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 
 __all__ = [
+    "chain_ends",
     "changed",
     "close_step",
     "count_member",
@@ -35,7 +36,8 @@ __all__ = [
     "report_link",
     "report_parents",
     "retire_link",
-    "transfer_links",
+    "supersede_links",
+    "superseded_into",
     "waits_on",
 ]
 
@@ -75,13 +77,51 @@ def finish_link(
     return None if step_id is None else count_member(s, step_id, successful)
 
 
+def superseded_into(*action_ids: int) -> Any:
+    """SELECT of these actions and of every action superseded into them, transitively.
+
+    A superseded action keeps its parent links (only the starter step's link is copied
+    onto its superseder): they wait on the end of its chain of superseders, found
+    through ``superseded_by_id`` (indexed), one recursive query at any length.
+    """
+    start = select(Action.id.label("id")).where(Action.id.in_(sorted(action_ids)))
+    chain = start.cte("chain", recursive=True)
+    chain = chain.union(select(Action.id).join(chain, Action.superseded_by_id == chain.c.id))
+    return select(chain.c.id)
+
+
+def chain_ends(action_ids: Any) -> Any:
+    """SELECT the ends of the chains of superseders of these actions (a SELECT of ids).
+
+    An action not superseded is its own end; the others follow ``superseded_by_id``
+    forward (each action met once) to the one that was not superseded.
+    """
+    start = select(Action.id.label("id")).where(Action.id.in_(action_ids))
+    walk = start.cte("walk", recursive=True)
+    walk = walk.union(
+        select(Action.superseded_by_id)
+        .join(walk, Action.id == walk.c.id)
+        .where(Action.superseded_by_id.is_not(None))
+    )
+    reached = Action.id.in_(select(walk.c.id))
+    return select(Action.id).where(reached, Action.superseded_by_id.is_(None))
+
+
 def report_parents(
     s: Session, action_id: int, status: str, successful: bool, now: datetime
 ) -> list[int]:
-    """Count the outcome for every step still waiting on the action (once each)."""
+    """Count the outcome for every step still waiting on the action (once each).
+
+    The links left on the actions superseded into it count too, with the same outcome:
+    a superseded child is not an outcome, its step waits on the superseder. A step that
+    waits on both (it started both) counts both slots. A superseded action reports
+    nothing itself: its links wait for the end of its chain.
+    """
+    if status == ActionStatus.SUPERSEDED.value:
+        return []
     step_ids = s.scalars(
         update(ParentLink)
-        .where(ParentLink.action_id == action_id, ParentLink.state == WAITING)
+        .where(ParentLink.action_id.in_(superseded_into(action_id)), ParentLink.state == WAITING)
         .values(state=LinkState.DONE.value, outcome=status, updated_at=now)
         .returning(ParentLink.step_id)
         .execution_options(synchronize_session=False)
@@ -127,52 +167,31 @@ def retire_link(link_id: int, state: LinkState, outcome: str, now: datetime) -> 
     )
 
 
-def transfer_links(s: Session, old: int, newcomer: int, now: datetime) -> list[int]:
-    """Make ``old``'s waiting parent steps wait on ``newcomer``; the steps now ready.
+def supersede_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
+    """The links of ``old``, superseded by ``newcomer``: a constant number of rows.
 
-    The step that started ``old`` keeps that link as its record (``transferred``) and
-    gains a copy waiting on the newcomer; links already carried over from earlier
-    superseded actions move in place (one statement). A step that already waits on the
-    newcomer gives the old slot up (``released``, counted as done).
+    Every waiting link stays on ``old`` and is counted when the end of its chain of
+    superseders completes (:func:`report_parents`). The step that started ``old`` keeps
+    its link as its record (``transferred``) and gains a copy waiting on the newcomer,
+    so it lists both among its ``actions``; unless it waits on the newcomer already (it
+    started both): then its link stays waiting on ``old`` and both slots count.
     """
-    ready = _release_duplicates(s, old, newcomer, now)
-    _copy_starter_links(s, old, newcomer, now)
-    s.execute(
-        update(ParentLink)
-        .where(ParentLink.action_id == old, ParentLink.state == WAITING)
-        .values(action_id=newcomer, updated_at=now)
-    )
-    return ready
-
-
-def _release_duplicates(s: Session, old: int, newcomer: int, now: datetime) -> list[int]:
-    """Slots on ``old`` of steps that already wait on ``newcomer``: released, counted."""
+    ancestry = s.scalar(select(Action.ancestry).where(Action.id == old)) or ","
+    if ancestry == ",":
+        return
+    starter = int(ancestry.rstrip(",").rsplit(",", 1)[-1])
     on_newcomer = select(ParentLink.step_id).where(
         ParentLink.action_id == newcomer, ParentLink.state == WAITING
     )
-    released = s.execute(
-        select(ParentLink.id, ParentLink.step_id).where(
-            ParentLink.action_id == old,
-            ParentLink.state == WAITING,
-            ParentLink.step_id.in_(on_newcomer),
-        )
-    ).all()
-    ready = []
-    superseded = ActionStatus.SUPERSEDED.value
-    for link_id, step_id in released:
-        if changed(s, retire_link(link_id, LinkState.RELEASED, superseded, now)):
-            ready.append(count_member(s, step_id, successful=True))
-    return [step_id for step_id in ready if step_id is not None]
-
-
-def _copy_starter_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
-    """The starter step's own link stays as its record; a copy waits on the newcomer."""
-    ancestry = s.scalar(select(Action.ancestry).where(Action.id == old)) or ","
-    starter = int(ancestry.rstrip(",").rsplit(",", 1)[-1]) if ancestry != "," else None
     own = s.execute(
         select(ParentLink.id, ParentLink.step_id, ParentLink.call)
         .join(Step, Step.id == ParentLink.step_id)
-        .where(ParentLink.action_id == old, ParentLink.state == WAITING, Step.action_id == starter)
+        .where(
+            ParentLink.action_id == old,
+            ParentLink.state == WAITING,
+            Step.action_id == starter,
+            ParentLink.step_id.not_in(on_newcomer),
+        )
     ).all()
     superseded = ActionStatus.SUPERSEDED.value
     for link_id, step_id, call in own:
@@ -225,23 +244,42 @@ def report_link(
 
 
 def waits_on(s: Session, action_id: int, target: int) -> bool:
-    """True when ``target`` waits on ``action_id`` through any chain of parent steps.
+    """True when ``target`` waits on ``action_id`` through any chain of parent steps
+    (or is ``action_id``: callers compare the two first).
 
-    Every parent counts: the step that started it, and those gained by sharing it
-    (checksum) or by superseding (their links were transferred to it). One recursive
-    query at any depth.
+    Every parent counts: the step that started it, those gained by sharing it (checksum)
+    and those of the actions superseded into it (their links stay on them). One
+    recursive query at any depth (:func:`_waiting_on`).
     """
-    waiting = LinkState.WAITING.value
-    up = (
-        select(Step.action_id.label("action_id"))
-        .join(ParentLink, ParentLink.step_id == Step.id)
-        .where(ParentLink.action_id == action_id, ParentLink.state == waiting)
-        .cte("up", recursive=True)
+    up = _waiting_on(action_id)
+    return s.scalar(select(up.c.id).where(up.c.id == target).limit(1)) is not None
+
+
+def _waiting_on(action_id: int) -> Any:
+    """CTE of the actions that wait on ``action_id``, and of those superseded into them.
+
+    From each action found, one recursive term follows both kinds of edge: up to the
+    action of a step with a waiting link on it, and back to an action superseded into
+    it (whose links stand for it). PostgreSQL allows the recursive reference once, so
+    the term joins it to a two-row ``kind`` table and left-joins each kind's edge under
+    its kind; both lookups use an index, on SQLite and PostgreSQL alike.
+    """
+    kinds = union_all(
+        select(literal_column("1").label("kind")), select(literal_column("2").label("kind"))
+    ).subquery("kinds")
+    into = aliased(Action, name="into")
+    up = select(Action.id.label("id")).where(Action.id == action_id).cte("up", recursive=True)
+    found = func.coalesce(Step.action_id, into.id)
+    edge = (
+        select(found)
+        .select_from(up)
+        .join(kinds, true())
+        .outerjoin(
+            ParentLink,
+            and_(kinds.c.kind == 1, ParentLink.action_id == up.c.id, ParentLink.state == WAITING),
+        )
+        .outerjoin(Step, Step.id == ParentLink.step_id)
+        .outerjoin(into, and_(kinds.c.kind == 2, into.superseded_by_id == up.c.id))
+        .where(found.is_not(None))
     )
-    up = up.union(
-        select(Step.action_id)
-        .join(ParentLink, ParentLink.step_id == Step.id)
-        .join(up, ParentLink.action_id == up.c.action_id)
-        .where(ParentLink.state == waiting)
-    )
-    return s.scalar(select(up.c.action_id).where(up.c.action_id == target).limit(1)) is not None
+    return up.union(edge)

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .errors import SteppedError
+from .join import chain_ends
 from .lane_repair import LaneRebuild, LaneRepair, plan_lane
 from .lanes import Lanes
 from .messages import Message, advance_message, resume_message, timeout_message, wait_message
@@ -310,15 +311,15 @@ def _resume(report: RepairReport, action: Action, reason: str) -> Message:
 
 
 def _unreported_actions(s: Session, report: RepairReport) -> list[Message]:
-    """Final actions whose parents still wait on them: they never reported."""
+    """Final actions whose parents still wait on them: they never reported.
+
+    The links a superseded action keeps wait on the end of its chain of superseders:
+    they are unreported only once that end is final, and that end reports them.
+    """
+    waited_on = select(ParentLink.action_id).where(ParentLink.state == LinkState.WAITING.value)
     actions = s.scalars(
         select(Action)
-        .where(
-            Action.id.in_(
-                select(ParentLink.action_id).where(ParentLink.state == LinkState.WAITING.value)
-            ),
-            Action.status.not_in((PENDING, PERFORMING)),
-        )
+        .where(Action.id.in_(chain_ends(waited_on)), Action.status.not_in((PENDING, PERFORMING)))
         .order_by(Action.id)
     ).all()
     return [_resume(report, a, f"{a.status} but a parent still waits on it") for a in actions]

@@ -1,7 +1,8 @@
 """Lane entry: perform now, wait (superseding older pending actions) or deadlock.
 
 Entering a lane spans Redis and SQL. Older pending actions become ``superseded`` in
-SQL first (their waiting parent steps move to the newcomer), then leave the lane in
+SQL first (their waiting parent steps now wait on the newcomer: their links stay on the
+superseded action and count when its chain of superseders ends), then leave the lane in
 Redis (:meth:`~celery_stepped.lanes.Lanes.enter`), so a crash in between loses none
 of them. Everything here returns :class:`~celery_stepped.effects.Effects` for the
 engine to act on.
@@ -25,11 +26,9 @@ from sqlalchemy.orm import Session
 from .effects import Effects
 from .errors import Deadlock
 from .events import Events, Facts, logger
-from .join import changed, transfer_links, waits_on
+from .join import changed, supersede_links, waits_on
 from .lanes import Lanes
-from .messages import advance_message
 from .models import Action
-from .staging import stage
 from .statuses import ActionStatus
 
 __all__ = ["Entry", "LaneEntry"]
@@ -90,9 +89,15 @@ class LaneEntry:
         return self.after_supersede(*self.supersede_rows(old_ids, newcomer_id), newcomer_id)
 
     def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> tuple[list[int], Effects]:
-        """Superseding in one SQL transaction; returns (superseded ids, the ready steps)."""
+        """Superseding in one SQL transaction; returns (superseded ids, effects).
+
+        A constant number of rows per superseded action, however many it superseded
+        itself: its status, and the link of the step that started it copied onto the
+        newcomer (:func:`~celery_stepped.join.supersede_links`). Its other waiting links
+        stay on it; the newcomer's completion counts them through ``superseded_by_id``.
+        No step becomes ready here, so there is nothing to follow up.
+        """
         superseded: list[int] = []
-        ready: list[int] = []
         if not old_ids:
             return superseded, Effects()
         now = self.clock()
@@ -110,10 +115,9 @@ class LaneEntry:
                 )
                 if done:
                     superseded.append(old)
-                    ready.extend(transfer_links(s, old, newcomer_id, now))
-            staged = stage(s, map(advance_message, ready), now)
+                    supersede_links(s, old, newcomer_id, now)
             s.commit()
-        return superseded, Effects(ready_steps=ready, staged=staged)
+        return superseded, Effects()
 
     def after_supersede(self, superseded: list[int], staged: Effects, newcomer_id: int) -> Effects:
         """Signals and follow-ups of superseding (outside the lane lock)."""
@@ -126,7 +130,9 @@ class LaneEntry:
         with self.session_factory() as s:
             status = s.scalar(select(Action.status).where(Action.id == newcomer_id))
         if status is not None and ActionStatus(status).is_final:
-            effects.finished.append(newcomer_id)  # it completed before the links arrived
+            # It completed before these actions were superseded into it: reporting it
+            # again counts their waiting links (each once: a guarded UPDATE).
+            effects.finished.append(newcomer_id)
         return effects
 
     def recover(self, key: str, joining: int) -> int | None:

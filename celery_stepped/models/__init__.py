@@ -126,8 +126,9 @@ class Action(Base):
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
     #: Why the action failed when no step says so: ``{"type", "message", "traceback"}``.
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    #: The action that superseded this one (``status == "superseded"``).
-    superseded_by_id: Mapped[int | None] = mapped_column(Integer)
+    #: The action that superseded this one (``status == "superseded"``); its parent
+    #: links wait on until the end of this chain of superseders is final (``join.py``).
+    superseded_by_id: Mapped[int | None] = mapped_column(Integer, index=True)
     #: A root's Celery canvas (``link``, ``link_error``, ``chain``, ``chord``, group
     #: membership), applied when it is final (``celery_stepped.results``).
     canvas: Mapped[dict[str, Any] | None] = mapped_column(JSON)

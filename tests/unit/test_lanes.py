@@ -356,21 +356,24 @@ def test_a_newcomer_supersedes_older_pending_actions_and_takes_over_their_parent
         assert third.status == "pending"
         assert status(stepped, second.id) == "superseded"
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [third.id])
-        for parent in (first_parent, second_parent):
+        # each parent's link was copied onto the action that superseded its child; the
+        # links stay there and count when the last superseder (third) completes
+        assert stepped.get_action(second.id).superseded_by_id == third.id
+        for parent, carrier in ((first_parent, second), (second_parent, third)):
             step = stepped.get_action(parent.id).steps[0]
             waiting = [link for link in links_of_step(stepped, step.id) if link.state == "waiting"]
-            assert [link.action_id for link in waiting] == [third.id]
+            assert [link.action_id for link in waiting] == [carrier.id]
             assert step.pending_actions_count == 1
-        # superseding copies the links: the parent keeps the child it started and
-        # gains the action that carries it now (not every action in between)
+        # superseding copies the link of the step that started the superseded action:
+        # that step keeps the child it started and gains its superseder
         assert [a.id for a in stepped.get_action(first_parent.id).steps[0].actions] == [
             first.id,
-            third.id,
+            second.id,
         ]
         step = stepped.get_action(first_parent.id).steps[0]
         assert [(link.action_id, link.state) for link in links_of_step(stepped, step.id)] == [
             (first.id, "transferred"),
-            (third.id, "waiting"),
+            (second.id, "waiting"),
         ]
         assert [a.id for a in stepped.get_action(second_parent.id).steps[0].actions] == [
             second.id,
@@ -388,6 +391,12 @@ def test_a_newcomer_supersedes_older_pending_actions_and_takes_over_their_parent
         "superseded",
         "succeeded",
     ]
+    for parent in (first_parent, second_parent):
+        step = stepped.get_action(parent.id).steps[0]
+        assert [(link.state, link.outcome) for link in links_of_step(stepped, step.id)] == [
+            ("transferred", "superseded"),
+            ("done", "succeeded"),
+        ]
     assert load_car(stepped, car.id).honks == 1
     assert redis_keys(stepped) == []
 
@@ -435,7 +444,9 @@ def test_superseding_a_child_nested_several_levels_deep(stepped: Stepped, car: C
     assert redis_keys(stepped) == []
 
 
-def test_superseding_a_sibling_releases_its_slot(stepped: Stepped, car: Car) -> None:
+def test_a_step_that_started_both_counts_both_slots_on_the_superseder(
+    stepped: Stepped, car: Car
+) -> None:
     shop = define_shop(stepped)
     app = stepped.app
 
@@ -451,15 +462,20 @@ def test_superseding_a_sibling_releases_its_slot(stepped: Stepped, car: Car) -> 
         first, second = stored_actions(stepped, "paint")
         assert (first.status, second.status) == ("superseded", "pending")
         step = stepped.get_action(parent.id).steps[0]
-        assert step.pending_actions_count == 1
-        assert [link.state for link in links_of_step(stepped, step.id)] == [
-            "released",
-            "waiting",
-        ]
+        # nothing written on the step: the slot on the superseded sibling waits on
+        # (no copy: the step already waits on the superseder) and counts with it
+        assert step.pending_actions_count == 2
+        assert [link.state for link in links_of_step(stepped, step.id)] == ["waiting", "waiting"]
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [second.id])
         perform_stepped_actions(stepped, complete_outbound=succeed_outbound)
 
     assert status(stepped, parent.id) == "succeeded"
+    step = stepped.get_action(parent.id).steps[0]
+    assert (step.pending_actions_count, step.unsuccessful_actions_count) == (0, 0)
+    assert [(link.state, link.outcome) for link in links_of_step(stepped, step.id)] == [
+        ("done", "succeeded"),
+        ("done", "succeeded"),
+    ]
     assert load_car(stepped, car.id).honks == 1
     assert redis_keys(stepped) == []
 

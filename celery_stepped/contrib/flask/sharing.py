@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from ...models import ParentLink, Step
+from ...models import Action, ParentLink, Step
 
 if TYPE_CHECKING:
     from ...extension import Stepped
@@ -25,19 +25,24 @@ __all__ = ["parents_of"]
 def parents_of(stepped: Stepped, action_ids: Collection[int]) -> dict[int, frozenset[int]]:
     """For each of these actions, the ids of every action whose steps wait or waited on it.
 
-    Actions nobody awaited (roots) are left out.
+    A superseder's parents include those of the actions superseded into it (their links
+    stay on them), at any length of the chain. Actions nobody awaited (roots) are left out.
     """
     if not action_ids:
         return {}
+    start = select(Action.id.label("origin"), Action.id.label("id"))
+    chain = start.where(Action.id.in_(sorted(action_ids))).cte("chain", recursive=True)
+    chain = chain.union(
+        select(chain.c.origin, Action.id).join(chain, Action.superseded_by_id == chain.c.id)
+    )
     query = (
-        select(ParentLink.action_id, Step.action_id)
+        select(chain.c.origin, Step.action_id)
+        .join(ParentLink, ParentLink.action_id == chain.c.id)
         .join(Step, Step.id == ParentLink.step_id)
-        .where(ParentLink.action_id.in_(sorted(action_ids)))
         .distinct()
     )
     found: dict[int, set[int]] = {}
     with stepped.session_factory() as session:
-        for child, parent in session.execute(query).tuples():
-            if child is not None:
-                found.setdefault(child, set()).add(parent)
+        for child, parent in session.execute(query).all():
+            found.setdefault(child, set()).add(parent)
     return {child: frozenset(parents) for child, parents in found.items()}
