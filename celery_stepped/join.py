@@ -173,29 +173,16 @@ def supersede_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
     Every waiting link stays on ``old`` and is counted when the end of its chain of
     superseders completes (:func:`report_parents`). The step that started ``old`` keeps
     its link as its record (``transferred``) and gains a copy waiting on the newcomer,
-    so it lists both among its ``actions``; unless it waits on the newcomer already (it
-    started both): then its link stays waiting on ``old`` and both slots count.
+    so it lists both among its ``actions``; when it waits on the newcomer already (it
+    started both), its slot on ``old`` is released instead (API.md section 5), counted
+    as done: the step still waits on the newcomer, so it cannot become ready here.
     """
-    ancestry = s.scalar(select(Action.ancestry).where(Action.id == old)) or ","
-    if ancestry == ",":
-        return
-    starter = int(ancestry.rstrip(",").rsplit(",", 1)[-1])
-    on_newcomer = select(ParentLink.step_id).where(
-        ParentLink.action_id == newcomer, ParentLink.state == WAITING
-    )
-    own = s.execute(
-        select(ParentLink.id, ParentLink.step_id, ParentLink.call)
-        .join(Step, Step.id == ParentLink.step_id)
-        .where(
-            ParentLink.action_id == old,
-            ParentLink.state == WAITING,
-            Step.action_id == starter,
-            ParentLink.step_id.not_in(on_newcomer),
-        )
-    ).all()
     superseded = ActionStatus.SUPERSEDED.value
-    for link_id, step_id, call in own:
-        if changed(s, retire_link(link_id, LinkState.TRANSFERRED, superseded, now)):
+    for link_id, step_id, call, both in _starter_links(s, old, newcomer):
+        if both:
+            if changed(s, retire_link(link_id, LinkState.RELEASED, superseded, now)):
+                count_member(s, step_id, successful=True)
+        elif changed(s, retire_link(link_id, LinkState.TRANSFERRED, superseded, now)):
             s.add(
                 ParentLink(
                     step_id=step_id,
@@ -207,6 +194,34 @@ def supersede_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
                     updated_at=now,
                 )
             )
+
+
+def _starter_links(s: Session, old: int, newcomer: int) -> list[Any]:
+    """The waiting links of ``old`` on steps of the action that started it:
+    ``(id, step_id, call, whether that step also waits on the newcomer)``."""
+    ancestry = s.scalar(select(Action.ancestry).where(Action.id == old)) or ","
+    if ancestry == ",":
+        return []
+    starter = int(ancestry.rstrip(",").rsplit(",", 1)[-1])
+    on_newcomer = select(ParentLink.step_id).where(
+        ParentLink.action_id == newcomer, ParentLink.state == WAITING
+    )
+    return list(
+        s.execute(
+            select(
+                ParentLink.id,
+                ParentLink.step_id,
+                ParentLink.call,
+                ParentLink.step_id.in_(on_newcomer),
+            )
+            .join(Step, Step.id == ParentLink.step_id)
+            .where(
+                ParentLink.action_id == old,
+                ParentLink.state == WAITING,
+                Step.action_id == starter,
+            )
+        ).all()
+    )
 
 
 def counted_steps_of_performing(*where: Any) -> Any:

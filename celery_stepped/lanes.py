@@ -5,8 +5,8 @@ pending action ids scored by that sequence. Every transition is one Lua script c
 so it is atomic across any number of workers.
 
 Joining a lane that already holds a pending action spans Redis and SQL: the older
-pending actions must become ``superseded`` in SQL (their parent steps moved to the
-newcomer) and leave the sorted set. :meth:`Lanes.enter` does the SQL part first and
+pending actions must become ``superseded`` in SQL (their parent steps then wait on
+the newcomer) and leave the sorted set. :meth:`Lanes.enter` does the SQL part first and
 then removes them with a compare-and-set script, so a crash in between never loses a
 superseded action (it stays in Redis, already superseded, until a join removes it or
 the lane promotes and releases it). A Redis lock per lane (random token, expiry)
@@ -154,8 +154,8 @@ class Lanes:
     ) -> JoinResult:
         """Join ``key``'s lane, calling ``supersede(ids)`` before pending actions leave it.
 
-        ``supersede`` must mark those actions superseded in SQL and move their parent
-        steps to ``action_id`` (idempotently: an id may come again). It runs before
+        ``supersede`` must mark those actions superseded in SQL, so that their parent
+        steps wait on ``action_id`` (idempotently: an id may come again). It runs before
         the script removes them, under the lane's lock, and again for any pending
         action a concurrent join added meanwhile. A lane without pending actions
         costs one script call and no lock.

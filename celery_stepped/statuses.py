@@ -44,9 +44,10 @@ class LinkState(StrEnum):
     WAITING = "waiting"
     #: The member's outcome was counted, once.
     DONE = "done"
-    #: Its action was superseded; the step now waits on the superseder (a copy link).
+    #: The step's own child was superseded; a copy of the link waits on the superseder.
     TRANSFERRED = "transferred"
-    #: The slot was given up without an outcome (the step already waits on the superseder).
+    #: The slot of a superseded child, given up (counted as done) because the step that
+    #: started it already waits on its superseder.
     RELEASED = "released"
 
 

@@ -444,9 +444,7 @@ def test_superseding_a_child_nested_several_levels_deep(stepped: Stepped, car: C
     assert redis_keys(stepped) == []
 
 
-def test_a_step_that_started_both_counts_both_slots_on_the_superseder(
-    stepped: Stepped, car: Car
-) -> None:
+def test_superseding_a_sibling_releases_its_slot(stepped: Stepped, car: Car) -> None:
     shop = define_shop(stepped)
     app = stepped.app
 
@@ -462,10 +460,9 @@ def test_a_step_that_started_both_counts_both_slots_on_the_superseder(
         first, second = stored_actions(stepped, "paint")
         assert (first.status, second.status) == ("superseded", "pending")
         step = stepped.get_action(parent.id).steps[0]
-        # nothing written on the step: the slot on the superseded sibling waits on
-        # (no copy: the step already waits on the superseder) and counts with it
-        assert step.pending_actions_count == 2
-        assert [link.state for link in links_of_step(stepped, step.id)] == ["waiting", "waiting"]
+        # the step already waits on the superseder: the sibling's slot is released
+        assert step.pending_actions_count == 1
+        assert [link.state for link in links_of_step(stepped, step.id)] == ["released", "waiting"]
         assert stepped.lanes.get(SHOP) == Lane(SHOP, held.id, [second.id])
         perform_stepped_actions(stepped, complete_outbound=succeed_outbound)
 
@@ -473,7 +470,7 @@ def test_a_step_that_started_both_counts_both_slots_on_the_superseder(
     step = stepped.get_action(parent.id).steps[0]
     assert (step.pending_actions_count, step.unsuccessful_actions_count) == (0, 0)
     assert [(link.state, link.outcome) for link in links_of_step(stepped, step.id)] == [
-        ("done", "succeeded"),
+        ("released", "superseded"),
         ("done", "succeeded"),
     ]
     assert load_car(stepped, car.id).honks == 1
