@@ -34,11 +34,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .errors import SteppedError
 from .events import logger
+from .join import chain_ends
 from .lane_repair import LaneRebuild
 from .lanes import Lanes
 from .models import Action, ParentLink, Step
@@ -235,24 +236,28 @@ def _unadvanced_steps(cutoff: datetime) -> Any:
 
 
 def _unreported_actions(cutoff: datetime) -> Any:
-    """Actions final before ``cutoff`` (but superseded ones, whose superseder reports)
-    that an open step of a performing action still waits on (found from the performing
-    actions down, so the query stays as small as the work in flight)."""
-    parent, child = aliased(Action), aliased(Action)
-    return (
-        select(child.id)
-        .select_from(parent)
-        .join(Step, Step.action_id == parent.id)
-        .join(ParentLink, ParentLink.step_id == Step.id)
-        .join(child, child.id == ParentLink.action_id)
+    """Actions final before ``cutoff`` that an open step of a performing action still
+    waits on, directly or through actions superseded into them (the end of a chain of
+    superseders reports for the whole chain). Found from the performing actions down,
+    so the query stays as small as the work in flight."""
+    waited_on = (
+        select(ParentLink.action_id)
+        .join(Step, Step.id == ParentLink.step_id)
+        .join(Action, Action.id == Step.action_id)
         .where(
-            parent.status == PERFORMING,
+            Action.status == PERFORMING,
             Step.completed_at.is_(None),
             ParentLink.state == LinkState.WAITING.value,
-            child.status.not_in((PENDING, PERFORMING, ActionStatus.SUPERSEDED.value)),
-            child.completed_at <= cutoff,
+            ParentLink.action_id.is_not(None),
         )
-        .distinct()
-        .order_by(child.id)
+    )
+    return (
+        select(Action.id)
+        .where(
+            Action.id.in_(chain_ends(waited_on)),
+            Action.status.not_in((PENDING, PERFORMING)),
+            Action.completed_at <= cutoff,
+        )
+        .order_by(Action.id)
         .limit(BATCH)
     )

@@ -114,7 +114,8 @@ def report_parents(
 
     The links left on the actions superseded into it count too, with the same outcome:
     a superseded child is not an outcome, its step waits on the superseder. A step that
-    waits on both (it started both) counts both slots. A superseded action reports
+    waits on both through inherited links counts both slots (one that started both had
+    the older slot released when superseding happened). A superseded action reports
     nothing itself: its links wait for the end of its chain.
     """
     if status == ActionStatus.SUPERSEDED.value:
