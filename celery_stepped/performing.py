@@ -308,12 +308,13 @@ class Performer:
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
         now = self.clock()
+        ancestry = {"ancestry": f"{action.ancestry}{action.id},"}  # the children's, see create
         links = [
             ParentLink(
                 step_id=step.id,
                 kind=str(intent.kind),
                 state=LinkState.WAITING.value,
-                call=intent.call,
+                call={**intent.call, **ancestry} if intent.kind == LinkKind.ACTION else intent.call,
                 created_at=now,
                 updated_at=now,
             )

@@ -147,6 +147,14 @@ def ancestry_of(s: Session, link_id: int) -> str:
     return f"{parent.ancestry}{parent.id},"
 
 
+def _skip_if_achieved(s: Session, action: Action) -> None:
+    """Raise ShortCircuit(succeeded) when identical work already succeeded."""
+    if action.checksum is not None and action.checksum == s.scalar(
+        select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
+    ):
+        raise ShortCircuit(ActionStatus.SUCCEEDED.value)
+
+
 class Starter(Transition):
     """The start transition of one Stepped instance."""
 
@@ -159,6 +167,7 @@ class Starter(Transition):
                     raise LookupError(f"unknown parent link {call.link}")
                 if link.state != LinkState.WAITING and link.action_id is None:
                     return FINISHED_WITHOUT_ROW
+                call.ancestry = (link.call or {}).get("ancestry")
                 return link.action_id
             if call.request is not None:
                 return s.scalar(select(Action.id).where(Action.request_id == call.request))
@@ -194,6 +203,8 @@ class Starter(Transition):
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
             self._keys(definition, action, None, call.args)
             return action
+        if call.link is not None and not definition.before_hooks():
+            return self._prepare_child(definition, call, root)
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
@@ -204,10 +215,24 @@ class Starter(Transition):
             call.args = action.arguments
             loaded = self.actors.load(action.arguments, s)
             self._guarded(s, lambda: self._checksum(definition, action, actor, loaded), "keys")
-            if action.checksum is not None and action.checksum == s.scalar(
-                select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
-            ):
-                raise ShortCircuit(ActionStatus.SUCCEEDED.value)
+            _skip_if_achieved(s, action)
+        return action
+
+    def _prepare_child(self, definition: SteppedAction[Any], call: StartCall, root: bool) -> Action:
+        """A child without ``before``: keys and checksum, no start record, no commit.
+
+        Nothing is written before the pending row, so there is nothing to replay: a
+        delivery that ends here (a key block failed) reports its parent link, and a
+        later delivery then finds the link done (``existing``); one that dies before
+        ``create`` left no trace, and the next delivery computes the keys afresh.
+        """
+        with self.session_factory() as s:
+            actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
+            action = self.transient(definition, call, root, ActionStatus.PENDING.value)
+            args = self.actors.load(call.args, s)
+            self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
+            self._guarded(s, lambda: self._checksum(definition, action, actor, args), "keys")
+            _skip_if_achieved(s, action)
         return action
 
     def _first_run(
@@ -324,7 +349,7 @@ class Starter(Transition):
         delivery of the same message was first."""
         with self.session_factory() as s:
             if call.link is not None:
-                action.ancestry = ancestry_of(s, call.link)
+                action.ancestry = call.ancestry or ancestry_of(s, call.link)
             action.request_id = call.request if call.link is None else None
             action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
