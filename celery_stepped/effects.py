@@ -47,6 +47,9 @@ class Effects:
     complete: list[tuple[int, str]] = field(default_factory=list)
     #: Outbox entries written with the decision: deleted once it was acted upon.
     staged: list[int] = field(default_factory=list)
+    #: ``begin`` moved the action to performing in this call: ``(actor_type, name,
+    #: outbound)``, so its first step runs without reading the action again.
+    began: tuple[str, str, bool] | None = field(default=None, compare=False)
 
     def add(self, other: Effects) -> Effects:
         """Merge ``other`` into this one; returns self."""

@@ -187,6 +187,8 @@ class Engine:
         began = self.performer.begin(action_id, delivery)
         if began is not None and began.complete:  # achieved while it waited: skipped
             return began
+        if began is not None and began.began is not None:
+            return began.add(self.performer.run_first_steps(action_id, began.began))
         if began is not None:
             return began.add(self.performer.run_steps(action_id, delivery))
         if self._status(action_id) == ActionStatus.SUPERSEDED.value:

@@ -100,11 +100,12 @@ class Performer:
                     Action.actor_type,
                     Action.actor_id,
                     Action.checksum,
+                    Action.outbound,
                 )
             ).first()
             if began is None:
                 return self._began_before(s, action_id, delivery)
-            name, timeout, checksum_key, actor_type, actor_id, checksum = began
+            name, timeout, checksum_key, actor_type, actor_id, checksum, outbound = began
             if checksum is not None and _achieved(s, checksum_key) == checksum:
                 # Identical work succeeded while this one waited in its lane: skip it.
                 s.rollback()
@@ -118,7 +119,15 @@ class Performer:
             effects.staged = stage(s, effects.messages, now)
             s.commit()
         self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
+        effects.began = (actor_type, name, outbound)
         return effects
+
+    def run_first_steps(self, action_id: int, began: tuple[str, str, bool]) -> Effects:
+        """The steps of an action this call just began: it has no step row yet (a
+        pending action never has one), so they run from the first without reading it."""
+        actor_type, name, outbound = began
+        bodies = self.lookup(actor_type, name).steps_for_run()
+        return self._run_from(action_id, 0, outbound, bodies)
 
     def queue_of(self, actor_type: str, name: str) -> str | None:
         """The action's own queue: its waits, timeout and task reports go there."""
