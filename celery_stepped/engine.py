@@ -134,6 +134,8 @@ class Engine:
 
     def _follow_up(self, effects: Effects) -> Iterator[Effects]:
         inline, delivery = self._inline(), self.delivery()
+        for key, action_id in effects.released:  # completed with its last step
+            yield self.completer.release(key, action_id)
         for step_id in dict.fromkeys(effects.ready_steps):
             yield self._advance_or_route(step_id, inline)
         if effects.handoff and _in_worker.get():
@@ -188,7 +190,7 @@ class Engine:
         if began is not None and began.complete:  # achieved while it waited: skipped
             return began
         if began is not None and began.began is not None:
-            return began.add(self.performer.run_first_steps(action_id, began.began))
+            return began.add(self.performer.run_first_steps(action_id, began.began, delivery))
         if began is not None:
             return began.add(self.performer.run_steps(action_id, delivery))
         if self._status(action_id) == ActionStatus.SUPERSEDED.value:

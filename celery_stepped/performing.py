@@ -18,17 +18,18 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
+from .completing import Settled, Settler
 from .effects import Delivery, Effects
 from .errors import ActorNotFound
 from .events import Events, error_record, logger
 from .join import close_step
-from .members import task_member_messages
-from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
+from .members import link_messages
+from .messages import Message, job_message, timeout_message
 from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
-from .step_index import move_index, new_step_row, step_exists
+from .step_index import Position, move_index, new_step_row, position_of, step_exists
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -36,21 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["Performer"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+SUCCEEDED, SUCCEEDED_STEP = ActionStatus.SUCCEEDED.value, StepStatus.SUCCEEDED.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
-
-
-class Position(NamedTuple):
-    """Where a performing action stands: its row and the row of its current step."""
-
-    action_status: str
-    actor_type: str
-    name: str
-    outbound: bool
-    step_index: int
-    step_id: int | None
-    step_status: str | None
-    pending: int | None
-    step_open: bool | None  # no completed_at: it waits on members
 
 
 class Ran(NamedTuple):
@@ -79,6 +67,7 @@ class Performer:
         self.check = check
         self.events = events
         self.clock = clock
+        self.settler = Settler(actors, lookup, events)
 
     # -- begin -------------------------------------------------------------------------
 
@@ -122,12 +111,14 @@ class Performer:
         effects.began = (actor_type, name, outbound)
         return effects
 
-    def run_first_steps(self, action_id: int, began: tuple[str, str, bool]) -> Effects:
+    def run_first_steps(
+        self, action_id: int, began: tuple[str, str, bool], delivery: Delivery
+    ) -> Effects:
         """The steps of an action this call just began: it has no step row yet (a
         pending action never has one), so they run from the first without reading it."""
         actor_type, name, outbound = began
         bodies = self.lookup(actor_type, name).steps_for_run()
-        return self._run_from(action_id, 0, outbound, bodies)
+        return self._run_from(action_id, 0, outbound, bodies, delivery)
 
     def queue_of(self, actor_type: str, name: str) -> str | None:
         """The action's own queue: its waits, timeout and task reports go there."""
@@ -153,26 +144,7 @@ class Performer:
     def position(self, action_id: int) -> Position | None:
         """The action's status and index with the row of its current step."""
         with self.session_factory() as s:
-            row = s.execute(
-                select(
-                    Action.status,
-                    Action.actor_type,
-                    Action.name,
-                    Action.outbound,
-                    Action.current_step_index,
-                    Step.id,
-                    Step.status,
-                    Step.pending_actions_count,
-                    Step.completed_at.is_(None),
-                )
-                .outerjoin(
-                    Step,
-                    (Step.action_id == Action.id)
-                    & (Step.definition_index == Action.current_step_index),
-                )
-                .where(Action.id == action_id)
-            ).first()
-        return None if row is None else Position(*row)
+            return position_of(s, action_id)
 
     def run_steps(self, action_id: int, delivery: Delivery) -> Effects:
         """Run steps until one waits; the effects say what follows."""
@@ -182,7 +154,7 @@ class Performer:
                 return _recover_final(action_id, at, delivery)
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
             if at.step_id is None:
-                return self._run_from(action_id, at.step_index, at.outbound, bodies)
+                return self._run_from(action_id, at.step_index, at.outbound, bodies, delivery)
             if at.step_open:  # performing, or failed by its body while its members run
                 if at.pending:
                     return Effects(messages=self.unclaimed(at.step_id, delivery))
@@ -190,13 +162,19 @@ class Performer:
                 continue
             if at.step_status == StepStatus.FAILED.value:
                 return Effects(complete=[(action_id, ActionStatus.FAILED.value)])
-            return self._run_from(action_id, at.step_index + 1, at.outbound, bodies)
+            return self._run_from(action_id, at.step_index + 1, at.outbound, bodies, delivery)
 
-    def _run_from(self, action_id: int, index: int, outbound: bool, bodies: list[Any]) -> Effects:
-        """Run bodies from ``index`` on while each closes at once (see step_index.py)."""
+    def _run_from(
+        self, action_id: int, index: int, outbound: bool, bodies: list[Any], delivery: Delivery
+    ) -> Effects:
+        """Run bodies from ``index`` on while each closes at once (see step_index.py); the
+        last one, closing at once, completes the action in its own transaction."""
         effects = Effects()
         while index < len(bodies):
-            ran = self.perform_step(action_id, index, bodies[index], effects)
+            last = delivery if index == len(bodies) - 1 and not outbound else None
+            ran = self.perform_step(action_id, index, bodies[index], effects, last)
+            if ran.outcome == "completed":
+                return effects
             if ran.outcome != "done":
                 return effects  # waiting: its members carry on; exists/stopped: nothing
             if ran.closed_as == StepStatus.FAILED.value:
@@ -214,17 +192,20 @@ class Performer:
             self.events.step_completed(step_id, status)
 
     def perform_step(
-        self, action_id: int, index: int, body: Callable[..., Any], effects: Effects
+        self,
+        action_id: int,
+        index: int,
+        body: Callable[..., Any],
+        effects: Effects,
+        last: Delivery | None = None,
     ) -> Ran:
-        """Run one step body in one transaction; its messages go into ``effects``.
-
-        The body runs before Stepped writes anything, so on SQLite no write lock is held
-        while it runs; its changes, the ``Step`` row and the members are then written in
-        one short transaction. "Already ran" is checked in that same transaction, under a
-        row lock of the action on PostgreSQL, so a body runs once per step there; on
-        SQLite two deliveries running at the very same moment may both run the body, and
-        the unique (action, index) row lets only one of them commit.
-        """
+        """Run one step body in one transaction; its messages go into ``effects``
+        (``last``: see :meth:`_settle_last`). The body runs before Stepped writes, so on
+        SQLite no write lock is held while it runs; its changes, the ``Step`` row and the
+        members are then written in one short transaction. "Already ran" is checked in
+        that transaction, under a row lock of the action on PostgreSQL, so a body runs
+        once per step there; on SQLite two deliveries at the very same moment may both
+        run it, and the unique (action, index) row lets only one of them commit."""
         started = self.clock()
         with self.session_factory() as s:
             # PostgreSQL: a second delivery waits here for the first one's commit, then
@@ -246,13 +227,39 @@ class Performer:
                 return Ran("exists")
             messages = self._write_members(s, step, context)
             effects.staged.extend(stage(s, messages, started))
+            settled = self._settle_last(s, action, step, last)
             s.commit()
-        self.events.step_started(action_id, index)
         effects.messages.extend(messages)
+        return self._ran(action_id, index, step, settled, effects)
+
+    def _settle_last(
+        self, s: Session, action: Action, step: Step, last: Delivery | None
+    ) -> Settled | None:
+        """The last step closed at once: complete the action in the step's transaction
+        (one commit for both). Not when the action has after callbacks: an unhandled
+        exception in one rolls its completion back, and must not take the body's
+        writes with it (the body would run again)."""
+        if last is None or step.completed_at is None or step.status != SUCCEEDED_STEP:
+            return None
+        if self.settler.callbacks(action.actor_type, action.name, SUCCEEDED):
+            return None
+        return self.settler.settle(s, action.id, SUCCEEDED, last, self.clock())
+
+    def _ran(
+        self, action_id: int, index: int, step: Step, settled: Settled | None, effects: Effects
+    ) -> Ran:
+        """After the step's commit: its events, and the completion it carried."""
+        self.events.step_started(action_id, index)
         if step.completed_at is None:
             return Ran("waiting")
         self.events.step_completed(step.id, step.status)
-        return Ran("done", step.status)
+        if settled is None:
+            return Ran("done", step.status)
+        self.settler.announce(action_id, SUCCEEDED, settled)
+        effects.staged.extend(settled.staged)
+        effects.released.append((settled.row.concurrency_key, action_id))
+        effects.ready(*settled.ready)
+        return Ran("completed")
 
     def _run_body(
         self, s: Session, action: Action, index: int, body: Callable[..., Any]
@@ -336,20 +343,7 @@ class Performer:
     def member_messages(self, links: list[ParentLink], queue: str | None = None) -> list[Message]:
         """The chord header of a step: one message per member link (``queue``: the step's
         action's, for its waits and task reports)."""
-        messages = []
-        for link in links:
-            call = dict(link.call or {})
-            if link.kind == LinkKind.WAIT:
-                messages.append(wait_message(link.id, float(call.get("seconds", 0)), queue))
-                continue
-            if link.kind == LinkKind.TASK:
-                messages.extend(task_member_messages(link.id, call, queue))
-                continue
-            start = StartCall(
-                call["actor"], call["name"], call["args"], link.id, call.get("request")
-            )
-            messages.append(start_message(start, self.queue_of(start.actor[0], start.name)))
-        return messages
+        return link_messages(links, queue, self.queue_of)
 
     def unclaimed(self, step_id: int, delivery: Delivery) -> list[Message]:
         """A redelivered step: the members no delivery has claimed yet, sent again."""

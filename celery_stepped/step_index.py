@@ -9,9 +9,9 @@ past the last step (a one-step action ends at 0). Whether that step closed is on
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from .models import Action, Step
@@ -20,7 +20,55 @@ from .statuses import StepStatus
 if TYPE_CHECKING:
     from .step import Step as StepContext
 
-__all__ = ["move_index", "new_step_row", "ran_every_step", "step_exists"]
+__all__ = [
+    "Position",
+    "move_index",
+    "new_step_row",
+    "position_of",
+    "ran_every_step",
+    "step_exists",
+]
+
+
+class Position(NamedTuple):
+    """Where a performing action stands: its row and the row of its current step."""
+
+    action_status: str
+    actor_type: str
+    name: str
+    outbound: bool
+    step_index: int
+    step_id: int | None
+    step_status: str | None
+    pending: int | None
+    step_open: bool | None  # no completed_at: it waits on members
+
+
+#: The action's row with the row of the step at its index (built once).
+_POSITION = (
+    select(
+        Action.status,
+        Action.actor_type,
+        Action.name,
+        Action.outbound,
+        Action.current_step_index,
+        Step.id,
+        Step.status,
+        Step.pending_actions_count,
+        Step.completed_at.is_(None),
+    )
+    .outerjoin(
+        Step,
+        (Step.action_id == Action.id) & (Step.definition_index == Action.current_step_index),
+    )
+    .where(Action.id == bindparam("action_id"))
+)
+
+
+def position_of(s: Session, action_id: int) -> Position | None:
+    """Where the action stands; None when it does not exist."""
+    row = s.execute(_POSITION, {"action_id": action_id}).first()
+    return None if row is None else Position(*row)
 
 
 def move_index(action_id: int, index: int) -> Any:
