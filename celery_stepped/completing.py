@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -193,22 +193,27 @@ def _insurance(action_id: int | None, ready: list[int], delivery: Delivery) -> l
     return [*resume, *map(advance_message, ready)]
 
 
+_ACTIONS = cast(Table, Action.__table__)
+#: The final status of an open action (built once: a Core statement, no ORM work).
+_SET_FINAL = (
+    update(_ACTIONS)
+    .where(_ACTIONS.c.id == bindparam("action_id"), _ACTIONS.c.status.in_(OPEN))
+    .values(status=bindparam("final"), completed_at=bindparam("at"), updated_at=bindparam("at"))
+    .returning(
+        _ACTIONS.c.actor_type,
+        _ACTIONS.c.actor_id,
+        _ACTIONS.c.name,
+        _ACTIONS.c.checksum,
+        _ACTIONS.c.checksum_key,
+        _ACTIONS.c.concurrency_key,
+        _ACTIONS.c.started_at,
+    )
+)
+
+
 def _set_final(s: Session, action_id: int, status: str, now: datetime) -> Any:
     """Give an open action its final status (once); its row, or None when it was final."""
-    return s.execute(
-        update(Action)
-        .where(Action.id == action_id, Action.status.in_(OPEN))
-        .values(status=status, completed_at=now, updated_at=now)
-        .returning(
-            Action.actor_type,
-            Action.actor_id,
-            Action.name,
-            Action.checksum,
-            Action.checksum_key,
-            Action.concurrency_key,
-            Action.started_at,
-        )
-    ).first()
+    return s.execute(_SET_FINAL, {"action_id": action_id, "final": status, "at": now}).first()
 
 
 def _facts(row: Any, now: datetime) -> Facts:

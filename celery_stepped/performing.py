@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,24 @@ __all__ = ["Performer"]
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 SUCCEEDED, SUCCEEDED_STEP = ActionStatus.SUCCEEDED.value, StepStatus.SUCCEEDED.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
+
+
+_ACTIONS = cast(Table, Action.__table__)
+#: pending -> performing, returning what the first step needs (built once: Core).
+_BEGIN = (
+    update(_ACTIONS)
+    .where(_ACTIONS.c.id == bindparam("action_id"), _ACTIONS.c.status == PENDING)
+    .values(status=PERFORMING, started_at=bindparam("at"), updated_at=bindparam("at"))
+    .returning(
+        _ACTIONS.c.name,
+        _ACTIONS.c.timeout_seconds,
+        _ACTIONS.c.checksum_key,
+        _ACTIONS.c.actor_type,
+        _ACTIONS.c.actor_id,
+        _ACTIONS.c.checksum,
+        _ACTIONS.c.outbound,
+    )
+)
 
 
 class Ran(NamedTuple):
@@ -78,20 +96,7 @@ class Performer:
         """
         now = self.clock()
         with self.session_factory() as s:
-            began = s.execute(
-                update(Action)
-                .where(Action.id == action_id, Action.status == PENDING)
-                .values(status=PERFORMING, started_at=now, updated_at=now)
-                .returning(
-                    Action.name,
-                    Action.timeout_seconds,
-                    Action.checksum_key,
-                    Action.actor_type,
-                    Action.actor_id,
-                    Action.checksum,
-                    Action.outbound,
-                )
-            ).first()
+            began = s.execute(_BEGIN, {"action_id": action_id, "at": now}).first()
             if began is None:
                 return self._began_before(s, action_id, delivery)
             name, timeout, checksum_key, actor_type, actor_id, checksum, outbound = began

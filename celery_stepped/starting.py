@@ -19,9 +19,9 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -110,20 +110,26 @@ def _tenancy(call: StartCall) -> str:
     return f"{call.actor[0]}/{call.actor[1]}/{call.name}"
 
 
+_LINKS = cast(Table, ParentLink.__table__)
+#: Give a parent link its action, once (built once: Core; ``updated_at`` by onupdate).
+_CLAIM_LINK = (
+    update(_LINKS)
+    .where(
+        _LINKS.c.id == bindparam("link_id"),
+        _LINKS.c.action_id.is_(None),
+        _LINKS.c.state == LinkState.WAITING.value,
+    )
+    .values(action_id=bindparam("claimer"))
+)
+_LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
+    _LINKS.c.id == bindparam("link_id")
+)
+
+
 def _claim_link(s: Session, link_id: int, action_id: int) -> bool:
     """Give a parent link its action (once: a second delivery finds it claimed)."""
-    return bool(
-        changed(
-            s,
-            update(ParentLink)
-            .where(
-                ParentLink.id == link_id,
-                ParentLink.action_id.is_(None),
-                ParentLink.state == LinkState.WAITING.value,
-            )
-            .values(action_id=action_id),
-        )
-    )
+    claimed = s.execute(_CLAIM_LINK, {"link_id": link_id, "claimer": action_id})
+    return bool(cast(CursorResult[Any], claimed).rowcount)
 
 
 def _parent_waits_on(s: Session, link_id: int, candidate: int) -> bool:
@@ -162,7 +168,7 @@ class Starter(Transition):
         """The action a earlier delivery of ``call`` created (or ``FINISHED_WITHOUT_ROW``)."""
         with self.session_factory() as s:
             if call.link is not None:
-                link = s.get(ParentLink, call.link)
+                link = s.execute(_LINK, {"link_id": call.link}).first()
                 if link is None:
                     raise LookupError(f"unknown parent link {call.link}")
                 if link.state != LinkState.WAITING and link.action_id is None:

@@ -9,9 +9,9 @@ past the last step (a one-step action ends at 0). Whether that step closed is on
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from .models import Action, Step
@@ -92,10 +92,15 @@ def ran_every_step(s: Session, action_id: int, index: int, step_count: int) -> b
     return status == StepStatus.SUCCEEDED.value
 
 
+_STEPS = cast(Table, Step.__table__)
+_STEP_EXISTS = select(_STEPS.c.id).where(
+    _STEPS.c.action_id == bindparam("action_id"), _STEPS.c.definition_index == bindparam("index")
+)
+
+
 def step_exists(s: Session, action_id: int, index: int) -> bool:
     """True when the step at ``index`` already has its row (its body ran)."""
-    found = select(Step.id).where(Step.action_id == action_id, Step.definition_index == index)
-    return s.scalar(found) is not None
+    return s.execute(_STEP_EXISTS, {"action_id": action_id, "index": index}).first() is not None
 
 
 def new_step_row(
