@@ -29,7 +29,15 @@ from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
-from .step_index import Position, move_index, new_step_row, position_of, step_exists
+from .step_index import (
+    Position,
+    insert_links,
+    insert_step,
+    move_index,
+    new_step_row,
+    position_of,
+    step_exists,
+)
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -224,9 +232,8 @@ class Performer:
             if isinstance(context, dict):
                 return self._failed_step(action_id, index, started, context)
             step = new_step_row(action_id, index, started, context, self.clock())
-            s.add(step)
             try:
-                s.flush()
+                insert_step(s, step)
             except IntegrityError:
                 s.rollback()
                 return Ran("exists")
@@ -341,8 +348,7 @@ class Performer:
             )
             for intent in context.members
         ]
-        s.add_all(links)
-        s.flush()
+        insert_links(s, links)
         return messages + self.member_messages(links, self.queue_of(action.actor_type, action.name))
 
     def member_messages(self, links: list[ParentLink], queue: str | None = None) -> list[Message]:

@@ -21,7 +21,7 @@ from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, select, update
+from sqlalchemy import CursorResult, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -124,6 +124,17 @@ _CLAIM_LINK = (
 _LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
     _LINKS.c.id == bindparam("link_id")
 )
+
+
+_ACTIONS = cast(Table, Action.__table__)
+#: The pending row of a new action (Core: the object stays out of any session).
+_INSERT_ACTION = insert(_ACTIONS).returning(_ACTIONS.c.id)
+
+
+def _row_of(action: Action) -> dict[str, Any]:
+    """The columns the start gave ``action`` (unset ones take their defaults)."""
+    state = action.__dict__
+    return {c.key: state[c.key] for c in _ACTIONS.columns if state.get(c.key) is not None}
 
 
 def _claim_link(s: Session, link_id: int, action_id: int) -> bool:
@@ -359,9 +370,8 @@ class Starter(Transition):
             action.request_id = call.request if call.link is None else None
             action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
-            s.add(action)
             try:
-                s.flush()
+                action.id = s.execute(_INSERT_ACTION, _row_of(action)).scalar_one()
             except IntegrityError:
                 s.rollback()
                 return None
@@ -369,7 +379,6 @@ class Starter(Transition):
                 s.rollback()
                 return None
             s.commit()
-            s.expunge(action)
         return action
 
     def finish_link(self, call: StartCall, status: str) -> Effects:

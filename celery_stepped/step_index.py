@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from .models import Action, Step
+from .models import Action, ParentLink, Step
 from .statuses import StepStatus
 
 if TYPE_CHECKING:
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Position",
+    "insert_links",
+    "insert_step",
     "move_index",
     "new_step_row",
     "position_of",
@@ -121,3 +123,30 @@ def new_step_row(
         started_at=started,
         completed_at=None if members else now,
     )
+
+
+_LINKS = cast(Table, ParentLink.__table__)
+_INSERT_STEP = insert(_STEPS).returning(_STEPS.c.id)
+_INSERT_LINKS = insert(_LINKS).returning(_LINKS.c.id, sort_by_parameter_order=True)
+#: What a new link row is given (the same keys in every row of the one INSERT).
+_LINK_KEYS = ("step_id", "kind", "state", "call", "created_at", "updated_at")
+
+
+def _row(table: Table, obj: Any) -> dict[str, Any]:
+    state = obj.__dict__
+    return {c.key: state[c.key] for c in table.columns if state.get(c.key) is not None}
+
+
+def insert_step(s: Session, step: Step) -> None:
+    """Write a new step's row (Core: ``step`` stays out of the session); sets its id."""
+    step.id = s.execute(_INSERT_STEP, _row(_STEPS, step)).scalar_one()
+
+
+def insert_links(s: Session, links: list[ParentLink]) -> None:
+    """Write a step's member links in one statement; sets their ids."""
+    if not links:
+        return
+    rows = [{key: getattr(link, key) for key in _LINK_KEYS} for link in links]
+    ids = s.execute(_INSERT_LINKS, rows).scalars().all()
+    for link, link_id in zip(links, ids, strict=True):
+        link.id = link_id
