@@ -1,7 +1,8 @@
-"""Per-leaf cost in one process: ``python -m benchmarks.leaf_profile [N] [--sql] [--profile]``.
+"""Per-leaf cost in one process: ``python -m benchmarks.leaf_profile [N] [--seq] [--sql]``.
 
 Eager mode (``task_always_eager``) on a temporary SQLite file and an embedded Redis:
-one ``fan_root`` whose step starts N one-step children. Prints SQL statements and
+one ``fan_root`` whose step starts N one-step children (``--seq``: one ``seq_root`` of N
+steps, each starting one child). Prints SQL statements and
 commits per child, CPU ms per child, and with ``--sql`` the statements of the last
 child (those sent after the root's step), with ``--profile`` the top of a cProfile of
 the whole run (cumulative).
@@ -31,7 +32,7 @@ def main() -> None:
             BENCH_REDIS_URL=f"{server.url}/0",
             BENCH_DATABASE_URL=f"sqlite:///{scratch}/leaf.db",
             BENCH_EAGER="1",
-            BENCH_STEPS="20",
+            BENCH_STEPS=str(n) if "--seq" in sys.argv else "2",
         )
         bench_app = importlib.import_module("benchmarks.bench_app")
         bench = bench_app.BENCH
@@ -51,6 +52,7 @@ def main() -> None:
         def record_commit(*_: Any) -> None:
             log.append("COMMIT")
 
+        root, root_args = ("seq_root", ()) if "--seq" in sys.argv else ("fan_root", (n,))
         bench.actions["fan_root"].later(car, 2)  # warm up
         event.listen(bench.engine, "before_cursor_execute", record)
         event.listen(bench.engine, "commit", record_commit)
@@ -58,7 +60,7 @@ def main() -> None:
         cpu = time.process_time()
         if profile:
             profile.enable()
-        bench.actions["fan_root"].later(car, n)
+        bench.actions[root].later(car, *root_args)
         if profile:
             profile.disable()
         cpu = time.process_time() - cpu

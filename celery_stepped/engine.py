@@ -34,7 +34,7 @@ from .messages import (
     resume_message,
     timeout_message,
 )
-from .models import Action, ParentLink, Step
+from .models import Action, ParentLink
 from .outbound import outbound_to_complete
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
@@ -200,12 +200,7 @@ class Engine:
 
     def advance_step(self, step_id: int) -> Effects:
         """A step's members all reported: close it and run what follows."""
-        with self.session_factory() as s:
-            action_id = s.scalar(select(Step.action_id).where(Step.id == step_id))
-        if action_id is None:
-            return Effects()
-        self.performer.close(step_id)
-        return self.performer.run_steps(action_id, self.delivery())
+        return self.performer.advance(step_id, self.delivery())
 
     def _status(self, action_id: int) -> str | None:
         with self.session_factory() as s:

@@ -36,7 +36,9 @@ from .step_index import (
     move_index,
     new_step_row,
     position_of,
+    position_of_step,
     step_exists,
+    write_failed_step,
 )
 
 if TYPE_CHECKING:
@@ -159,10 +161,21 @@ class Performer:
         with self.session_factory() as s:
             return position_of(s, action_id)
 
-    def run_steps(self, action_id: int, delivery: Delivery) -> Effects:
-        """Run steps until one waits; the effects say what follows."""
+    def advance(self, step_id: int, delivery: Delivery) -> Effects:
+        """A step's members all reported: close it, then run what follows."""
+        self.close(step_id)
+        with self.session_factory() as s:
+            found = position_of_step(s, step_id)
+        if found is None:
+            return Effects()
+        action_id, at = found
+        return self.run_steps(action_id, delivery, at)
+
+    def run_steps(self, action_id: int, delivery: Delivery, at: Position | None = None) -> Effects:
+        """Run steps until one waits (``at``: where it stands, when just read); the
+        effects say what follows."""
         while True:
-            at = self.position(action_id)
+            at = self.position(action_id) if at is None else at
             if at is None or at.action_status != PERFORMING:
                 return _recover_final(action_id, at, delivery)
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
@@ -172,6 +185,7 @@ class Performer:
                 if at.pending:
                     return Effects(messages=self.unclaimed(at.step_id, delivery))
                 self.close(at.step_id)
+                at = None
                 continue
             if at.step_status == StepStatus.FAILED.value:
                 return Effects(complete=[(action_id, ActionStatus.FAILED.value)])
@@ -309,33 +323,20 @@ class Performer:
         self, action_id: int, index: int, started: datetime, error: dict[str, Any]
     ) -> Ran:
         with self.session_factory() as s:
-            step = Step(
-                action_id=action_id,
-                definition_index=index,
-                status=StepStatus.FAILED.value,
-                started_at=started,
-                completed_at=self.clock(),
-                error=error,
-            )
-            s.add(step)
-            try:
-                s.flush()
-                s.execute(move_index(action_id, index))
-                s.commit()
-            except IntegrityError:
-                s.rollback()
-                return Ran("exists")
-        self.events.step_completed(step.id, StepStatus.FAILED.value)
+            step_id = write_failed_step(s, action_id, index, started, self.clock(), error)
+        if step_id is None:
+            return Ran("exists")
+        self.events.step_completed(step_id, StepStatus.FAILED.value)
         return Ran("done", StepStatus.FAILED.value)
 
     def _write_members(self, s: Session, step: Step, context: StepContext) -> list[Message]:
         """The step's join members as rows; the messages that start them (and its job)."""
-        action = context.action
-        action.current_step_index = max(action.current_step_index, step.definition_index)
+        action, now = context.action, self.clock()
+        if step.definition_index > action.current_step_index:  # Core: no ORM flush of it
+            move_index(s, action.id, step.definition_index, now)
         messages: list[Message] = []
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
-        now = self.clock()
         ancestry = {"ancestry": f"{action.ancestry}{action.id},"}  # the children's, see create
         links = [
             ParentLink(

@@ -11,7 +11,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, and_, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .models import Action, ParentLink, Step
@@ -27,8 +28,10 @@ __all__ = [
     "move_index",
     "new_step_row",
     "position_of",
+    "position_of_step",
     "ran_every_step",
     "step_exists",
+    "write_failed_step",
 ]
 
 
@@ -46,24 +49,38 @@ class Position(NamedTuple):
     step_open: bool | None  # no completed_at: it waits on members
 
 
-#: The action's row with the row of the step at its index (built once).
+_ACTIONS = cast(Table, Action.__table__)
+_STEPS = cast(Table, Step.__table__)
+_CURRENT = _STEPS.alias("current_step")
+#: What a position reads: the action's row and the row of the step at its index.
+_POSITION_COLUMNS = (
+    _ACTIONS.c.status,
+    _ACTIONS.c.actor_type,
+    _ACTIONS.c.name,
+    _ACTIONS.c.outbound,
+    _ACTIONS.c.current_step_index,
+    _CURRENT.c.id,
+    _CURRENT.c.status,
+    _CURRENT.c.pending_actions_count,
+    _CURRENT.c.completed_at.is_(None),
+)
+_AT_INDEX = and_(
+    _CURRENT.c.action_id == _ACTIONS.c.id,
+    _CURRENT.c.definition_index == _ACTIONS.c.current_step_index,
+)
 _POSITION = (
-    select(
-        Action.status,
-        Action.actor_type,
-        Action.name,
-        Action.outbound,
-        Action.current_step_index,
-        Step.id,
-        Step.status,
-        Step.pending_actions_count,
-        Step.completed_at.is_(None),
+    select(*_POSITION_COLUMNS)
+    .select_from(_ACTIONS.outerjoin(_CURRENT, _AT_INDEX))
+    .where(_ACTIONS.c.id == bindparam("action_id"))
+)
+_GIVEN = _STEPS.alias("given_step")
+#: The same, found from one of the action's steps (its action id first).
+_POSITION_OF_STEP = (
+    select(_GIVEN.c.action_id, *_POSITION_COLUMNS)
+    .select_from(
+        _GIVEN.join(_ACTIONS, _ACTIONS.c.id == _GIVEN.c.action_id).outerjoin(_CURRENT, _AT_INDEX)
     )
-    .outerjoin(
-        Step,
-        (Step.action_id == Action.id) & (Step.definition_index == Action.current_step_index),
-    )
-    .where(Action.id == bindparam("action_id"))
+    .where(_GIVEN.c.id == bindparam("step_id"))
 )
 
 
@@ -73,13 +90,22 @@ def position_of(s: Session, action_id: int) -> Position | None:
     return None if row is None else Position(*row)
 
 
-def move_index(action_id: int, index: int) -> Any:
-    """UPDATE moving ``current_step_index`` on to the step at ``index`` (never back)."""
-    return (
-        update(Action)
-        .where(Action.id == action_id, Action.current_step_index < index)
-        .values(current_step_index=index)
-    )
+def position_of_step(s: Session, step_id: int) -> tuple[int, Position] | None:
+    """``(action id, where it stands)`` for the action of ``step_id``; None if no step."""
+    row = s.execute(_POSITION_OF_STEP, {"step_id": step_id}).first()
+    return None if row is None else (row[0], Position(*row[1:]))
+
+
+_MOVE_INDEX = (
+    update(_ACTIONS)
+    .where(_ACTIONS.c.id == bindparam("action_id"), _ACTIONS.c.current_step_index < bindparam("to"))
+    .values(current_step_index=bindparam("to"), updated_at=bindparam("at"))
+)
+
+
+def move_index(s: Session, action_id: int, index: int, now: datetime) -> None:
+    """Move ``current_step_index`` on to the step at ``index`` (never back)."""
+    s.execute(_MOVE_INDEX, {"action_id": action_id, "to": index, "at": now})
 
 
 def ran_every_step(s: Session, action_id: int, index: int, step_count: int) -> bool:
@@ -94,7 +120,6 @@ def ran_every_step(s: Session, action_id: int, index: int, step_count: int) -> b
     return status == StepStatus.SUCCEEDED.value
 
 
-_STEPS = cast(Table, Step.__table__)
 _STEP_EXISTS = select(_STEPS.c.id).where(
     _STEPS.c.action_id == bindparam("action_id"), _STEPS.c.definition_index == bindparam("index")
 )
@@ -150,3 +175,26 @@ def insert_links(s: Session, links: list[ParentLink]) -> None:
     ids = s.execute(_INSERT_LINKS, rows).scalars().all()
     for link, link_id in zip(links, ids, strict=True):
         link.id = link_id
+
+
+def write_failed_step(
+    s: Session, action_id: int, index: int, started: datetime, now: datetime, error: Any
+) -> int | None:
+    """Commit the row of a step whose body failed (the index moved on to it); its id, or
+    None when another delivery wrote the step first."""
+    step = Step(
+        action_id=action_id,
+        definition_index=index,
+        status=StepStatus.FAILED.value,
+        started_at=started,
+        completed_at=now,
+        error=error,
+    )
+    try:
+        insert_step(s, step)
+        move_index(s, action_id, index, now)
+        s.commit()
+    except IntegrityError:
+        s.rollback()
+        return None
+    return step.id
