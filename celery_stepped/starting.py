@@ -220,8 +220,8 @@ class Starter(Transition):
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
             self._keys(definition, action, None, call.args)
             return action
-        if call.link is not None and not definition.before_hooks():
-            return self._prepare_child(definition, call, root)
+        if (call.link is not None or call.request is None) and not definition.before_hooks():
+            return self._prepare_unrecorded(definition, call, root)
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
@@ -235,13 +235,17 @@ class Starter(Transition):
             _skip_if_achieved(s, action)
         return action
 
-    def _prepare_child(self, definition: SteppedAction[Any], call: StartCall, root: bool) -> Action:
-        """A child without ``before``: keys and checksum, no start record, no commit.
+    def _prepare_unrecorded(
+        self, definition: SteppedAction[Any], call: StartCall, root: bool
+    ) -> Action:
+        """A child or a ``now()`` without ``before``: keys and checksum, no start record,
+        no commit.
 
         Nothing is written before the pending row, so there is nothing to replay: a
-        delivery that ends here (a key block failed) reports its parent link, and a
-        later delivery then finds the link done (``existing``); one that dies before
-        ``create`` left no trace, and the next delivery computes the keys afresh.
+        child's delivery that ends here (a key block failed) reports its parent link,
+        and a later delivery then finds the link done (``existing``); one that dies
+        before ``create`` left no trace, and the next delivery computes the keys afresh.
+        A ``now()`` is never delivered twice.
         """
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
