@@ -37,7 +37,7 @@ from .step_index import (
     new_step_row,
     position_of,
     position_of_step,
-    step_exists,
+    step_to_run,
     write_failed_step,
 )
 
@@ -236,11 +236,11 @@ class Performer:
         started = self.clock()
         with self.session_factory() as s:
             # PostgreSQL: a second delivery waits here for the first one's commit, then
-            # finds its Step row below and does not run the body again.
-            action = s.get_one(Action, action_id, with_for_update=True)
+            # sees its Step row and does not run the body again.
+            action, ran = step_to_run(s, action_id, index)
             if action.status != PERFORMING:
                 return Ran("stopped")
-            if step_exists(s, action_id, index):
+            if ran:
                 return Ran("exists")
             context = self._run_body(s, action, index, body)
             if isinstance(context, dict):

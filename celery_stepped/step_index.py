@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import Table, and_, bindparam, insert, select, update
+from sqlalchemy import Table, and_, bindparam, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,7 @@ __all__ = [
     "position_of_step",
     "ran_every_step",
     "step_exists",
+    "step_to_run",
     "write_failed_step",
 ]
 
@@ -198,3 +199,26 @@ def write_failed_step(
         s.rollback()
         return None
     return step.id
+
+
+#: SQLite: the action and whether the step at ``index`` has its row, in one statement.
+_ACTION_AND_STEP = select(
+    Action,
+    exists()
+    .where(Step.action_id == Action.id, Step.definition_index == bindparam("index"))
+    .label("ran"),
+).where(Action.id == bindparam("action_id"))
+
+
+def step_to_run(s: Session, action_id: int, index: int) -> tuple[Action, bool]:
+    """The action (row-locked on PostgreSQL) and whether its step at ``index`` ran.
+
+    PostgreSQL reads the step after the lock is granted: a second delivery waits for
+    the first one's commit and then sees its row (one statement's snapshot would
+    predate the wait). SQLite has no row locks: one statement reads both.
+    """
+    if s.get_bind().dialect.name == "sqlite":
+        action, ran = s.execute(_ACTION_AND_STEP, {"action_id": action_id, "index": index}).one()
+        return action, bool(ran)
+    action = s.get_one(Action, action_id, with_for_update=True)
+    return action, step_exists(s, action_id, index)
