@@ -262,10 +262,14 @@ class Performer:
         self, s: Session, action: Action, step: Step, last: Delivery | None
     ) -> Settled | None:
         """The last step closed at once: complete the action in the step's transaction
-        (one commit for both). Not when the action has after callbacks: an unhandled
-        exception in one rolls its completion back, and must not take the body's
-        writes with it (the body would run again)."""
-        if last is None or step.completed_at is None or step.status != SUCCEEDED_STEP:
+        (one commit for both). Only inside a task, whose redelivery finishes a crash
+        before the lane release (outside one, ``Completer.complete`` releases the lane
+        before its insurance entry is dropped). Not when the action has after
+        callbacks: an unhandled exception in one rolls its completion back, and must
+        not take the body's writes with it (the body would run again)."""
+        if last is None or not last.in_worker or step.completed_at is None:
+            return None
+        if step.status != SUCCEEDED_STEP:
             return None
         if self.settler.callbacks(action.actor_type, action.name, SUCCEEDED):
             return None
