@@ -18,6 +18,7 @@ and after each task adds what changed to the hash ``bench:counts`` of the metric
 
 from __future__ import annotations
 
+import cProfile
 import os
 import sys
 from collections import Counter
@@ -177,6 +178,22 @@ def _on_postrun(**_: Any) -> None:
 @signals.worker_process_shutdown.connect(weak=False)
 def _on_process_shutdown(**_: Any) -> None:
     _flusher.flush()
+    if _PROFILE["profile"] is not None:
+        _PROFILE["profile"].disable()
+        _PROFILE["profile"].dump_stats(f"{os.environ[ENV_PROFILE]}/worker-{os.getpid()}.prof")
+
+
+#: ``BENCH_PROFILE=<directory>``: each pool process runs under cProfile and writes
+#: ``worker-<pid>.prof`` there when it exits (a diagnosis aid; it slows the worker).
+ENV_PROFILE = "BENCH_PROFILE"
+_PROFILE: dict[str, cProfile.Profile | None] = {"profile": None}
+
+
+@signals.worker_process_init.connect(weak=False)
+def _start_profile(**_: Any) -> None:
+    if os.environ.get(ENV_PROFILE):
+        _PROFILE["profile"] = cProfile.Profile()
+        _PROFILE["profile"].enable()
 
 
 def stack_depth() -> int:

@@ -12,59 +12,73 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from .actors import ActorRegistry
 from .effects import Delivery, Effects
 from .errors import ActorNotFound
-from .events import Facts, logger
-from .join import changed, counted_steps_of_performing, report_parents
+from .events import Events, Facts, logger
+from .join import changed, counted_steps_of_performing, report_parents, superseded_into
 from .messages import Message, advance_message, insurance_message
 from .models import Achievement, Action, ParentLink
 from .staging import stage
 from .statuses import COMPLETION_STATUSES, ActionStatus
-from .transition import Transition
+from .transition import Lookup, Transition
 
-__all__ = ["Completer"]
+__all__ = ["Completer", "Settled", "Settler"]
 
 OPEN = (ActionStatus.PENDING.value, ActionStatus.PERFORMING.value)
 SUCCEEDED = ActionStatus.SUCCEEDED.value
 
 
-class Completer(Transition):
-    """The completion transition of one Stepped instance."""
+class Settled(NamedTuple):
+    """A completion written in the caller's transaction: the completed row (its
+    columns as ``_set_final`` returns them), the parent steps now ready, the staged
+    insurance entries."""
 
-    def complete(self, action_id: int, status: str, delivery: Delivery) -> tuple[bool, Effects]:
-        """Give an open action its final status; ``(completed by this call, effects)``.
+    row: Any
+    ready: list[int]
+    staged: list[int]
+    at: datetime
 
-        One transaction: the final status, the after callbacks (each in a savepoint), the
-        achievement and the report to every waiting parent step. A reader never sees the
-        status without the callbacks' effects; an unhandled exception in a callback rolls
-        it all back (the action stays open) and propagates. Completing an action that is
-        already final redoes only the idempotent effects.
-        """
-        now = self.clock()
-        with self.session_factory() as s:
-            row = _set_final(s, action_id, status, now)
-            if row is None:
-                s.commit()
-                return False, self.finish(action_id, delivery)
-            failed = self._run_callbacks(s, action_id, status, row)
-            successful = status == SUCCEEDED and not failed
-            if successful and row.checksum is not None:
-                _achieve(s, row.checksum_key, row.checksum, now)
-            ready = report_parents(s, action_id, status, successful, now)
-            staged = stage(s, _insurance(action_id, ready, delivery), now)
-            s.commit()
-        self.events.action_completed(action_id, status, _facts(row, now))
-        effects = self.release(row.concurrency_key, action_id).ready(*ready)
-        return True, effects.add(Effects(staged=staged))
 
-    def _callbacks(self, actor_type: str, name: str, status: str) -> list[Callable[..., Any]]:
+class Settler:
+    """The part of a completion that is written in the caller's transaction: shared by
+    :class:`Completer` and by the last step of an action (``performing``), which
+    completes it in the step's own transaction."""
+
+    def __init__(self, actors: ActorRegistry, lookup: Lookup, events: Events) -> None:
+        self.actors = actors
+        self.lookup = lookup
+        self.events = events
+
+    def settle(
+        self, s: Session, action_id: int, status: str, delivery: Delivery, now: datetime
+    ) -> Settled | None:
+        """Final status, after callbacks, achievement, report to parents; no commit.
+        None when the action was already final."""
+        row = _set_final(s, action_id, status, now)
+        if row is None:
+            return None
+        failed = self._run_callbacks(s, action_id, status, row)
+        successful = status == SUCCEEDED and not failed
+        if successful and row.checksum is not None:
+            _achieve(s, row.checksum_key, row.checksum, now)
+        ready = report_parents(s, action_id, status, successful, now)
+        return Settled(row, ready, stage(s, _insurance(action_id, ready, delivery), now), now)
+
+    def announce(self, action_id: int, status: str, settled: Settled) -> None:
+        """After the commit: the ``action_completed`` signal and log line."""
+        self.events.action_completed(action_id, status, _facts(settled.row, settled.at))
+
+    def callbacks(self, actor_type: str, name: str, status: str) -> list[Callable[..., Any]]:
+        """The after callbacks a completion with ``status`` runs."""
         if status not in COMPLETION_STATUSES:
             return []
         return self.lookup(actor_type, name).after_callbacks(status)
@@ -75,7 +89,7 @@ class Completer(Transition):
         A callback that raises a handled exception has its own changes rolled back and
         counts as failed; any other exception propagates (the caller rolls back).
         """
-        callbacks = self._callbacks(row.actor_type, row.name, status)
+        callbacks = self.callbacks(row.actor_type, row.name, status)
         if not callbacks:
             return 0
         action = s.get_one(Action, action_id)
@@ -101,6 +115,34 @@ class Completer(Transition):
         action.after_callbacks_succeeded_count = len(callbacks) - failed
         action.after_callbacks_failed_count = failed
         return failed
+
+
+class Completer(Transition):
+    """The completion transition of one Stepped instance."""
+
+    @cached_property
+    def settler(self) -> Settler:
+        """The in-transaction part of a completion."""
+        return Settler(self.actors, self.lookup, self.events)
+
+    def complete(self, action_id: int, status: str, delivery: Delivery) -> tuple[bool, Effects]:
+        """Give an open action its final status; ``(completed by this call, effects)``.
+
+        One transaction: the final status, the after callbacks (each in a savepoint), the
+        achievement and the report to every waiting parent step. A reader never sees the
+        status without the callbacks' effects; an unhandled exception in a callback rolls
+        it all back (the action stays open) and propagates. Completing an action that is
+        already final redoes only the idempotent effects.
+        """
+        now = self.clock()
+        with self.session_factory() as s:
+            settled = self.settler.settle(s, action_id, status, delivery, now)
+            s.commit()
+        if settled is None:
+            return False, self.finish(action_id, delivery)
+        self.settler.announce(action_id, status, settled)
+        effects = self.release(settled.row.concurrency_key, action_id).ready(*settled.ready)
+        return True, effects.add(Effects(staged=settled.staged))
 
     def finish(self, action_id: int, delivery: Delivery) -> Effects:
         """Report a final action to its waiting parents and move its lane on (idempotent)."""
@@ -151,22 +193,27 @@ def _insurance(action_id: int | None, ready: list[int], delivery: Delivery) -> l
     return [*resume, *map(advance_message, ready)]
 
 
+_ACTIONS = cast(Table, Action.__table__)
+#: The final status of an open action (built once: a Core statement, no ORM work).
+_SET_FINAL = (
+    update(_ACTIONS)
+    .where(_ACTIONS.c.id == bindparam("action_id"), _ACTIONS.c.status.in_(OPEN))
+    .values(status=bindparam("final"), completed_at=bindparam("at"), updated_at=bindparam("at"))
+    .returning(
+        _ACTIONS.c.actor_type,
+        _ACTIONS.c.actor_id,
+        _ACTIONS.c.name,
+        _ACTIONS.c.checksum,
+        _ACTIONS.c.checksum_key,
+        _ACTIONS.c.concurrency_key,
+        _ACTIONS.c.started_at,
+    )
+)
+
+
 def _set_final(s: Session, action_id: int, status: str, now: datetime) -> Any:
     """Give an open action its final status (once); its row, or None when it was final."""
-    return s.execute(
-        update(Action)
-        .where(Action.id == action_id, Action.status.in_(OPEN))
-        .values(status=status, completed_at=now, updated_at=now)
-        .returning(
-            Action.actor_type,
-            Action.actor_id,
-            Action.name,
-            Action.checksum,
-            Action.checksum_key,
-            Action.concurrency_key,
-            Action.started_at,
-        )
-    ).first()
+    return s.execute(_SET_FINAL, {"action_id": action_id, "final": status, "at": now}).first()
 
 
 def _facts(row: Any, now: datetime) -> Facts:
@@ -201,6 +248,7 @@ def _achieve(s: Session, checksum_key: str, checksum: str, now: datetime) -> Non
 
 
 def _open_parent_steps(action_id: int) -> Any:
-    """Steps this action already reported to whose action still performs."""
-    query = counted_steps_of_performing(ParentLink.action_id == action_id)
+    """Steps this action (or one superseded into it) already reported to whose action
+    still performs."""
+    query = counted_steps_of_performing(ParentLink.action_id.in_(superseded_into(action_id)))
     return query.order_by(ParentLink.step_id)

@@ -47,6 +47,12 @@ class Effects:
     complete: list[tuple[int, str]] = field(default_factory=list)
     #: Outbox entries written with the decision: deleted once it was acted upon.
     staged: list[int] = field(default_factory=list)
+    #: ``begin`` moved the action to performing in this call: ``(actor_type, name,
+    #: outbound)``, so its first step runs without reading the action again.
+    began: tuple[str, str, bool] | None = field(default=None, compare=False)
+    #: ``(concurrency key, action id)`` of actions completed (and reported) in a step's
+    #: own transaction: their lane place is released next.
+    released: list[tuple[str, int]] = field(default_factory=list)
 
     def add(self, other: Effects) -> Effects:
         """Merge ``other`` into this one; returns self."""
@@ -57,6 +63,7 @@ class Effects:
         self.finished.extend(other.finished)
         self.complete.extend(other.complete)
         self.staged.extend(other.staged)
+        self.released.extend(other.released)
         return self
 
     def ready(self, *step_ids: int | None) -> Effects:
@@ -72,4 +79,5 @@ class Effects:
             or self.handoff
             or self.finished
             or self.complete
+            or self.released
         )

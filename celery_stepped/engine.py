@@ -34,7 +34,7 @@ from .messages import (
     resume_message,
     timeout_message,
 )
-from .models import Action, ParentLink, Step
+from .models import Action, ParentLink
 from .outbound import outbound_to_complete
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
@@ -134,6 +134,8 @@ class Engine:
 
     def _follow_up(self, effects: Effects) -> Iterator[Effects]:
         inline, delivery = self._inline(), self.delivery()
+        for key, action_id in effects.released:  # completed with its last step
+            yield self.completer.release(key, action_id)
         for step_id in dict.fromkeys(effects.ready_steps):
             yield self._advance_or_route(step_id, inline)
         if effects.handoff and _in_worker.get():
@@ -187,6 +189,8 @@ class Engine:
         began = self.performer.begin(action_id, delivery)
         if began is not None and began.complete:  # achieved while it waited: skipped
             return began
+        if began is not None and began.began is not None:
+            return began.add(self.performer.run_first_steps(action_id, began.began, delivery))
         if began is not None:
             return began.add(self.performer.run_steps(action_id, delivery))
         if self._status(action_id) == ActionStatus.SUPERSEDED.value:
@@ -196,12 +200,7 @@ class Engine:
 
     def advance_step(self, step_id: int) -> Effects:
         """A step's members all reported: close it and run what follows."""
-        with self.session_factory() as s:
-            action_id = s.scalar(select(Step.action_id).where(Step.id == step_id))
-        if action_id is None:
-            return Effects()
-        self.performer.close(step_id)
-        return self.performer.run_steps(action_id, self.delivery())
+        return self.performer.advance(step_id, self.delivery())
 
     def _status(self, action_id: int) -> str | None:
         with self.session_factory() as s:

@@ -14,17 +14,27 @@ later one (a redelivered task, the timeout after success) change nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task
 from celery.canvas import Signature, signature
 
-from .messages import Message, member_message, task_message
-from .statuses import ActionStatus
+from .messages import (
+    Message,
+    StartCall,
+    member_message,
+    start_message,
+    task_message,
+    wait_message,
+)
+from .models import ParentLink
+from .statuses import ActionStatus, LinkKind
 
 __all__ = [
     "MEMBER_TASK",
+    "link_messages",
     "member_callback",
     "send_member",
     "send_revoked_errbacks",
@@ -120,3 +130,22 @@ def task_member_view(
         "completed_at": ended.isoformat() if done else None,
         "duration_seconds": (ended - started).total_seconds() if done else None,
     }
+
+
+def link_messages(
+    links: list[ParentLink], queue: str | None, queue_of: Callable[[str, str], str | None]
+) -> list[Message]:
+    """The chord header of a step: one message per member link (``queue``: the step's
+    action's, for its waits and task reports; ``queue_of(actor_type, name)``: a child's)."""
+    messages = []
+    for link in links:
+        call = dict(link.call or {})
+        if link.kind == LinkKind.WAIT:
+            messages.append(wait_message(link.id, float(call.get("seconds", 0)), queue))
+            continue
+        if link.kind == LinkKind.TASK:
+            messages.extend(task_member_messages(link.id, call, queue))
+            continue
+        start = StartCall(call["actor"], call["name"], call["args"], link.id, call.get("request"))
+        messages.append(start_message(start, queue_of(start.actor[0], start.name)))
+    return messages

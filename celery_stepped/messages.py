@@ -117,6 +117,8 @@ class StartCall:
     #: A root's Celery canvas (``link``, ``link_error``, ``chain``, ``chord``, ...),
     #: applied when it is final (:mod:`celery_stepped.results`).
     canvas: dict[str, Any] | None = None
+    #: A child's ancestry as its parent link recorded it (read with the link, never sent).
+    ancestry: str | None = field(default=None, compare=False)
 
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``stepped.start`` message."""

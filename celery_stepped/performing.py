@@ -11,24 +11,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
+from .completing import Settled, Settler
 from .effects import Delivery, Effects
 from .errors import ActorNotFound
 from .events import Events, error_record, logger
 from .join import close_step
-from .members import task_member_messages
-from .messages import Message, StartCall, job_message, start_message, timeout_message, wait_message
+from .members import link_messages
+from .messages import Message, job_message, timeout_message
 from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
-from .step_index import move_index, new_step_row, step_exists
+from .step_index import (
+    Position,
+    insert_links,
+    insert_step,
+    move_index,
+    new_step_row,
+    position_of,
+    position_of_step,
+    step_to_run,
+    write_failed_step,
+)
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -36,21 +47,26 @@ if TYPE_CHECKING:
 __all__ = ["Performer"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+SUCCEEDED, SUCCEEDED_STEP = ActionStatus.SUCCEEDED.value, StepStatus.SUCCEEDED.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
 
 
-class Position(NamedTuple):
-    """Where a performing action stands: its row and the row of its current step."""
-
-    action_status: str
-    actor_type: str
-    name: str
-    outbound: bool
-    step_index: int
-    step_id: int | None
-    step_status: str | None
-    pending: int | None
-    step_open: bool | None  # no completed_at: it waits on members
+_ACTIONS = cast(Table, Action.__table__)
+#: pending -> performing, returning what the first step needs (built once: Core).
+_BEGIN = (
+    update(_ACTIONS)
+    .where(_ACTIONS.c.id == bindparam("action_id"), _ACTIONS.c.status == PENDING)
+    .values(status=PERFORMING, started_at=bindparam("at"), updated_at=bindparam("at"))
+    .returning(
+        _ACTIONS.c.name,
+        _ACTIONS.c.timeout_seconds,
+        _ACTIONS.c.checksum_key,
+        _ACTIONS.c.actor_type,
+        _ACTIONS.c.actor_id,
+        _ACTIONS.c.checksum,
+        _ACTIONS.c.outbound,
+    )
+)
 
 
 class Ran(NamedTuple):
@@ -79,6 +95,7 @@ class Performer:
         self.check = check
         self.events = events
         self.clock = clock
+        self.settler = Settler(actors, lookup, events)
 
     # -- begin -------------------------------------------------------------------------
 
@@ -89,22 +106,10 @@ class Performer:
         """
         now = self.clock()
         with self.session_factory() as s:
-            began = s.execute(
-                update(Action)
-                .where(Action.id == action_id, Action.status == PENDING)
-                .values(status=PERFORMING, started_at=now, updated_at=now)
-                .returning(
-                    Action.name,
-                    Action.timeout_seconds,
-                    Action.checksum_key,
-                    Action.actor_type,
-                    Action.actor_id,
-                    Action.checksum,
-                )
-            ).first()
+            began = s.execute(_BEGIN, {"action_id": action_id, "at": now}).first()
             if began is None:
                 return self._began_before(s, action_id, delivery)
-            name, timeout, checksum_key, actor_type, actor_id, checksum = began
+            name, timeout, checksum_key, actor_type, actor_id, checksum, outbound = began
             if checksum is not None and _achieved(s, checksum_key) == checksum:
                 # Identical work succeeded while this one waited in its lane: skip it.
                 s.rollback()
@@ -118,7 +123,17 @@ class Performer:
             effects.staged = stage(s, effects.messages, now)
             s.commit()
         self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
+        effects.began = (actor_type, name, outbound)
         return effects
+
+    def run_first_steps(
+        self, action_id: int, began: tuple[str, str, bool], delivery: Delivery
+    ) -> Effects:
+        """The steps of an action this call just began: it has no step row yet (a
+        pending action never has one), so they run from the first without reading it."""
+        actor_type, name, outbound = began
+        bodies = self.lookup(actor_type, name).steps_for_run()
+        return self._run_from(action_id, 0, outbound, bodies, delivery)
 
     def queue_of(self, actor_type: str, name: str) -> str | None:
         """The action's own queue: its waits, timeout and task reports go there."""
@@ -144,50 +159,49 @@ class Performer:
     def position(self, action_id: int) -> Position | None:
         """The action's status and index with the row of its current step."""
         with self.session_factory() as s:
-            row = s.execute(
-                select(
-                    Action.status,
-                    Action.actor_type,
-                    Action.name,
-                    Action.outbound,
-                    Action.current_step_index,
-                    Step.id,
-                    Step.status,
-                    Step.pending_actions_count,
-                    Step.completed_at.is_(None),
-                )
-                .outerjoin(
-                    Step,
-                    (Step.action_id == Action.id)
-                    & (Step.definition_index == Action.current_step_index),
-                )
-                .where(Action.id == action_id)
-            ).first()
-        return None if row is None else Position(*row)
+            return position_of(s, action_id)
 
-    def run_steps(self, action_id: int, delivery: Delivery) -> Effects:
-        """Run steps until one waits; the effects say what follows."""
+    def advance(self, step_id: int, delivery: Delivery) -> Effects:
+        """A step's members all reported: close it, then run what follows."""
+        self.close(step_id)
+        with self.session_factory() as s:
+            found = position_of_step(s, step_id)
+        if found is None:
+            return Effects()
+        action_id, at = found
+        return self.run_steps(action_id, delivery, at)
+
+    def run_steps(self, action_id: int, delivery: Delivery, at: Position | None = None) -> Effects:
+        """Run steps until one waits (``at``: where it stands, when just read); the
+        effects say what follows."""
         while True:
-            at = self.position(action_id)
+            at = self.position(action_id) if at is None else at
             if at is None or at.action_status != PERFORMING:
                 return _recover_final(action_id, at, delivery)
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
             if at.step_id is None:
-                return self._run_from(action_id, at.step_index, at.outbound, bodies)
+                return self._run_from(action_id, at.step_index, at.outbound, bodies, delivery)
             if at.step_open:  # performing, or failed by its body while its members run
                 if at.pending:
                     return Effects(messages=self.unclaimed(at.step_id, delivery))
                 self.close(at.step_id)
+                at = None
                 continue
             if at.step_status == StepStatus.FAILED.value:
                 return Effects(complete=[(action_id, ActionStatus.FAILED.value)])
-            return self._run_from(action_id, at.step_index + 1, at.outbound, bodies)
+            return self._run_from(action_id, at.step_index + 1, at.outbound, bodies, delivery)
 
-    def _run_from(self, action_id: int, index: int, outbound: bool, bodies: list[Any]) -> Effects:
-        """Run bodies from ``index`` on while each closes at once (see step_index.py)."""
+    def _run_from(
+        self, action_id: int, index: int, outbound: bool, bodies: list[Any], delivery: Delivery
+    ) -> Effects:
+        """Run bodies from ``index`` on while each closes at once (see step_index.py); the
+        last one, closing at once, completes the action in its own transaction."""
         effects = Effects()
         while index < len(bodies):
-            ran = self.perform_step(action_id, index, bodies[index], effects)
+            last = delivery if index == len(bodies) - 1 and not outbound else None
+            ran = self.perform_step(action_id, index, bodies[index], effects, last)
+            if ran.outcome == "completed":
+                return effects
             if ran.outcome != "done":
                 return effects  # waiting: its members carry on; exists/stopped: nothing
             if ran.closed_as == StepStatus.FAILED.value:
@@ -205,45 +219,77 @@ class Performer:
             self.events.step_completed(step_id, status)
 
     def perform_step(
-        self, action_id: int, index: int, body: Callable[..., Any], effects: Effects
+        self,
+        action_id: int,
+        index: int,
+        body: Callable[..., Any],
+        effects: Effects,
+        last: Delivery | None = None,
     ) -> Ran:
-        """Run one step body in one transaction; its messages go into ``effects``.
-
-        The body runs before Stepped writes anything, so on SQLite no write lock is held
-        while it runs; its changes, the ``Step`` row and the members are then written in
-        one short transaction. "Already ran" is checked in that same transaction, under a
-        row lock of the action on PostgreSQL, so a body runs once per step there; on
-        SQLite two deliveries running at the very same moment may both run the body, and
-        the unique (action, index) row lets only one of them commit.
-        """
+        """Run one step body in one transaction; its messages go into ``effects``
+        (``last``: see :meth:`_settle_last`). The body runs before Stepped writes, so on
+        SQLite no write lock is held while it runs; its changes, the ``Step`` row and the
+        members are then written in one short transaction. "Already ran" is checked in
+        that transaction, under a row lock of the action on PostgreSQL, so a body runs
+        once per step there; on SQLite two deliveries at the very same moment may both
+        run it, and the unique (action, index) row lets only one of them commit."""
         started = self.clock()
         with self.session_factory() as s:
             # PostgreSQL: a second delivery waits here for the first one's commit, then
-            # finds its Step row below and does not run the body again.
-            action = s.get_one(Action, action_id, with_for_update=True)
+            # sees its Step row and does not run the body again.
+            action, ran = step_to_run(s, action_id, index)
             if action.status != PERFORMING:
                 return Ran("stopped")
-            if step_exists(s, action_id, index):
+            if ran:
                 return Ran("exists")
             context = self._run_body(s, action, index, body)
             if isinstance(context, dict):
                 return self._failed_step(action_id, index, started, context)
             step = new_step_row(action_id, index, started, context, self.clock())
-            s.add(step)
             try:
-                s.flush()
+                insert_step(s, step)
             except IntegrityError:
                 s.rollback()
                 return Ran("exists")
             messages = self._write_members(s, step, context)
             effects.staged.extend(stage(s, messages, started))
+            settled = self._settle_last(s, action, step, last)
             s.commit()
-        self.events.step_started(action_id, index)
         effects.messages.extend(messages)
+        return self._ran(action_id, index, step, settled, effects)
+
+    def _settle_last(
+        self, s: Session, action: Action, step: Step, last: Delivery | None
+    ) -> Settled | None:
+        """The last step closed at once: complete the action in the step's transaction
+        (one commit for both). Only inside a task, whose redelivery finishes a crash
+        before the lane release (outside one, ``Completer.complete`` releases the lane
+        before its insurance entry is dropped). Not when the action has after
+        callbacks: an unhandled exception in one rolls its completion back, and must
+        not take the body's writes with it (the body would run again)."""
+        if last is None or not last.in_worker or step.completed_at is None:
+            return None
+        if step.status != SUCCEEDED_STEP:
+            return None
+        if self.settler.callbacks(action.actor_type, action.name, SUCCEEDED):
+            return None
+        return self.settler.settle(s, action.id, SUCCEEDED, last, self.clock())
+
+    def _ran(
+        self, action_id: int, index: int, step: Step, settled: Settled | None, effects: Effects
+    ) -> Ran:
+        """After the step's commit: its events, and the completion it carried."""
+        self.events.step_started(action_id, index)
         if step.completed_at is None:
             return Ran("waiting")
         self.events.step_completed(step.id, step.status)
-        return Ran("done", step.status)
+        if settled is None:
+            return Ran("done", step.status)
+        self.settler.announce(action_id, SUCCEEDED, settled)
+        effects.staged.extend(settled.staged)
+        effects.released.append((settled.row.concurrency_key, action_id))
+        effects.ready(*settled.ready)
+        return Ran("completed")
 
     def _run_body(
         self, s: Session, action: Action, index: int, body: Callable[..., Any]
@@ -281,65 +327,39 @@ class Performer:
         self, action_id: int, index: int, started: datetime, error: dict[str, Any]
     ) -> Ran:
         with self.session_factory() as s:
-            step = Step(
-                action_id=action_id,
-                definition_index=index,
-                status=StepStatus.FAILED.value,
-                started_at=started,
-                completed_at=self.clock(),
-                error=error,
-            )
-            s.add(step)
-            try:
-                s.flush()
-                s.execute(move_index(action_id, index))
-                s.commit()
-            except IntegrityError:
-                s.rollback()
-                return Ran("exists")
-        self.events.step_completed(step.id, StepStatus.FAILED.value)
+            step_id = write_failed_step(s, action_id, index, started, self.clock(), error)
+        if step_id is None:
+            return Ran("exists")
+        self.events.step_completed(step_id, StepStatus.FAILED.value)
         return Ran("done", StepStatus.FAILED.value)
 
     def _write_members(self, s: Session, step: Step, context: StepContext) -> list[Message]:
         """The step's join members as rows; the messages that start them (and its job)."""
-        action = context.action
-        action.current_step_index = max(action.current_step_index, step.definition_index)
+        action, now = context.action, self.clock()
+        if step.definition_index > action.current_step_index:  # Core: no ORM flush of it
+            move_index(s, action.id, step.definition_index, now)
         messages: list[Message] = []
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
-        now = self.clock()
+        ancestry = {"ancestry": f"{action.ancestry}{action.id},"}  # the children's, see create
         links = [
             ParentLink(
                 step_id=step.id,
                 kind=str(intent.kind),
                 state=LinkState.WAITING.value,
-                call=intent.call,
+                call={**intent.call, **ancestry} if intent.kind == LinkKind.ACTION else intent.call,
                 created_at=now,
                 updated_at=now,
             )
             for intent in context.members
         ]
-        s.add_all(links)
-        s.flush()
+        insert_links(s, links)
         return messages + self.member_messages(links, self.queue_of(action.actor_type, action.name))
 
     def member_messages(self, links: list[ParentLink], queue: str | None = None) -> list[Message]:
         """The chord header of a step: one message per member link (``queue``: the step's
         action's, for its waits and task reports)."""
-        messages = []
-        for link in links:
-            call = dict(link.call or {})
-            if link.kind == LinkKind.WAIT:
-                messages.append(wait_message(link.id, float(call.get("seconds", 0)), queue))
-                continue
-            if link.kind == LinkKind.TASK:
-                messages.extend(task_member_messages(link.id, call, queue))
-                continue
-            start = StartCall(
-                call["actor"], call["name"], call["args"], link.id, call.get("request")
-            )
-            messages.append(start_message(start, self.queue_of(start.actor[0], start.name)))
-        return messages
+        return link_messages(links, queue, self.queue_of)
 
     def unclaimed(self, step_id: int, delivery: Delivery) -> list[Message]:
         """A redelivered step: the members no delivery has claimed yet, sent again."""

@@ -19,9 +19,9 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -110,20 +110,37 @@ def _tenancy(call: StartCall) -> str:
     return f"{call.actor[0]}/{call.actor[1]}/{call.name}"
 
 
+_LINKS = cast(Table, ParentLink.__table__)
+#: Give a parent link its action, once (built once: Core; ``updated_at`` by onupdate).
+_CLAIM_LINK = (
+    update(_LINKS)
+    .where(
+        _LINKS.c.id == bindparam("link_id"),
+        _LINKS.c.action_id.is_(None),
+        _LINKS.c.state == LinkState.WAITING.value,
+    )
+    .values(action_id=bindparam("claimer"))
+)
+_LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
+    _LINKS.c.id == bindparam("link_id")
+)
+
+
+_ACTIONS = cast(Table, Action.__table__)
+#: The pending row of a new action (Core: the object stays out of any session).
+_INSERT_ACTION = insert(_ACTIONS).returning(_ACTIONS.c.id)
+
+
+def _row_of(action: Action) -> dict[str, Any]:
+    """The columns the start gave ``action`` (unset ones take their defaults)."""
+    state = action.__dict__
+    return {c.key: state[c.key] for c in _ACTIONS.columns if state.get(c.key) is not None}
+
+
 def _claim_link(s: Session, link_id: int, action_id: int) -> bool:
     """Give a parent link its action (once: a second delivery finds it claimed)."""
-    return bool(
-        changed(
-            s,
-            update(ParentLink)
-            .where(
-                ParentLink.id == link_id,
-                ParentLink.action_id.is_(None),
-                ParentLink.state == LinkState.WAITING.value,
-            )
-            .values(action_id=action_id),
-        )
-    )
+    claimed = s.execute(_CLAIM_LINK, {"link_id": link_id, "claimer": action_id})
+    return bool(cast(CursorResult[Any], claimed).rowcount)
 
 
 def _parent_waits_on(s: Session, link_id: int, candidate: int) -> bool:
@@ -147,6 +164,14 @@ def ancestry_of(s: Session, link_id: int) -> str:
     return f"{parent.ancestry}{parent.id},"
 
 
+def _skip_if_achieved(s: Session, action: Action) -> None:
+    """Raise ShortCircuit(succeeded) when identical work already succeeded."""
+    if action.checksum is not None and action.checksum == s.scalar(
+        select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
+    ):
+        raise ShortCircuit(ActionStatus.SUCCEEDED.value)
+
+
 class Starter(Transition):
     """The start transition of one Stepped instance."""
 
@@ -154,11 +179,12 @@ class Starter(Transition):
         """The action a earlier delivery of ``call`` created (or ``FINISHED_WITHOUT_ROW``)."""
         with self.session_factory() as s:
             if call.link is not None:
-                link = s.get(ParentLink, call.link)
+                link = s.execute(_LINK, {"link_id": call.link}).first()
                 if link is None:
                     raise LookupError(f"unknown parent link {call.link}")
                 if link.state != LinkState.WAITING and link.action_id is None:
                     return FINISHED_WITHOUT_ROW
+                call.ancestry = (link.call or {}).get("ancestry")
                 return link.action_id
             if call.request is not None:
                 return s.scalar(select(Action.id).where(Action.request_id == call.request))
@@ -194,6 +220,8 @@ class Starter(Transition):
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
             self._keys(definition, action, None, call.args)
             return action
+        if (call.link is not None or call.request is None) and not definition.before_hooks():
+            return self._prepare_unrecorded(definition, call, root)
         with self.session_factory() as s:
             actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
@@ -204,10 +232,28 @@ class Starter(Transition):
             call.args = action.arguments
             loaded = self.actors.load(action.arguments, s)
             self._guarded(s, lambda: self._checksum(definition, action, actor, loaded), "keys")
-            if action.checksum is not None and action.checksum == s.scalar(
-                select(Achievement.checksum).where(Achievement.checksum_key == action.checksum_key)
-            ):
-                raise ShortCircuit(ActionStatus.SUCCEEDED.value)
+            _skip_if_achieved(s, action)
+        return action
+
+    def _prepare_unrecorded(
+        self, definition: SteppedAction[Any], call: StartCall, root: bool
+    ) -> Action:
+        """A child or a ``now()`` without ``before``: keys and checksum, no start record,
+        no commit.
+
+        Nothing is written before the pending row, so there is nothing to replay: a
+        child's delivery that ends here (a key block failed) reports its parent link,
+        and a later delivery then finds the link done (``existing``); one that dies
+        before ``create`` left no trace, and the next delivery computes the keys afresh.
+        A ``now()`` is never delivered twice.
+        """
+        with self.session_factory() as s:
+            actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
+            action = self.transient(definition, call, root, ActionStatus.PENDING.value)
+            args = self.actors.load(call.args, s)
+            self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
+            self._guarded(s, lambda: self._checksum(definition, action, actor, args), "keys")
+            _skip_if_achieved(s, action)
         return action
 
     def _first_run(
@@ -324,13 +370,12 @@ class Starter(Transition):
         delivery of the same message was first."""
         with self.session_factory() as s:
             if call.link is not None:
-                action.ancestry = ancestry_of(s, call.link)
+                action.ancestry = call.ancestry or ancestry_of(s, call.link)
             action.request_id = call.request if call.link is None else None
             action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
-            s.add(action)
             try:
-                s.flush()
+                action.id = s.execute(_INSERT_ACTION, _row_of(action)).scalar_one()
             except IntegrityError:
                 s.rollback()
                 return None
@@ -338,7 +383,6 @@ class Starter(Transition):
                 s.rollback()
                 return None
             s.commit()
-            s.expunge(action)
         return action
 
     def finish_link(self, call: StartCall, status: str) -> Effects:

@@ -1,0 +1,83 @@
+"""Per-leaf cost in one process: ``python -m benchmarks.leaf_profile [N] [--seq] [--sql]``.
+
+Eager mode (``task_always_eager``) on a temporary SQLite file and an embedded Redis:
+one ``fan_root`` whose step starts N one-step children (``--seq``: one ``seq_root`` of N
+steps, each starting one child). Prints SQL statements and
+commits per child, CPU ms per child, and with ``--sql`` the statements of the last
+child (those sent after the root's step), with ``--profile`` the top of a cProfile of
+the whole run (cumulative).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import importlib
+import os
+import pstats
+import sys
+import tempfile
+import time
+from typing import Any
+
+from sqlalchemy import event
+
+from celery_stepped.embedded import EmbeddedRedis
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 200
+    with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as scratch:
+        os.environ.update(
+            BENCH_REDIS_URL=f"{server.url}/0",
+            BENCH_DATABASE_URL=f"sqlite:///{scratch}/leaf.db",
+            BENCH_EAGER="1",
+            BENCH_STEPS=str(n) if "--seq" in sys.argv else "2",
+        )
+        bench_app = importlib.import_module("benchmarks.bench_app")
+        bench = bench_app.BENCH
+        bench.stepped.create_all()
+        bench_app.BenchBase.metadata.create_all(bench.engine)
+        with bench.stepped.session() as session:
+            car = bench_app.Car(label="leaf")
+            session.add(car)
+            session.commit()
+            session.refresh(car)
+            session.expunge(car)
+        log: list[str] = []
+
+        def record(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+            log.append(" ".join(statement.split())[:160])
+
+        def record_commit(*_: Any) -> None:
+            log.append("COMMIT")
+
+        root, root_args = ("seq_root", ()) if "--seq" in sys.argv else ("fan_root", (n,))
+        bench.actions["fan_root"].later(car, 2)  # warm up
+        event.listen(bench.engine, "before_cursor_execute", record)
+        event.listen(bench.engine, "commit", record_commit)
+        profile = cProfile.Profile() if "--profile" in sys.argv else None
+        cpu = time.process_time()
+        if profile:
+            profile.enable()
+        bench.actions[root].later(car, *root_args)
+        if profile:
+            profile.disable()
+        cpu = time.process_time() - cpu
+        statements = sum(1 for line in log if line != "COMMIT")
+        commits = log.count("COMMIT")
+        print(
+            f"children={n} stmts/child={statements / n:.2f} commits/child={commits / n:.2f}"
+            f" cpu ms/child={cpu * 1000 / n:.2f}"
+        )
+        if "--sql" in sys.argv:
+            per = round(statements / n)
+            tail = log[-(per + commits // n + 12) * 2 :]
+            print("\n".join(tail))
+        if profile:
+            pstats.Stats(profile).sort_stats("cumulative").print_stats(45)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
