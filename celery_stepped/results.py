@@ -18,14 +18,14 @@ so Celery's chord counter sees a real task result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from celery import Celery, states
 from celery.app.task import Context
 from celery.backends.base import DisabledBackend
 from celery.canvas import signature
 from celery.result import AsyncResult
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
 
 from .errors import ActionFailed
@@ -112,6 +112,13 @@ def _request(request_id: str, canvas: dict[str, Any]) -> Context:
     )
 
 
+_ACTIONS = cast(Table, Action.__table__)
+#: Asked for every completed action, children included: prebuilt Core, as it is hot.
+_ROOT_OF = select(_ACTIONS.c.root, _ACTIONS.c.request_id, _ACTIONS.c.canvas).where(
+    _ACTIONS.c.id == bindparam("b_action")
+)
+
+
 class RootReport:
     """Reports final roots with a request id to Celery: callbacks, chain, result."""
 
@@ -124,9 +131,7 @@ class RootReport:
     ) -> None:
         """``signals.action_completed`` receiver: report the action if it is such a root."""
         with self.session_factory() as s:
-            row = s.execute(
-                select(Action.root, Action.request_id, Action.canvas).where(Action.id == action_id)
-            ).first()
+            row = s.execute(_ROOT_OF, {"b_action": action_id}).first()
         if row is not None and row.root and row.request_id:
             self.report(row.request_id, status, action_id, row.canvas or {})
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from .effects import Effects
@@ -35,6 +36,18 @@ __all__ = ["Entry", "LaneEntry"]
 
 PENDING = ActionStatus.PENDING.value
 PERFORMING = ActionStatus.PERFORMING.value
+_ACTIONS = cast(Table, Action.__table__)
+#: Every join into an empty lane asks it (lane recovery): prebuilt Core, as it is hot.
+_PERFORMING_IN_LANE = (
+    select(_ACTIONS.c.id, _ACTIONS.c.checksum)
+    .where(
+        _ACTIONS.c.concurrency_key == bindparam("b_key"),
+        _ACTIONS.c.status == PERFORMING,
+        _ACTIONS.c.id != bindparam("b_joining"),
+    )
+    .order_by(_ACTIONS.c.id)
+    .limit(1)
+)
 
 
 @dataclass
@@ -159,16 +172,7 @@ class LaneEntry:
     def _performing(self, key: str, joining: int) -> tuple[int, str | None] | None:
         """The oldest action performing under ``key`` (but ``joining``), with its checksum."""
         with self.session_factory() as s:
-            row = s.execute(
-                select(Action.id, Action.checksum)
-                .where(
-                    Action.concurrency_key == key,
-                    Action.status == PERFORMING,
-                    Action.id != joining,
-                )
-                .order_by(Action.id)
-                .limit(1)
-            ).first()
+            row = s.execute(_PERFORMING_IN_LANE, {"b_key": key, "b_joining": joining}).first()
         return None if row is None else (row.id, row.checksum)
 
     def _waiting_current(self, action: Action) -> int | None:
