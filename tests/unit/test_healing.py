@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import update
 
 from celery_stepped import Stepped
+from celery_stepped.effects import Effects
 from celery_stepped.lanes import Lane
 from celery_stepped.models import Action, ParentLink, Step
 from celery_stepped.outbox import JobQueue
@@ -128,6 +129,17 @@ def serviced(stepped: Stepped) -> tuple[Action, Action]:
     return service, paint
 
 
+def heal_and_run(stepped: Stepped) -> Effects:
+    """Two sweeps' healing (the first only notes suspects), then everything it led to;
+    what the second sweep decided."""
+    with stepped.capture():
+        assert not stepped.healing.heal(0)
+        second = stepped.healing.heal(0)
+        stepped.core.drive(second)
+        perform_stepped_actions(stepped)
+    return second
+
+
 def reopen(stepped: Stepped, action: Action) -> None:
     """The action's completion never committed (its task was killed before it)."""
     with stepped.session() as s:
@@ -160,12 +172,8 @@ def test_a_step_whose_members_all_reported_but_that_never_advanced_is_advanced(
             .where(Step.action_id == service.id)
             .values(status="performing", completed_at=None)
         )
-    with stepped.capture():
-        first = stepped.healing.heal(0)
-        second = stepped.healing.heal(0)
-        assert (first.ready_steps, len(second.ready_steps)) == ([], 1)
-        stepped.core.drive(second)
-        perform_stepped_actions(stepped)
+    second = heal_and_run(stepped)
+    assert len(second.ready_steps) == 1
     assert status(stepped, service.id) == "succeeded"
 
 
@@ -183,12 +191,7 @@ def test_a_final_action_whose_parents_still_wait_on_it_reports_again(stepped: St
             .where(ParentLink.action_id == paint.id)
             .values(state="waiting", outcome=None)
         )
-    with stepped.capture():
-        first = stepped.healing.heal(0)
-        second = stepped.healing.heal(0)
-        assert (first.finished, second.finished) == ([], [paint.id])
-        stepped.core.drive(second)
-        perform_stepped_actions(stepped)
+    assert heal_and_run(stepped).finished == [paint.id]
     assert status(stepped, service.id) == "succeeded"
 
 
