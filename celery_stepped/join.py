@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, func, literal_column, select, true, union_all, update
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .messages import advance_message
@@ -292,11 +292,11 @@ def waits_on(s: Session, action_id: int, target: int) -> bool:
     and those of the actions superseded into it (their links stay on them). One
     recursive query at any depth (:func:`_waiting_on`).
     """
-    up = _waiting_on(action_id)
-    return s.scalar(select(up.c.id).where(up.c.id == target).limit(1)) is not None
+    found = s.scalar(_WAITS_ON, {"b_action": action_id, "b_target": target})
+    return found is not None
 
 
-def _waiting_on(action_id: int) -> Any:
+def _waiting_on() -> Any:
     """CTE of the actions that wait on ``action_id``, and of those superseded into them.
 
     From each action found, one recursive term follows both kinds of edge: up to the
@@ -308,19 +308,28 @@ def _waiting_on(action_id: int) -> Any:
     kinds = union_all(
         select(literal_column("1").label("kind")), select(literal_column("2").label("kind"))
     ).subquery("kinds")
-    into = aliased(Action, name="into")
-    up = select(Action.id.label("id")).where(Action.id == action_id).cte("up", recursive=True)
-    found = func.coalesce(Step.action_id, into.id)
+    into = _ACTIONS.alias("into")
+    up = (
+        select(_ACTIONS.c.id.label("id"))
+        .where(_ACTIONS.c.id == bindparam("b_action"))
+        .cte("up", recursive=True)
+    )
+    found = func.coalesce(_STEPS.c.action_id, into.c.id)
     edge = (
         select(found)
         .select_from(up)
         .join(kinds, true())
         .outerjoin(
-            ParentLink,
-            and_(kinds.c.kind == 1, ParentLink.action_id == up.c.id, ParentLink.state == WAITING),
+            _LINKS,
+            and_(kinds.c.kind == 1, _LINKS.c.action_id == up.c.id, _LINKS.c.state == WAITING),
         )
-        .outerjoin(Step, Step.id == ParentLink.step_id)
-        .outerjoin(into, and_(kinds.c.kind == 2, into.superseded_by_id == up.c.id))
+        .outerjoin(_STEPS, _STEPS.c.id == _LINKS.c.step_id)
+        .outerjoin(into, and_(kinds.c.kind == 2, into.c.superseded_by_id == up.c.id))
         .where(found.is_not(None))
     )
     return up.union(edge)
+
+
+#: Whether ``:b_target`` waits on ``:b_action`` (prebuilt once: asked on every queued join).
+_UP = _waiting_on()
+_WAITS_ON = select(_UP.c.id).where(_UP.c.id == bindparam("b_target")).limit(1)
