@@ -16,7 +16,18 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, literal_column, select, true, union_all, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -81,9 +92,9 @@ _COUNT = (
 )
 
 
-def changed(session: Session, statement: Any) -> int:
-    """Execute an UPDATE/DELETE and return how many rows it changed."""
-    result = cast(CursorResult[Any], session.execute(statement))
+def changed(session: Session, statement: Any, params: dict[str, Any] | None = None) -> int:
+    """Execute an UPDATE/DELETE (with ``params``) and return how many rows it changed."""
+    result = cast(CursorResult[Any], session.execute(statement, params))
     return int(result.rowcount)
 
 
@@ -165,7 +176,7 @@ def close_step(s: Session, step_id: int, now: datetime) -> str | None:
     ``failed`` from the start, as in Stepped, and closes once its members are final).
     """
     row = s.execute(
-        select(Step.status, Step.unsuccessful_actions_count).where(Step.id == step_id)
+        select(_STEPS.c.status, _STEPS.c.unsuccessful_actions_count).where(_STEPS.c.id == step_id)
     ).first()
     if row is None:
         return None
@@ -173,11 +184,11 @@ def close_step(s: Session, step_id: int, now: datetime) -> str | None:
     status = StepStatus.FAILED.value if failed else StepStatus.SUCCEEDED.value
     closed = changed(
         s,
-        update(Step)
+        update(_STEPS)
         .where(
-            Step.id == step_id,
-            Step.completed_at.is_(None),
-            Step.pending_actions_count <= 0,
+            _STEPS.c.id == step_id,
+            _STEPS.c.completed_at.is_(None),
+            _STEPS.c.pending_actions_count <= 0,
         )
         .values(status=status, completed_at=now),
     )
@@ -187,8 +198,8 @@ def close_step(s: Session, step_id: int, now: datetime) -> str | None:
 def retire_link(link_id: int, state: LinkState, outcome: str, now: datetime) -> Any:
     """UPDATE ending a waiting link without counting it (guarded: once)."""
     return (
-        update(ParentLink)
-        .where(ParentLink.id == link_id, ParentLink.state == WAITING)
+        update(_LINKS)
+        .where(_LINKS.c.id == link_id, _LINKS.c.state == WAITING)
         .values(state=state.value, outcome=outcome, updated_at=now)
     )
 
@@ -209,45 +220,35 @@ def supersede_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
             if changed(s, retire_link(link_id, LinkState.RELEASED, superseded, now)):
                 count_member(s, step_id, successful=True)
         elif changed(s, retire_link(link_id, LinkState.TRANSFERRED, superseded, now)):
-            s.add(
-                ParentLink(
-                    step_id=step_id,
-                    action_id=newcomer,
-                    kind=LinkKind.ACTION.value,
-                    state=WAITING,
-                    call=call,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            copy = {"step_id": step_id, "action_id": newcomer, "call": call}
+            s.execute(_COPY_LINK, {**copy, "created_at": now, "updated_at": now})
 
 
 def _starter_links(s: Session, old: int, newcomer: int) -> list[Any]:
     """The waiting links of ``old`` on steps of the action that started it:
     ``(id, step_id, call, whether that step also waits on the newcomer)``."""
-    ancestry = s.scalar(select(Action.ancestry).where(Action.id == old)) or ","
+    ancestry = s.scalar(_ANCESTRY, {"b_action": old}) or ","
     if ancestry == ",":
         return []
     starter = int(ancestry.rstrip(",").rsplit(",", 1)[-1])
-    on_newcomer = select(ParentLink.step_id).where(
-        ParentLink.action_id == newcomer, ParentLink.state == WAITING
+    params = {"b_old": old, "b_newcomer": newcomer, "b_starter": starter}
+    return list(s.execute(_STARTER_LINKS, params).all())
+
+
+_ANCESTRY = select(_ACTIONS.c.ancestry).where(_ACTIONS.c.id == bindparam("b_action"))
+_ON_NEWCOMER = select(_LINKS.c.step_id).where(
+    _LINKS.c.action_id == bindparam("b_newcomer"), _LINKS.c.state == WAITING
+)
+_STARTER_LINKS = (
+    select(_LINKS.c.id, _LINKS.c.step_id, _LINKS.c.call, _LINKS.c.step_id.in_(_ON_NEWCOMER))
+    .join(_STEPS, _STEPS.c.id == _LINKS.c.step_id)
+    .where(
+        _LINKS.c.action_id == bindparam("b_old"),
+        _LINKS.c.state == WAITING,
+        _STEPS.c.action_id == bindparam("b_starter"),
     )
-    return list(
-        s.execute(
-            select(
-                ParentLink.id,
-                ParentLink.step_id,
-                ParentLink.call,
-                ParentLink.step_id.in_(on_newcomer),
-            )
-            .join(Step, Step.id == ParentLink.step_id)
-            .where(
-                ParentLink.action_id == old,
-                ParentLink.state == WAITING,
-                Step.action_id == starter,
-            )
-        ).all()
-    )
+)
+_COPY_LINK = insert(_LINKS).values(kind=LinkKind.ACTION.value, state=WAITING)
 
 
 def counted_steps_of_performing(*where: Any) -> Any:

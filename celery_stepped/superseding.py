@@ -37,6 +37,17 @@ __all__ = ["Entry", "LaneEntry"]
 PENDING = ActionStatus.PENDING.value
 PERFORMING = ActionStatus.PERFORMING.value
 _ACTIONS = cast(Table, Action.__table__)
+#: Superseding one pending action (``:b_old`` by ``:b_newcomer``): prebuilt Core.
+_SUPERSEDE = (
+    update(_ACTIONS)
+    .where(_ACTIONS.c.id == bindparam("b_old"), _ACTIONS.c.status == PENDING)
+    .values(
+        status=ActionStatus.SUPERSEDED.value,
+        completed_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        superseded_by_id=bindparam("b_newcomer"),
+    )
+)
 #: Every join into an empty lane asks it (lane recovery): prebuilt Core, as it is hot.
 _PERFORMING_IN_LANE = (
     select(_ACTIONS.c.id, _ACTIONS.c.checksum)
@@ -116,16 +127,8 @@ class LaneEntry:
         now = self.clock()
         with self.session_factory() as s:
             for old in old_ids:
-                done = changed(
-                    s,
-                    update(Action)
-                    .where(Action.id == old, Action.status == PENDING)
-                    .values(
-                        status=ActionStatus.SUPERSEDED.value,
-                        completed_at=now,
-                        superseded_by_id=newcomer_id,
-                    ),
-                )
+                params = {"b_old": old, "b_now": now, "b_newcomer": newcomer_id}
+                done = changed(s, _SUPERSEDE, params)
                 if done:
                     superseded.append(old)
                     supersede_links(s, old, newcomer_id, now)
