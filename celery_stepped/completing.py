@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -26,6 +26,7 @@ from .errors import ActorNotFound
 from .events import Events, Facts, logger
 from .join import changed, counted_steps_of_performing, report_parents, superseded_into
 from .messages import Message, advance_message, insurance_message
+from .models import ACTIONS as _ACTIONS
 from .models import Achievement, Action, ParentLink
 from .staging import stage
 from .statuses import COMPLETION_STATUSES, ActionStatus
@@ -193,7 +194,6 @@ def _insurance(action_id: int | None, ready: list[int], delivery: Delivery) -> l
     return [*resume, *map(advance_message, ready)]
 
 
-_ACTIONS = cast(Table, Action.__table__)
 #: The final status of an open action (built once: a Core statement, no ORM work).
 _SET_FINAL = (
     update(_ACTIONS)

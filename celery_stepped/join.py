@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
-    Table,
     and_,
     bindparam,
     func,
@@ -33,6 +32,9 @@ from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .messages import advance_message
+from .models import ACTIONS as _ACTIONS
+from .models import LINKS as _LINKS
+from .models import STEPS as _STEPS
 from .models import Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
@@ -53,20 +55,21 @@ __all__ = [
 ]
 
 WAITING = LinkState.WAITING.value
-_ACTIONS = cast(Table, Action.__table__)
-_STEPS = cast(Table, Step.__table__)
-_LINKS = cast(Table, ParentLink.__table__)
+
+
+def _superseded_chain(anchor: Any) -> Any:
+    """Recursive CTE ``chain(id)``: the actions ``anchor`` selects and every action
+    superseded into them, transitively (``superseded_by_id``, indexed)."""
+    start = select(_ACTIONS.c.id.label("id")).where(anchor)
+    chain = start.cte("chain", recursive=True)
+    return chain.union(select(_ACTIONS.c.id).join(chain, _ACTIONS.c.superseded_by_id == chain.c.id))
 
 
 def _prebuilt_report() -> Any:
     """The report to parents as one prebuilt Core UPDATE (built once: an ORM-enabled
     UPDATE costs several times its CPU): every waiting link on ``:b_action`` and on the
     actions superseded into it, transitively, becomes done with ``:b_outcome``."""
-    start = select(_ACTIONS.c.id.label("id")).where(_ACTIONS.c.id == bindparam("b_action"))
-    chain = start.cte("chain", recursive=True)
-    chain = chain.union(
-        select(_ACTIONS.c.id).join(chain, _ACTIONS.c.superseded_by_id == chain.c.id)
-    )
+    chain = _superseded_chain(_ACTIONS.c.id == bindparam("b_action"))
     return (
         update(_LINKS)
         .where(_LINKS.c.action_id.in_(select(chain.c.id)), _LINKS.c.state == WAITING)
@@ -125,10 +128,7 @@ def superseded_into(*action_ids: int) -> Any:
     onto its superseder): they wait on the end of its chain of superseders, found
     through ``superseded_by_id`` (indexed), one recursive query at any length.
     """
-    start = select(Action.id.label("id")).where(Action.id.in_(sorted(action_ids)))
-    chain = start.cte("chain", recursive=True)
-    chain = chain.union(select(Action.id).join(chain, Action.superseded_by_id == chain.c.id))
-    return select(chain.c.id)
+    return select(_superseded_chain(_ACTIONS.c.id.in_(sorted(action_ids))).c.id)
 
 
 def chain_ends(action_ids: Any) -> Any:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from .events import Events, error_record, logger
 from .join import close_step
 from .members import link_messages
 from .messages import Message, job_message, timeout_message
+from .models import ACTIONS as _ACTIONS
 from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
@@ -51,7 +52,6 @@ SUCCEEDED, SUCCEEDED_STEP = ActionStatus.SUCCEEDED.value, StepStatus.SUCCEEDED.v
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
 
 
-_ACTIONS = cast(Table, Action.__table__)
 #: pending -> performing, returning what the first step needs (built once: Core).
 _BEGIN = (
     update(_ACTIONS)

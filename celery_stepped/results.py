@@ -18,17 +18,18 @@ so Celery's chord counter sees a real task result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from celery import Celery, states
 from celery.app.task import Context
 from celery.backends.base import DisabledBackend
 from celery.canvas import signature
 from celery.result import AsyncResult
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from .errors import ActionFailed
+from .models import ACTIONS as _ACTIONS
 from .models import Action
 from .statuses import ActionStatus
 
@@ -112,7 +113,6 @@ def _request(request_id: str, canvas: dict[str, Any]) -> Context:
     )
 
 
-_ACTIONS = cast(Table, Action.__table__)
 #: Asked for every completed action, children included: prebuilt Core, as it is hot.
 _ROOT_OF = select(_ACTIONS.c.root, _ACTIONS.c.request_id, _ACTIONS.c.canvas).where(
     _ACTIONS.c.id == bindparam("b_action")

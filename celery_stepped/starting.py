@@ -21,13 +21,15 @@ from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, insert, select, update
+from sqlalchemy import CursorResult, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .join import changed, report_link, waits_on
 from .messages import StartCall
+from .models import ACTIONS as _ACTIONS
+from .models import LINKS as _LINKS
 from .models import Achievement, Action, ParentLink, Step
 from .start_records import add_record, ended_in_before, outcome_of, recorded, replay
 from .statuses import ActionStatus, LinkState
@@ -110,7 +112,6 @@ def _tenancy(call: StartCall) -> str:
     return f"{call.actor[0]}/{call.actor[1]}/{call.name}"
 
 
-_LINKS = cast(Table, ParentLink.__table__)
 #: Give a parent link its action, once (built once: Core; ``updated_at`` by onupdate).
 _CLAIM_LINK = (
     update(_LINKS)
@@ -126,7 +127,6 @@ _LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
 )
 
 
-_ACTIONS = cast(Table, Action.__table__)
 #: The pending row of a new action (Core: the object stays out of any session).
 _INSERT_ACTION = insert(_ACTIONS).returning(_ACTIONS.c.id)
 

@@ -9,12 +9,15 @@ past the last step (a one-step action ends at 0). Whether that step closed is on
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import Table, and_, bindparam, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .models import ACTIONS as _ACTIONS
+from .models import LINKS as _LINKS
+from .models import STEPS as _STEPS
 from .models import Action, ParentLink, Step
 from .statuses import StepStatus
 
@@ -50,8 +53,6 @@ class Position(NamedTuple):
     step_open: bool | None  # no completed_at: it waits on members
 
 
-_ACTIONS = cast(Table, Action.__table__)
-_STEPS = cast(Table, Step.__table__)
 _CURRENT = _STEPS.alias("current_step")
 #: What a position reads: the action's row and the row of the step at its index.
 _POSITION_COLUMNS = (
@@ -151,7 +152,6 @@ def new_step_row(
     )
 
 
-_LINKS = cast(Table, ParentLink.__table__)
 _INSERT_STEP = insert(_STEPS).returning(_STEPS.c.id)
 _INSERT_LINKS = insert(_LINKS).returning(_LINKS.c.id, sort_by_parameter_order=True)
 #: What a new link row is given (the same keys in every row of the one INSERT).

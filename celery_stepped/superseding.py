@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from .effects import Effects
@@ -29,6 +28,7 @@ from .errors import Deadlock
 from .events import Events, Facts, logger
 from .join import changed, supersede_links, waits_on
 from .lanes import Lanes
+from .models import ACTIONS as _ACTIONS
 from .models import Action
 from .statuses import ActionStatus
 
@@ -36,7 +36,6 @@ __all__ = ["Entry", "LaneEntry"]
 
 PENDING = ActionStatus.PENDING.value
 PERFORMING = ActionStatus.PERFORMING.value
-_ACTIONS = cast(Table, Action.__table__)
 #: Superseding one pending action (``:b_old`` by ``:b_newcomer``): prebuilt Core.
 _SUPERSEDE = (
     update(_ACTIONS)
@@ -90,17 +89,14 @@ class LaneEntry:
         if current is not None:  # its lane is held by an action that waits on it
             return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
         superseded: list[int] = []
-        staged = Effects()
 
         def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
-            done, now_staged = self.supersede_rows(old_ids, action.id)
-            superseded.extend(done)
-            staged.add(now_staged)
+            superseded.extend(self.supersede_rows(old_ids, action.id))
 
         result = self.lanes.enter(
             action.concurrency_key, action.id, action.checksum, action.ancestry, supersede
         )
-        entry = Entry(self.after_supersede(superseded, staged, action.id))
+        entry = Entry(self.after_supersede(superseded, action.id))
         if result.outcome == "deadlock":
             entry.deadlock = self._deadlock(action, result.current_id)
             entry.effects.finished.append(action.id)
@@ -110,10 +106,10 @@ class LaneEntry:
 
     def supersede(self, old_ids: list[int], newcomer_id: int) -> Effects:
         """Mark pending actions superseded by ``newcomer_id`` (repair, racing joins)."""
-        return self.after_supersede(*self.supersede_rows(old_ids, newcomer_id), newcomer_id)
+        return self.after_supersede(self.supersede_rows(old_ids, newcomer_id), newcomer_id)
 
-    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> tuple[list[int], Effects]:
-        """Superseding in one SQL transaction; returns (superseded ids, effects).
+    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> list[int]:
+        """Superseding in one SQL transaction; returns the ids it superseded.
 
         A constant number of rows per superseded action, however many it superseded
         itself: its status, and the link of the step that started it copied onto the
@@ -123,7 +119,7 @@ class LaneEntry:
         """
         superseded: list[int] = []
         if not old_ids:
-            return superseded, Effects()
+            return superseded
         now = self.clock()
         with self.session_factory() as s:
             for old in old_ids:
@@ -133,11 +129,11 @@ class LaneEntry:
                     superseded.append(old)
                     supersede_links(s, old, newcomer_id, now)
             s.commit()
-        return superseded, Effects()
+        return superseded
 
-    def after_supersede(self, superseded: list[int], staged: Effects, newcomer_id: int) -> Effects:
+    def after_supersede(self, superseded: list[int], newcomer_id: int) -> Effects:
         """Signals and follow-ups of superseding (outside the lane lock)."""
-        effects = Effects().add(staged)
+        effects = Effects()
         if not superseded:
             return effects
         for old in superseded:

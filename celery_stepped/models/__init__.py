@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     and_,
@@ -30,7 +31,18 @@ from sqlalchemy.types import TypeDecorator
 from ..errors import ConfigurationError
 from ..statuses import FINAL_STATUSES, ActionStatus, StepStatus
 
-__all__ = ["Achievement", "Action", "Base", "OutboxEntry", "ParentLink", "StartRecord", "Step"]
+__all__ = [
+    "ACTIONS",
+    "LINKS",
+    "STEPS",
+    "Achievement",
+    "Action",
+    "Base",
+    "OutboxEntry",
+    "ParentLink",
+    "StartRecord",
+    "Step",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -263,3 +275,9 @@ class Achievement(Base):
     checksum_key: Mapped[str] = mapped_column(String(1024), unique=True)
     checksum: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+#: The tables, for the prebuilt Core statements of the hot paths (no ORM work per run).
+ACTIONS = cast(Table, Action.__table__)
+STEPS = cast(Table, Step.__table__)
+LINKS = cast(Table, ParentLink.__table__)
