@@ -126,11 +126,14 @@ class Healing:
         return ids - waiting
 
     def _open(self, action_id: int | None) -> bool:
-        if action_id is None:
-            return False
-        with self.session_factory() as s:
-            status = s.scalar(select(Action.status).where(Action.id == action_id))
+        status = self._status(action_id)
         return status is not None and not ActionStatus(status).is_final
+
+    def _status(self, action_id: int | None) -> str | None:
+        if action_id is None:
+            return None
+        with self.session_factory() as s:
+            return s.scalar(select(Action.status).where(Action.id == action_id))
 
     def heal_lane(self, key: str, ids: list[int]) -> Effects:
         """Rebuild lane ``key`` from SQL (under its lock) and resume its current action
@@ -141,9 +144,7 @@ class Healing:
             logger.warning("stepped heal: %s", problem)
         current, _ = self.lanes.current_checksum(key)
         if current is not None and current not in effects.handoff:
-            with self.session_factory() as s:
-                status = s.scalar(select(Action.status).where(Action.id == current))
-            if status == PENDING:
+            if self._status(current) == PENDING:
                 effects.handoff.append(current)
         if planned is None and not effects.handoff:
             return effects  # it moved on meanwhile
