@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -143,9 +143,9 @@ class Healing:
         for problem in problems:
             logger.warning("stepped heal: %s", problem)
         current, _ = self.lanes.current_checksum(key)
-        if current is not None and current not in effects.handoff:
-            if self._status(current) == PENDING:
-                effects.handoff.append(current)
+        resume = current is not None and current not in effects.handoff
+        if resume and self._status(current) == PENDING:
+            effects.handoff.append(cast(int, current))
         if planned is None and not effects.handoff:
             return effects  # it moved on meanwhile
         change = planned.describe() if planned is not None else f"lane {key!r} agreed with SQL"
