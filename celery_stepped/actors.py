@@ -167,6 +167,17 @@ class ActorRegistry:
         actor_type = self.type_of(actor)
         return actor_type.type_name, actor_type.identify(actor)
 
+    def usable(self, actor: Any) -> bool:
+        """Whether a caller's actor object can stand for a fresh load of its row: a
+        registered actor, or a mapped instance with a row and no expired attributes
+        outside a session (reading those would raise)."""
+        if _mapper_of(type(actor)) is None:
+            return True
+        state = sa_inspect(actor)
+        if state.identity is None or state.deleted or state.was_deleted:
+            return False
+        return state.session is not None or not state.expired_attributes
+
     def load_ref(self, type_name: str, identity: str, session: Session | None = None) -> Any:
         """Load an actor by type name and identity (through ``session`` if mapped)."""
         actor_type = self.resolve(type_name)

@@ -14,7 +14,7 @@ from uuid import uuid4
 
 from celery.result import AsyncResult
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, noload, selectinload
 
 from .actors import REF, ActorRegistry, is_reference
 from .bodies import check_arguments
@@ -28,7 +28,7 @@ from .outbox import Outboxes
 from .registry import Registry
 from .results import ActionResult, Found, find_request
 from .staging import discard, stage
-from .statuses import COMPLETION_STATUSES
+from .statuses import COMPLETION_STATUSES, ActionStatus
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -76,14 +76,17 @@ class Client:
             definition = self.registry.find(type(actor), name)
             ref = list(self.actors.identify(actor))
         check_arguments(name, definition.steps_for_run(), list(args))
-        return StartCall(ref, name, self.actors.dump(list(args)))
+        call = StartCall(ref, name, self.actors.dump(list(args)))
+        if not is_reference(actor) and self.actors.usable(actor):
+            call.given_actor = actor
+        return call
 
     def start_now(self, name: str, actor: Any, args: list[Any]) -> Action:
         """``SteppedAction.now``: start a root action in this process."""
         action = self.engine.start_call(self.root_call(name, actor, args), root=True)
         if action.id is None:
             return action
-        return self.get_action(action.id)
+        return self.get_action(action.id, pending=action.status == ActionStatus.PENDING)
 
     def start_later(
         self, name: str, actor: Any, args: list[Any], options: dict[str, Any] | None = None
@@ -172,19 +175,23 @@ class Client:
 
     # -- reading ---------------------------------------------------------------------
 
-    def get_action(self, action_id: int) -> Action:
-        """The action, detached, with its steps (and their children) loaded."""
+    def get_action(self, action_id: int, pending: bool = False) -> Action:
+        """The action, detached, with its steps (and their children) loaded.
+
+        ``pending``: the caller expects a pending action, which has no steps: when it
+        is one, they are not asked for (otherwise they are, in a second query).
+        """
         with self.session_factory() as session:
-            action = session.scalar(
-                select(Action)
-                .where(Action.id == int(action_id))
-                .options(
-                    selectinload(Action.steps).selectinload(Step.actions),
-                    selectinload(Action.parent_steps),
-                )
-            )
+            query = select(Action).where(Action.id == int(action_id))
+            steps = selectinload(Action.steps).selectinload(Step.actions)
+            parents = selectinload(Action.parent_steps)
+            options = (noload(Action.steps), parents) if pending else (steps, parents)
+            action = session.scalar(query.options(*options))
             if action is None:
                 raise ActionNotFound(f"no action with id {action_id}")
+            if pending and action.status != ActionStatus.PENDING:  # it moved on meanwhile
+                session.expunge_all()
+                action = session.scalars(query.options(steps, parents)).one()
             session.expunge_all()
         action._load_actor = self.actors.load_ref
         return action

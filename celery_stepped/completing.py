@@ -207,6 +207,9 @@ _SET_FINAL = (
         _ACTIONS.c.checksum_key,
         _ACTIONS.c.concurrency_key,
         _ACTIONS.c.started_at,
+        _ACTIONS.c.root,
+        _ACTIONS.c.request_id,
+        _ACTIONS.c.canvas,
     )
 )
 
@@ -219,7 +222,17 @@ def _set_final(s: Session, action_id: int, status: str, now: datetime) -> Any:
 def _facts(row: Any, now: datetime) -> Facts:
     """What the completion's log line says: ``trip on Car/1: performing -> failed in 2.0s``."""
     before = ActionStatus.PERFORMING if row.started_at else ActionStatus.PENDING
-    return Facts(row.name, f"{row.actor_type}/{row.actor_id}", before, row.started_at, now)
+    actor = f"{row.actor_type}/{row.actor_id}"
+    return Facts(
+        row.name,
+        actor,
+        before,
+        row.started_at,
+        now,
+        root=bool(row.root),
+        request_id=row.request_id,
+        canvas=row.canvas,
+    )
 
 
 def _achieve(s: Session, checksum_key: str, checksum: str, now: datetime) -> None:

@@ -295,7 +295,9 @@ class Engine:
         created = self.starter.create(action, call)
         if created is None:  # another delivery claimed the link first
             return self.start_call(call, root)
-        entry = self.entry.enter(created)
+        entry = self.entry.enter(created, fresh=True)
+        if created.id in entry.effects.perform:
+            created.status = PERFORMING  # what it is by now (its steps ran or were sent)
         self.drive(entry.effects)
         if entry.deadlock is not None:
             self.events.report_or_raise(entry.deadlock, created.id, None, "lane")

@@ -41,6 +41,11 @@ class Facts:
     started_at: datetime | None = None
     now: datetime | None = None
     superseded_by: int | None = None
+    #: Whether the action is a root, its request id and Celery options, when the
+    #: transition read them with the final status (None: not read, receivers look).
+    root: bool | None = None
+    request_id: str | None = None
+    canvas: dict[str, Any] | None = None
 
     def text(self) -> str:
         """``name on Type/id``."""
@@ -54,6 +59,12 @@ class Facts:
         if self.started_at is not None and self.now is not None:
             line += f" in {(self.now - self.started_at).total_seconds():.1f}s"
         return line
+
+    def root_request(self) -> tuple[str, dict[str, Any]] | None:
+        """``(request id, canvas)`` of a root started with a request id, else None."""
+        if self.root and self.request_id:
+            return self.request_id, self.canvas or {}
+        return None
 
 
 class Events:
@@ -81,7 +92,10 @@ class Events:
         else:
             what = f" {facts.text()}" if facts.name else ""
             logger.info("action #%s%s: %s", action_id, what, facts.change(status))
-        signals.action_completed.send(sender=self.sender, action_id=action_id, status=status)
+        known = {} if facts is None or facts.root is None else {"root": facts.root_request()}
+        signals.action_completed.send(
+            sender=self.sender, action_id=action_id, status=status, **known
+        )
 
     def nothing_to_complete(self, name: str | None, actor: list[str] | None, status: str) -> None:
         """A ``stepped.complete`` message found no performing outbound action."""

@@ -204,7 +204,9 @@ def retire_link(link_id: int, state: LinkState, outcome: str, now: datetime) -> 
     )
 
 
-def supersede_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
+def supersede_links(
+    s: Session, old: int, newcomer: int, now: datetime, ancestry: str | None = None
+) -> None:
     """The links of ``old``, superseded by ``newcomer``: a constant number of rows.
 
     Every waiting link stays on ``old`` and is counted when the end of its chain of
@@ -215,7 +217,7 @@ def supersede_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
     as done: the step still waits on the newcomer, so it cannot become ready here.
     """
     superseded = ActionStatus.SUPERSEDED.value
-    for link_id, step_id, call, both in _starter_links(s, old, newcomer):
+    for link_id, step_id, call, both in _starter_links(s, old, newcomer, ancestry):
         if both:
             if changed(s, retire_link(link_id, LinkState.RELEASED, superseded, now)):
                 count_member(s, step_id, successful=True)
@@ -224,10 +226,13 @@ def supersede_links(s: Session, old: int, newcomer: int, now: datetime) -> None:
             s.execute(_COPY_LINK, {**copy, "created_at": now, "updated_at": now})
 
 
-def _starter_links(s: Session, old: int, newcomer: int) -> list[Any]:
+def _starter_links(s: Session, old: int, newcomer: int, ancestry: str | None) -> list[Any]:
     """The waiting links of ``old`` on steps of the action that started it:
-    ``(id, step_id, call, whether that step also waits on the newcomer)``."""
-    ancestry = s.scalar(_ANCESTRY, {"b_action": old}) or ","
+    ``(id, step_id, call, whether that step also waits on the newcomer)``.
+    ``ancestry``: ``old``'s, when the caller has it (read otherwise)."""
+    if ancestry is None:
+        ancestry = s.scalar(_ANCESTRY, {"b_action": old})
+    ancestry = ancestry or ","
     if ancestry == ",":
         return []
     starter = int(ancestry.rstrip(",").rsplit(",", 1)[-1])

@@ -20,8 +20,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from importlib import resources
 from typing import Any
+from uuid import uuid4
 
 import redis
 from redis.exceptions import LockError
@@ -97,6 +99,25 @@ class JoinResult:
     outcome: LaneOutcome
     superseded: list[int] = field(default_factory=list)
     current_id: int | None = None
+    #: A ``RETRY`` that took the lane lock for the caller (``Lanes.join(lock=...)``).
+    locked: bool = False
+
+
+def _until_joined(
+    joining: Callable[..., JoinResult],
+    result: JoinResult,
+    supersede: Callable[[list[int]], None],
+    done: list[int],
+    lock: tuple[str, str] | None,
+) -> JoinResult:
+    """Supersede what each ``RETRY`` lists (adding it to ``done``), then join again."""
+    while result.outcome is LaneOutcome.RETRY:
+        fresh = [i for i in result.superseded if i not in done]
+        if fresh:
+            supersede(fresh)
+            done.extend(fresh)
+        result = joining(done, lock=lock)
+    return result
 
 
 class Lanes:
@@ -129,20 +150,28 @@ class Lanes:
         checksum: str | None,
         ancestry: str,
         superseded: Iterable[int] = (),
+        lock: tuple[str, str] | None = None,
     ) -> JoinResult:
         """Join ``key``'s lane in one atomic step (idempotent for an action in it).
 
         Pending actions are removed only when they are among ``superseded`` (already
         superseded in SQL by the caller); otherwise nothing changes and the outcome
-        is ``RETRY`` with the lane's pending actions.
+        is ``RETRY`` with the lane's pending actions. ``lock``: ``(token, "take")``
+        takes the lane lock with a ``RETRY`` when it is free (``JoinResult.locked``);
+        ``(token, "drop")`` releases it with any other outcome.
         """
         framed = "," + "".join(f"{i}," for i in superseded)
-        argv: list[Any] = [action_id, checksum or "", ancestry, framed]
-        reply = [_text(v) for v in self._join(self._keys(key), argv)]
+        token, verb = lock or ("", "")
+        argv: list[Any] = [action_id, checksum or "", ancestry, framed, token]
+        argv += [int(LOCK_TIMEOUT * 1000), verb]
+        lane_keys = [*self._keys(key), keys.lane_lock(self.namespace, key)]
+        reply = [_text(v) for v in self._join(lane_keys, argv)]
         outcome = LaneOutcome(reply[0])
         if outcome is LaneOutcome.DEADLOCK:
             return JoinResult(outcome, current_id=int(reply[1]))
-        return JoinResult(outcome, superseded=[int(v) for v in reply[1:]])
+        locked = len(reply) > 1 and reply[1] == "locked"
+        ids = reply[2:] if locked else reply[1:]
+        return JoinResult(outcome, superseded=[int(v) for v in ids], locked=locked)
 
     def enter(
         self,
@@ -160,20 +189,30 @@ class Lanes:
         action a concurrent join added meanwhile. A lane without pending actions
         costs one script call and no lock.
         """
-        result = self.join(key, action_id, checksum, ancestry)
+        token = uuid4().hex
+        result = self.join(key, action_id, checksum, ancestry, lock=(token, "take"))
         if result.outcome is not LaneOutcome.RETRY:
             return result
         done: list[int] = []
-        with self.locked(key):
-            # Look again now that no other join runs: the pending action may have changed.
-            result = self.join(key, action_id, checksum, ancestry)
-            while result.outcome is LaneOutcome.RETRY:
-                fresh = [i for i in result.superseded if i not in done]
-                if fresh:
-                    supersede(fresh)
-                    done.extend(fresh)
-                result = self.join(key, action_id, checksum, ancestry, done)
+        joining = partial(self.join, key, action_id, checksum, ancestry)
+        if result.locked:  # the script took the lock (and the last join drops it)
+            try:
+                result = _until_joined(joining, result, supersede, done, (token, "drop"))
+            finally:
+                if result.outcome is LaneOutcome.RETRY:  # an error: let the lock go
+                    self._unlock(key, token)
+        else:
+            with self.locked(key):
+                # Look again now that no other join runs: the pending action may differ.
+                result = _until_joined(joining, joining(), supersede, done, None)
         return JoinResult(result.outcome, done, result.current_id)
+
+    def _unlock(self, key: str, token: str) -> None:
+        """Release the lane lock if ``token`` still holds it."""
+        lock = self.lock(key)
+        lock.local.token = token.encode()
+        with suppress(LockError):
+            lock.release()
 
     def lock(self, key: str) -> Lock:
         """The lock of ``key``'s lane: a random token per holder, expiring on its own."""

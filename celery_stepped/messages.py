@@ -119,6 +119,9 @@ class StartCall:
     canvas: dict[str, Any] | None = None
     #: A child's ancestry as its parent link recorded it (read with the link, never sent).
     ancestry: str | None = field(default=None, compare=False)
+    #: The actor object a caller in this process gave (``now()``; never sent): keys
+    #: and checksum read it instead of loading the row again.
+    given_actor: Any = field(default=None, compare=False, repr=False)
 
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``stepped.start`` message."""

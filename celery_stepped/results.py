@@ -113,6 +113,8 @@ def _request(request_id: str, canvas: dict[str, Any]) -> Context:
     )
 
 
+#: ``on_completed`` without a ``root`` keyword: it reads the row.
+_UNKNOWN: Any = object()
 #: Asked for every completed action, children included: prebuilt Core, as it is hot.
 _ROOT_OF = select(_ACTIONS.c.root, _ACTIONS.c.request_id, _ACTIONS.c.canvas).where(
     _ACTIONS.c.id == bindparam("b_action")
@@ -127,9 +129,19 @@ class RootReport:
         self.session_factory = session_factory
 
     def on_completed(
-        self, sender: Any = None, action_id: int = 0, status: str = "", **_: Any
+        self,
+        sender: Any = None,
+        action_id: int = 0,
+        status: str = "",
+        root: Any = _UNKNOWN,
+        **_: Any,
     ) -> None:
-        """``signals.action_completed`` receiver: report the action if it is such a root."""
+        """``signals.action_completed`` receiver: report the action if it is such a root
+        (``root``: its request id and canvas, when the sender read them; None: not one)."""
+        if root is not _UNKNOWN:
+            if root is not None:
+                self.report(root[0], status, action_id, root[1])
+            return
         with self.session_factory() as s:
             row = s.execute(_ROOT_OF, {"b_action": action_id}).first()
         if row is not None and row.root and row.request_id:

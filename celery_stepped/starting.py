@@ -248,7 +248,9 @@ class Starter(Transition):
         A ``now()`` is never delivered twice.
         """
         with self.session_factory() as s:
-            actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
+            actor = call.given_actor
+            if actor is None:
+                actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
             args = self.actors.load(call.args, s)
             self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")

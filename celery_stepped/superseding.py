@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from .effects import Effects
 from .errors import Deadlock
 from .events import Events, Facts, logger
-from .join import changed, supersede_links, waits_on
+from .join import supersede_links, waits_on
 from .lanes import Lanes
 from .models import ACTIONS as _ACTIONS
 from .models import Action
@@ -46,7 +47,15 @@ _SUPERSEDE = (
         updated_at=bindparam("b_now"),
         superseded_by_id=bindparam("b_newcomer"),
     )
+    .returning(
+        _ACTIONS.c.id,
+        _ACTIONS.c.root,
+        _ACTIONS.c.request_id,
+        _ACTIONS.c.canvas,
+        _ACTIONS.c.ancestry,
+    )
 )
+_STATUS = select(_ACTIONS.c.status).where(_ACTIONS.c.id == bindparam("b_action"))
 #: Every join into an empty lane asks it (lane recovery): prebuilt Core, as it is hot.
 _PERFORMING_IN_LANE = (
     select(_ACTIONS.c.id, _ACTIONS.c.checksum)
@@ -68,6 +77,28 @@ class Entry:
     deadlock: Deadlock | None = None
 
 
+@dataclass
+class Superseded:
+    """What superseding wrote: the superseded actions (with what their signal says) and
+    whether the newcomer was final already when it committed."""
+
+    facts: dict[int, Facts] = field(default_factory=dict)
+    newcomer_final: bool = False
+
+
+def _superseded_facts(row: Any, newcomer_id: int) -> Facts:
+    """What the ``superseded`` signal and log line say (from the UPDATE's RETURNING)."""
+    return Facts(
+        "",
+        "",
+        "pending",
+        superseded_by=newcomer_id,
+        root=bool(row.root),
+        request_id=row.request_id,
+        canvas=row.canvas,
+    )
+
+
 class LaneEntry:
     """The lane-entry transition of one Stepped instance."""
 
@@ -83,15 +114,22 @@ class LaneEntry:
         self.events = events
         self.clock = clock
 
-    def enter(self, action: Action) -> Entry:
-        """Enter ``action``'s lane (a pending, persisted action)."""
-        current = self._waiting_current(action)
+    def enter(self, action: Action, fresh: bool = False) -> Entry:
+        """Enter ``action``'s lane (a pending, persisted action).
+
+        ``fresh``: ``action`` is a root this call has just written; nothing can wait
+        on it yet (no link names it, and no lane held it to be shared), so the deadlock
+        check is skipped.
+        """
+        current = self._waiting_current(action, fresh and action.root)
         if current is not None:  # its lane is held by an action that waits on it
             return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
-        superseded: list[int] = []
+        superseded = Superseded()
 
         def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
-            superseded.extend(self.supersede_rows(old_ids, action.id))
+            done = self.supersede_rows(old_ids, action.id)
+            superseded.facts.update(done.facts)
+            superseded.newcomer_final = superseded.newcomer_final or done.newcomer_final
 
         result = self.lanes.enter(
             action.concurrency_key, action.id, action.checksum, action.ancestry, supersede
@@ -108,40 +146,40 @@ class LaneEntry:
         """Mark pending actions superseded by ``newcomer_id`` (repair, racing joins)."""
         return self.after_supersede(self.supersede_rows(old_ids, newcomer_id), newcomer_id)
 
-    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> list[int]:
-        """Superseding in one SQL transaction; returns the ids it superseded.
+    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> Superseded:
+        """Superseding in one SQL transaction; returns what it superseded.
 
         A constant number of rows per superseded action, however many it superseded
         itself: its status, and the link of the step that started it copied onto the
         newcomer (:func:`~celery_stepped.join.supersede_links`). Its other waiting links
         stay on it; the newcomer's completion counts them through ``superseded_by_id``.
-        No step becomes ready here, so there is nothing to follow up.
+        No step becomes ready here, so there is nothing to follow up. The newcomer's
+        status is read after the commit: if it completed before these actions were
+        superseded into it, its report missed their waiting links.
         """
-        superseded: list[int] = []
+        superseded = Superseded()
         if not old_ids:
             return superseded
         now = self.clock()
         with self.session_factory() as s:
             for old in old_ids:
                 params = {"b_old": old, "b_now": now, "b_newcomer": newcomer_id}
-                done = changed(s, _SUPERSEDE, params)
-                if done:
-                    superseded.append(old)
-                    supersede_links(s, old, newcomer_id, now)
+                row = s.execute(_SUPERSEDE, params).first()
+                if row is not None:
+                    superseded.facts[old] = _superseded_facts(row, newcomer_id)
+                    supersede_links(s, old, newcomer_id, now, row.ancestry or "")
             s.commit()
+            if superseded.facts:
+                status = s.scalar(_STATUS, {"b_action": newcomer_id})
+                superseded.newcomer_final = status is not None and ActionStatus(status).is_final
         return superseded
 
-    def after_supersede(self, superseded: list[int], newcomer_id: int) -> Effects:
+    def after_supersede(self, superseded: Superseded, newcomer_id: int) -> Effects:
         """Signals and follow-ups of superseding (outside the lane lock)."""
         effects = Effects()
-        if not superseded:
-            return effects
-        for old in superseded:
-            facts = Facts("", "", "pending", superseded_by=newcomer_id)
+        for old, facts in superseded.facts.items():
             self.events.action_completed(old, ActionStatus.SUPERSEDED.value, facts)
-        with self.session_factory() as s:
-            status = s.scalar(select(Action.status).where(Action.id == newcomer_id))
-        if status is not None and ActionStatus(status).is_final:
+        if superseded.newcomer_final:
             # It completed before these actions were superseded into it: reporting it
             # again counts their waiting links (each once: a guarded UPDATE).
             effects.finished.append(newcomer_id)
@@ -174,14 +212,15 @@ class LaneEntry:
             row = s.execute(_PERFORMING_IN_LANE, {"b_key": key, "b_joining": joining}).first()
         return None if row is None else (row.id, row.checksum)
 
-    def _waiting_current(self, action: Action) -> int | None:
+    def _waiting_current(self, action: Action, unwaited: bool = False) -> int | None:
         """The lane's current action when it waits on ``action`` through any parent
         (shared and superseded parents included): entering would wait forever. A lost
-        lane is rebuilt first (:meth:`recover`)."""
+        lane is rebuilt first (:meth:`recover`). ``unwaited``: nothing can wait on
+        ``action`` yet (only the rebuild is done)."""
         current, _ = self.lanes.current_checksum(action.concurrency_key)
         if current is None:
             current = self.recover(action.concurrency_key, action.id)
-        if current is None or current == action.id:
+        if unwaited or current is None or current == action.id:
             return None
         with self.session_factory() as s:
             return current if waits_on(s, action.id, current) else None

@@ -11,23 +11,35 @@
 -- ARGV[2] checksum of the action, or "" for none
 -- ARGV[3] ancestry: comma-framed ancestor ids, e.g. ",3,7,"
 -- ARGV[4] comma-framed ids the caller already superseded in SQL, "," for none
+-- KEYS[3] lane lock           (stepped:<namespace>:{<lane key>}:lock), optional:
+-- ARGV[5] the caller's lock token, "" for none
+-- ARGV[6] milliseconds the lock lives
+-- ARGV[7] "take": on "retry", take the lock if it is free (a redis-py Lock's value
+--         and expiry); "drop": on any other outcome, drop the lock if it holds the
+--         token. Either saves a round trip of taking or releasing it apart.
 -- Returns {"perform"} | {"queued", removed_id...} | {"deadlock", current_id}
---       | {"retry", pending_id...}
+--       | {"retry", pending_id...} | {"retry", "locked", pending_id...}
 -- (the first word is a LaneOutcome of lanes.py)
 local id = ARGV[1]
+local function done(reply)
+  if ARGV[7] == "drop" and redis.call("GET", KEYS[3]) == ARGV[5] then
+    redis.call("DEL", KEYS[3])
+  end
+  return reply
+end
 local current = redis.call("HGET", KEYS[1], "current")
 if not current then
   redis.call("HSET", KEYS[1], "current", id, "checksum", ARGV[2])
-  return {"perform"}
+  return done({"perform"})
 end
 if current == id then
-  return {"perform"}
+  return done({"perform"})
 end
 if redis.call("ZSCORE", KEYS[2], id) then
-  return {"queued"}
+  return done({"queued"})
 end
 if string.find(ARGV[3], "," .. current .. ",", 1, true) then
-  return {"deadlock", current}
+  return done({"deadlock", current})
 end
 -- Superseding keeps at most one pending action (plus the few that concurrent joins
 -- left behind), so these replies stay small.
@@ -35,6 +47,9 @@ local older = redis.call("ZRANGE", KEYS[2], 0, -1)
 for _, old in ipairs(older) do
   if not string.find(ARGV[4], "," .. old .. ",", 1, true) then
     local reply = {"retry"}
+    if ARGV[7] == "take" and redis.call("SET", KEYS[3], ARGV[5], "NX", "PX", ARGV[6]) then
+      table.insert(reply, "locked")
+    end
     for _, pending in ipairs(older) do
       table.insert(reply, pending)
     end
@@ -52,4 +67,4 @@ local reply = {"queued"}
 for _, old in ipairs(older) do
   table.insert(reply, old)
 end
-return reply
+return done(reply)

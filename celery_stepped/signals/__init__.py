@@ -5,7 +5,9 @@ the :class:`~celery_stepped.Stepped` instance.
 
 - ``action_started(action_id, name)``: an action went from pending to performing.
 - ``action_completed(action_id, status)``: an action reached a final status (after
-  its after callbacks ran).
+  its after callbacks ran). When the transition read it with the status, the keyword
+  ``root`` is also given: ``(request_id, canvas)`` for a root started with a request
+  id (``later()``, a signature), None for any other action.
 - ``action_short_circuited(name, status, request_id, canvas)``: an action ended before
   it was persisted (cancelled or completed in ``before``, skipped by an achievement);
   ``request_id`` and ``canvas`` (its Celery callbacks) are set for a root from ``later()``.

@@ -928,6 +928,33 @@ def test_enter_supersedes_in_sql_before_redis_under_the_lane_lock(stepped: Stepp
     )
 
 
+def test_the_join_script_takes_the_lane_lock_with_an_expiry_and_lets_it_go_on_error(
+    stepped: Stepped,
+) -> None:
+    store = stepped.lanes
+    store.join("K", 1, None, ",")
+    store.join("K", 2, None, ",")
+    key = lane_key(stepped, "K", "lock")
+    expiry: list[int] = []
+
+    def supersede(ids: list[int]) -> None:
+        expiry.append(stepped.redis.pttl(key))
+        raise Crash("the SQL transaction failed")
+
+    with pytest.raises(Crash):
+        store.enter("K", 3, None, ",", supersede)
+    assert 0 < expiry[0] <= lanes.LOCK_TIMEOUT * 1000
+    assert stepped.redis.exists(key) == 0  # released: the next join need not wait
+    assert store.get("K") == Lane("K", 1, [2])  # nothing left the lane
+    # a lock someone else holds is neither taken nor dropped by the script
+    other = store.lock("K")
+    assert other.acquire(blocking=False)
+    assert store.join("K", 3, None, ",", lock=("mine", "take")).locked is False
+    assert store.join("K", 3, None, ",", [2], lock=("mine", "drop")).outcome == "queued"
+    assert stepped.redis.get(key) == other.local.token
+    other.release()
+
+
 def test_the_lane_lock_has_a_token_and_an_expiry(stepped: Stepped) -> None:
     lock = stepped.lanes.lock(SHOP)
     assert lock.acquire(blocking=False)
@@ -959,13 +986,13 @@ def crash_after_sql_supersede(
     lanes = stepped.lanes
     original = lanes.join
 
-    def join(key: str, action_id: int, *args: Any) -> Any:
+    def join(key: str, action_id: int, *args: Any, **options: Any) -> Any:
         if len(args) > 2 and list(args[2]):
             monkeypatch.setattr(lanes, "join", original)
             if reached_redis:
-                original(key, action_id, *args)
+                original(key, action_id, *args, **options)
             raise Crash("killed after the SQL supersede")
-        return original(key, action_id, *args)
+        return original(key, action_id, *args, **options)
 
     monkeypatch.setattr(lanes, "join", join)
 
