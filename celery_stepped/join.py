@@ -19,9 +19,11 @@ from typing import Any, cast
 from sqlalchemy import (
     and_,
     bindparam,
+    case,
     func,
     insert,
     literal_column,
+    or_,
     select,
     true,
     union_all,
@@ -175,24 +177,33 @@ def close_step(s: Session, step_id: int, now: datetime) -> str | None:
     unsuccessful or when its body set ``step.status = "failed"`` (that step is
     ``failed`` from the start, as in Stepped, and closes once its members are final).
     """
-    row = s.execute(
-        select(_STEPS.c.status, _STEPS.c.unsuccessful_actions_count).where(_STEPS.c.id == step_id)
-    ).first()
-    if row is None:
-        return None
-    failed = row.unsuccessful_actions_count or row.status == StepStatus.FAILED.value
-    status = StepStatus.FAILED.value if failed else StepStatus.SUCCEEDED.value
-    closed = changed(
-        s,
-        update(_STEPS)
-        .where(
-            _STEPS.c.id == step_id,
-            _STEPS.c.completed_at.is_(None),
-            _STEPS.c.pending_actions_count <= 0,
-        )
-        .values(status=status, completed_at=now),
+    closed = s.execute(_CLOSE_STEP, {"b_step": step_id, "b_now": now}).first()
+    return None if closed is None else str(closed.status)
+
+
+#: Close a step (one statement: the status follows from its counts and its own status).
+_CLOSE_STEP = (
+    update(_STEPS)
+    .where(
+        _STEPS.c.id == bindparam("b_step"),
+        _STEPS.c.completed_at.is_(None),
+        _STEPS.c.pending_actions_count <= 0,
     )
-    return status if closed else None
+    .values(
+        status=case(
+            (
+                or_(
+                    _STEPS.c.unsuccessful_actions_count > 0,
+                    _STEPS.c.status == StepStatus.FAILED.value,
+                ),
+                StepStatus.FAILED.value,
+            ),
+            else_=StepStatus.SUCCEEDED.value,
+        ),
+        completed_at=bindparam("b_now"),
+    )
+    .returning(_STEPS.c.status)
+)
 
 
 def retire_link(link_id: int, state: LinkState, outcome: str, now: datetime) -> Any:
