@@ -11,7 +11,13 @@ the redelivery of the message that ran it. Two kinds of work fall outside that:
   steps and completion, and that parent's parent's, in the same task. A worker killed
   part-way leaves committed rows whose follow-up no redelivery finds: a performing
   action whose current step closed but that never moved on, a step whose members all
-  reported but that never advanced, a final action whose parents still wait on it.
+  reported but that never advanced, a final action whose parents still wait on it;
+- a member message lost after it was sent: a worker killed between taking it from the
+  broker and recording it as unacknowledged (Kombu's Redis transport pops a message
+  first and records it next), or a broker that lost it. A child action's start then
+  never arrives and a timed wait never fires. The child's link is still unclaimed and
+  the wait's link overdue, so both are sent again (a task member is not: it would run
+  the user's task a second time, and a slow task looks the same as a lost one).
 
 ``stepped repair`` finds all of it, but only when an operator runs it. The sweep every
 worker runs (at start and every ``stepped_outbox_sweep_every`` seconds) also runs
@@ -42,8 +48,10 @@ from .events import logger
 from .join import chain_ends
 from .lane_repair import LaneRebuild
 from .lanes import Lanes
+from .members import link_messages
+from .messages import Message, wait_message
 from .models import Action, ParentLink, Step
-from .statuses import ActionStatus, LinkState, StepStatus
+from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -54,7 +62,8 @@ PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 #: Rows of each kind looked at per sweep (the oldest first).
 BATCH = 500
 #: A suspect: ``(kind, id)``; kinds ``lane`` (a pending action), ``resume`` (a performing
-#: action), ``advance`` (a step), ``report`` (a final action).
+#: action), ``advance`` (a step), ``report`` (a final action), ``members`` (a step whose
+#: member messages never arrived).
 Suspect = tuple[str, int]
 
 
@@ -94,7 +103,10 @@ class Healing:
             again = sorted(i for i in ids if ("lane", i) in seen_before)
             if again:
                 effects.add(self.heal_lane(key, again))
-        return effects.add(_heal_work(sorted(work & seen_before)))
+        due = sorted(work & seen_before)
+        members = [target for kind, target in due if kind == "members"]
+        effects.add(_heal_work([suspect for suspect in due if suspect[0] != "members"]))
+        return effects.add(Effects(self.resend_members(members, cutoff)))
 
     # -- pending actions: their lanes -----------------------------------------------------
 
@@ -167,8 +179,44 @@ class Healing:
             closed = s.execute(_closed_current_steps(cutoff)).all()
             steps = s.scalars(_unadvanced_steps(cutoff)).all()
             actions = s.scalars(_unreported_actions(cutoff)).all()
+            members = s.execute(_open_members(cutoff)).all()
         resume = {("resume", row.id) for row in closed if not self._waits_outside(row)}
-        return resume | {("advance", i) for i in steps} | {("report", i) for i in actions}
+        unsent = {("members", row.step_id) for row in members if _unsent(row, cutoff)}
+        return resume | unsent | {("advance", i) for i in steps} | {("report", i) for i in actions}
+
+    def resend_members(self, step_ids: list[int], cutoff: datetime) -> list[Message]:
+        """The member messages of ``step_ids`` that never arrived, sent again: child
+        starts nothing claimed, and timed waits overdue (each with the time it has left)."""
+        if not step_ids:
+            return []
+        with self.session_factory() as s:
+            rows = s.execute(_open_members(cutoff).where(ParentLink.step_id.in_(step_ids))).all()
+        messages: list[Message] = []
+        now = self.clock()
+        for row in rows:
+            if not _unsent(row, cutoff):
+                continue
+            queue = self._queue_of(row.actor_type, row.name)
+            if row.kind == LinkKind.WAIT.value:
+                due = row.created_at + timedelta(seconds=_seconds(row.call))
+                left = max(0.0, (due - now).total_seconds())
+                messages.append(wait_message(row.id, left, queue))
+            else:
+                messages.extend(link_messages([_link(row)], queue, self._queue_of))
+        if messages:
+            logger.warning(
+                "stepped heal: %d member message(s) of step(s) %s never arrived: sent again",
+                len(messages),
+                ", ".join(map(str, step_ids)),
+            )
+        return messages
+
+    def _queue_of(self, actor_type: str, name: str) -> str | None:
+        try:
+            queue: str | None = self.lookup(actor_type, name).resolved("action_queue")
+        except SteppedError:
+            return None
+        return queue
 
     def _waits_outside(self, row: Any) -> bool:
         """An outbound action whose steps all succeeded waits for its outside event (or
@@ -180,6 +228,50 @@ class Healing:
         except SteppedError:
             return True
         return bool(row.current_step_index >= count - 1)
+
+
+def _seconds(call: Any) -> float:
+    return float((call or {}).get("seconds", 0))
+
+
+def _unsent(row: Any, cutoff: datetime) -> bool:
+    """A child link nothing claimed, or a wait due before ``cutoff``."""
+    if row.kind == LinkKind.ACTION.value:
+        return True
+    return bool(row.created_at + timedelta(seconds=_seconds(row.call)) <= cutoff)
+
+
+def _link(row: Any) -> ParentLink:
+    """A detached link with what :func:`~celery_stepped.members.link_messages` reads."""
+    return ParentLink(id=row.id, step_id=row.step_id, kind=row.kind, call=row.call)
+
+
+def _open_members(cutoff: datetime) -> Any:
+    """Waiting child links nothing claimed and waiting timed waits, created before
+    ``cutoff``, of open steps of performing actions (with the action's type and name)."""
+    unclaimed = (ParentLink.kind == LinkKind.ACTION.value) & ParentLink.action_id.is_(None)
+    return (
+        select(
+            ParentLink.id,
+            ParentLink.step_id,
+            ParentLink.kind,
+            ParentLink.call,
+            ParentLink.created_at,
+            Action.actor_type,
+            Action.name,
+        )
+        .join(Step, Step.id == ParentLink.step_id)
+        .join(Action, Action.id == Step.action_id)
+        .where(
+            Action.status == PERFORMING,
+            Step.completed_at.is_(None),
+            ParentLink.state == LinkState.WAITING.value,
+            ParentLink.created_at <= cutoff,
+            unclaimed | (ParentLink.kind == LinkKind.WAIT.value),
+        )
+        .order_by(ParentLink.id)
+        .limit(BATCH)
+    )
 
 
 def _heal_work(suspects: list[Suspect]) -> Effects:

@@ -9,6 +9,9 @@ messages (what a broker that lost its data does) and deleting the lane's keys.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from sqlalchemy import update
 
 from celery_stepped import Stepped
@@ -18,6 +21,7 @@ from celery_stepped.models import Action, ParentLink, Step
 from celery_stepped.outbox import JobQueue
 from celery_stepped.testing import perform_stepped_actions
 from tests.conftest import make_car, stored_actions
+from tests.models import Car
 from tests.unit.test_lane_recovery import lose_lane
 from tests.unit.test_lanes import SHOP, define_shop, redis_keys, status, succeed_outbound
 
@@ -205,3 +209,43 @@ def test_an_outbound_action_that_ran_its_steps_waits_for_its_event_untouched(
             stepped.core.drive(stepped.healing.heal(0))
         assert len(jobs) == 0
     assert status(stepped, held.id) == "performing"
+
+
+# -- member messages that never arrived ----------------------------------------------------
+
+
+def define_waiter(stepped: Stepped, seconds: float) -> Any:
+    """``errand``: one step that starts a ``paint`` and waits ``seconds``."""
+    shop = define_shop(stepped)
+
+    @stepped.app.stepped_action(actor=Car)
+    def errand(step: Any, car: Car) -> None:
+        step.do(shop.paint, 1)
+        step.wait(seconds)
+
+    return errand
+
+
+def test_a_child_start_and_a_wait_that_never_arrived_are_sent_again(stepped: Stepped) -> None:
+    errand = define_waiter(stepped, 0.01)
+    with stepped.capture() as jobs:
+        action = errand.now(make_car(stepped))
+        lose_messages(jobs)  # the child's start and the wait, taken and lost
+        time.sleep(0.05)  # the wait is overdue
+        assert not stepped.healing.heal(0)  # the first sweep only notes them
+        second = stepped.healing.heal(0)
+        assert sorted(m.kind for m in second.messages) == ["action", "wait"]
+        stepped.core.drive(second)
+        perform_stepped_actions(stepped)
+    assert status(stepped, action.id) == "succeeded"
+    assert [a.status for a in stored_actions(stepped, "paint")] == ["succeeded"]
+
+
+def test_a_wait_not_due_yet_and_a_claimed_child_are_not_sent_again(stepped: Stepped) -> None:
+    errand = define_waiter(stepped, 3600)
+    with stepped.capture() as jobs:
+        action = errand.now(make_car(stepped))
+        jobs.perform(only="action")  # the child starts (claims its link); the wait is held
+        for _ in range(3):
+            assert stepped.healing.heal(0).messages == []
+    assert status(stepped, action.id) == "performing"
