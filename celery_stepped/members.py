@@ -20,6 +20,8 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.canvas import Signature, signature
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from .messages import (
     Message,
@@ -30,7 +32,7 @@ from .messages import (
     wait_message,
 )
 from .models import ParentLink
-from .statuses import ActionStatus, LinkKind
+from .statuses import ActionStatus, LinkKind, LinkState
 
 __all__ = [
     "MEMBER_TASK",
@@ -42,6 +44,7 @@ __all__ = [
     "task_member_messages",
     "task_member_view",
     "task_outcome",
+    "unclaimed_links",
 ]
 
 #: The internal task a task member reports through (``messages.TaskName.MEMBER``).
@@ -130,6 +133,22 @@ def task_member_view(
         "completed_at": ended.isoformat() if done else None,
         "duration_seconds": (ended - started).total_seconds() if done else None,
     }
+
+
+def unclaimed_links(s: Session, step_id: int) -> list[ParentLink]:
+    """The step's child links no start has claimed yet (detached)."""
+    links = list(
+        s.scalars(
+            select(ParentLink).where(
+                ParentLink.step_id == step_id,
+                ParentLink.state == LinkState.WAITING.value,
+                ParentLink.action_id.is_(None),
+                ParentLink.kind == LinkKind.ACTION.value,
+            )
+        ).all()
+    )
+    s.expunge_all()
+    return links
 
 
 def link_messages(

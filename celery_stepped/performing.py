@@ -23,7 +23,7 @@ from .effects import Delivery, Effects
 from .errors import ActorNotFound
 from .events import Events, error_record, logger
 from .join import close_step
-from .members import link_messages
+from .members import link_messages, unclaimed_links
 from .messages import Message, job_message, timeout_message
 from .models import ACTIONS as _ACTIONS
 from .models import Achievement, Action, ParentLink, Step
@@ -163,9 +163,12 @@ class Performer:
 
     def advance(self, step_id: int, delivery: Delivery) -> Effects:
         """A step's members all reported: close it, then run what follows."""
-        self.close(step_id)
         with self.session_factory() as s:
+            status = close_step(s, step_id, self.clock())
+            s.commit()
             found = position_of_step(s, step_id)
+        if status is not None:
+            self.events.step_completed(step_id, status)
         if found is None:
             return Effects()
         action_id, at = found
@@ -366,17 +369,7 @@ class Performer:
         if delivery.local:
             return []
         with self.session_factory() as s:
-            links = list(
-                s.scalars(
-                    select(ParentLink).where(
-                        ParentLink.step_id == step_id,
-                        ParentLink.state == LinkState.WAITING.value,
-                        ParentLink.action_id.is_(None),
-                        ParentLink.kind == LinkKind.ACTION.value,
-                    )
-                ).all()
-            )
-            s.expunge_all()
+            links = unclaimed_links(s, step_id)
         return self.member_messages(links)
 
 
