@@ -141,10 +141,15 @@ class Stepped:
             sessions, self.lanes, self.core.entry, self.core.performer, lookup, self.outboxes, clock
         )
         rebuild = LaneRebuild(sessions, self.lanes, self.core.entry)
-        self.healing = Healing(sessions, self.lanes, rebuild, lookup, clock)
+        waiting = self._waiting
+        self.healing = Healing(sessions, self.lanes, rebuild, lookup, clock, waiting)
         self._register_tasks()
         self.report = RootReport(self.app, sessions)
         self._connect_report()
+
+    def _waiting(self, queue: str | None) -> int | None:
+        """Messages the broker holds in ``queue`` (None: Stepped's own queue)."""
+        return self.outboxes.waiting(queue or self.queue)
 
     def _register_tasks(self) -> None:
         """The internal tasks, their retry policy, and what a worker checks at start."""

@@ -16,8 +16,9 @@ the redelivery of the message that ran it. Two kinds of work fall outside that:
   broker and recording it as unacknowledged (Kombu's Redis transport pops a message
   first and records it next), or a broker that lost it. A child action's start then
   never arrives and a timed wait never fires. The child's link is still unclaimed and
-  the wait's link overdue, so both are sent again (a task member is not: it would run
-  the user's task a second time, and a slow task looks the same as a lost one).
+  the wait's link overdue, so both are sent again, but only while the queue they go to
+  holds nothing (behind a backlog a member is late, not lost). A task member is not:
+  it would run the user's task a second time, and a slow task looks like a lost one.
 
 ``stepped repair`` finds all of it, but only when an operator runs it. The sweep every
 worker runs (at start and every ``stepped_outbox_sweep_every`` seconds) also runs
@@ -81,12 +82,14 @@ class Healing:
         rebuild: LaneRebuild,
         lookup: Callable[[str, str], SteppedAction[Any]],
         clock: Callable[[], datetime],
+        waiting: Callable[[str | None], int | None] = lambda _queue: 0,
     ) -> None:
         self.session_factory = session_factory
         self.lanes = lanes
         self.rebuild = rebuild
         self.lookup = lookup
         self.clock = clock
+        self.waiting = waiting
         self._seen: set[Suspect] = set()
 
     def heal(self, older_than: float) -> Effects:
@@ -203,6 +206,7 @@ class Healing:
                 messages.append(wait_message(row.id, left, queue))
             else:
                 messages.extend(link_messages([_link(row)], queue, self._queue_of))
+        messages = self._not_queued(messages)
         if messages:
             logger.warning(
                 "stepped heal: %d member message(s) of step(s) %s never arrived: sent again",
@@ -210,6 +214,26 @@ class Healing:
                 ", ".join(map(str, step_ids)),
             )
         return messages
+
+    def _not_queued(self, messages: list[Message]) -> list[Message]:
+        """Those of ``messages`` bound for a queue the broker holds nothing in: behind a
+        backlog a member is late, not lost (the next sweep looks again)."""
+        waiting: dict[str | None, int | None] = {}
+        kept = []
+        for message in messages:
+            if message.queue not in waiting:
+                waiting[message.queue] = self.waiting(message.queue)
+            if waiting[message.queue] == 0:
+                kept.append(message)
+        if len(kept) < len(messages):
+            busy = sorted(str(q or "stepped") for q, n in waiting.items() if n != 0)
+            logger.info(
+                "stepped heal: %d member message(s) not sent again yet: queue(s) %s hold "
+                "messages (or the broker cannot say)",
+                len(messages) - len(kept),
+                ", ".join(busy),
+            )
+        return kept
 
     def _queue_of(self, actor_type: str, name: str) -> str | None:
         try:

@@ -218,6 +218,25 @@ class Outboxes:
         if messages:
             self.current().send(messages)
 
+    def waiting(self, queue: str) -> int | None:
+        """Messages the broker holds in ``queue`` (none while messages stay in this
+        process); None when the broker cannot say."""
+        if self.local:
+            return 0
+        try:
+            with self.app.connection_for_read() as connection:
+                channel = connection.default_channel
+                # Redis: a declare only counts (it creates nothing), and a passive one
+                # misses queues under a global_keyprefix (Kombu checks unprefixed keys).
+                passive = connection.transport.driver_type != "redis"
+                try:
+                    declared = channel.queue_declare(queue=queue, passive=passive)
+                except connection.channel_errors:  # no such queue: nothing in it
+                    return 0
+                return int(declared.message_count)
+        except Exception:  # the broker is away: it cannot say
+            return None
+
     def send_one(self, message: Message) -> AsyncResult:
         """Send one message and return its ``AsyncResult``."""
         self.send([message])

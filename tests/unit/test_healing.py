@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from kombu import Queue
 from sqlalchemy import update
 
 from celery_stepped import Stepped
@@ -249,3 +250,35 @@ def test_a_wait_not_due_yet_and_a_claimed_child_are_not_sent_again(stepped: Step
         for _ in range(3):
             assert stepped.healing.heal(0).messages == []
     assert status(stepped, action.id) == "performing"
+
+
+def test_members_behind_a_backlog_are_late_not_lost(stepped: Stepped) -> None:
+    errand = define_waiter(stepped, 0.01)
+    with stepped.capture() as jobs:
+        action = errand.now(make_car(stepped))
+        lose_messages(jobs)
+        time.sleep(0.05)
+        held: list[str | None] = []
+        stepped.healing.waiting = lambda queue: held.append(queue) or 7  # a backlog
+        for _ in range(3):
+            assert stepped.healing.heal(0).messages == []
+        assert held and set(held) == {None}  # the Stepped queue was asked
+        stepped.healing.waiting = lambda queue: 0  # drained: now they are lost
+        stepped.core.drive(stepped.healing.heal(0))
+        perform_stepped_actions(stepped)
+    assert status(stepped, action.id) == "succeeded"
+
+
+def test_the_broker_says_how_many_messages_a_queue_holds(stepped: Stepped) -> None:
+    queue = f"healing-backlog-{time.monotonic_ns()}"
+    assert stepped.outboxes.waiting(queue) == 0  # no such queue yet
+    with stepped.app.connection_for_write() as connection:
+        producer = connection.Producer()
+        for n in range(3):
+            producer.publish({"n": n}, routing_key=queue, declare=[Queue(queue)])
+    assert stepped.outboxes.waiting(queue) == 3
+    with stepped.app.connection_for_write() as connection:
+        Queue(queue, channel=connection.default_channel).purge()
+        Queue(queue, channel=connection.default_channel).delete()
+    with stepped.capture():
+        assert stepped.outboxes.waiting(queue) == 0  # messages stay in this process
