@@ -14,7 +14,8 @@ from uuid import uuid4
 
 from celery.result import AsyncResult
 from sqlalchemy import select
-from sqlalchemy.orm import Session, noload, selectinload
+from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from .actors import REF, ActorRegistry, is_reference
 from .bodies import check_arguments
@@ -40,6 +41,16 @@ def check_status(status: str) -> None:
     """Refuse a status outside the completion statuses."""
     if status not in COMPLETION_STATUSES:
         raise ValueError(f"status must be one of {', '.join(COMPLETION_STATUSES)}")
+
+
+def _as_loaded(action: Action) -> Action:
+    """A pending root ``now()`` just wrote (every column set from the INSERT), detached
+    as if loaded: it has no steps, and no parent step of its own (a step that shares it
+    later is another caller's)."""
+    make_transient_to_detached(action)
+    set_committed_value(action, "steps", [])
+    set_committed_value(action, "parent_steps", [])
+    return action
 
 
 class Client:
@@ -86,7 +97,9 @@ class Client:
         action = self.engine.start_call(self.root_call(name, actor, args), root=True)
         if action.id is None:
             return action
-        return self.get_action(action.id, pending=action.status == ActionStatus.PENDING)
+        if action.status == ActionStatus.PENDING and action.created_at is not None:
+            return _as_loaded(action)  # the row as this call wrote it: no read-back
+        return self.get_action(action.id)
 
     def start_later(
         self, name: str, actor: Any, args: list[Any], options: dict[str, Any] | None = None
@@ -175,23 +188,19 @@ class Client:
 
     # -- reading ---------------------------------------------------------------------
 
-    def get_action(self, action_id: int, pending: bool = False) -> Action:
-        """The action, detached, with its steps (and their children) loaded.
-
-        ``pending``: the caller expects a pending action, which has no steps: when it
-        is one, they are not asked for (otherwise they are, in a second query).
-        """
+    def get_action(self, action_id: int) -> Action:
+        """The action, detached, with its steps (and their children) loaded."""
         with self.session_factory() as session:
-            query = select(Action).where(Action.id == int(action_id))
-            steps = selectinload(Action.steps).selectinload(Step.actions)
-            parents = selectinload(Action.parent_steps)
-            options = (noload(Action.steps), parents) if pending else (steps, parents)
-            action = session.scalar(query.options(*options))
+            action = session.scalar(
+                select(Action)
+                .where(Action.id == int(action_id))
+                .options(
+                    selectinload(Action.steps).selectinload(Step.actions),
+                    selectinload(Action.parent_steps),
+                )
+            )
             if action is None:
                 raise ActionNotFound(f"no action with id {action_id}")
-            if pending and action.status != ActionStatus.PENDING:  # it moved on meanwhile
-                session.expunge_all()
-                action = session.scalars(query.options(steps, parents)).one()
             session.expunge_all()
         action._load_actor = self.actors.load_ref
         return action

@@ -127,8 +127,9 @@ _LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
 )
 
 
-#: The pending row of a new action (Core: the object stays out of any session).
-_INSERT_ACTION = insert(_ACTIONS).returning(_ACTIONS.c.id)
+#: The pending row of a new action (Core: the object stays out of any session); every
+#: column comes back, defaults included, so the object is the row as written.
+_INSERT_ACTION = insert(_ACTIONS).returning(*_ACTIONS.c)
 
 
 def _row_of(action: Action) -> dict[str, Any]:
@@ -377,7 +378,9 @@ class Starter(Transition):
             action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
             try:
-                action.id = s.execute(_INSERT_ACTION, _row_of(action)).scalar_one()
+                written = s.execute(_INSERT_ACTION, _row_of(action)).one()._mapping
+                for column, value in written.items():
+                    setattr(action, column, value)
             except IntegrityError:
                 s.rollback()
                 return None

@@ -127,7 +127,7 @@ class LaneEntry:
         superseded = Superseded()
 
         def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
-            done = self.supersede_rows(old_ids, action.id)
+            done = self.supersede_rows(old_ids, action.id, final_yet=not fresh)
             superseded.facts.update(done.facts)
             superseded.newcomer_final = superseded.newcomer_final or done.newcomer_final
 
@@ -146,7 +146,9 @@ class LaneEntry:
         """Mark pending actions superseded by ``newcomer_id`` (repair, racing joins)."""
         return self.after_supersede(self.supersede_rows(old_ids, newcomer_id), newcomer_id)
 
-    def supersede_rows(self, old_ids: list[int], newcomer_id: int) -> Superseded:
+    def supersede_rows(
+        self, old_ids: list[int], newcomer_id: int, final_yet: bool = True
+    ) -> Superseded:
         """Superseding in one SQL transaction; returns what it superseded.
 
         A constant number of rows per superseded action, however many it superseded
@@ -154,8 +156,9 @@ class LaneEntry:
         newcomer (:func:`~celery_stepped.join.supersede_links`). Its other waiting links
         stay on it; the newcomer's completion counts them through ``superseded_by_id``.
         No step becomes ready here, so there is nothing to follow up. The newcomer's
-        status is read after the commit: if it completed before these actions were
-        superseded into it, its report missed their waiting links.
+        status is read after the commit (unless ``final_yet`` is False: a newcomer that
+        is still entering its lane for the first time): if it completed before these
+        actions were superseded into it, its report missed their waiting links.
         """
         superseded = Superseded()
         if not old_ids:
@@ -169,7 +172,7 @@ class LaneEntry:
                     superseded.facts[old] = _superseded_facts(row, newcomer_id)
                     supersede_links(s, old, newcomer_id, now, row.ancestry or "")
             s.commit()
-            if superseded.facts:
+            if superseded.facts and final_yet:
                 status = s.scalar(_STATUS, {"b_action": newcomer_id})
                 superseded.newcomer_final = status is not None and ActionStatus(status).is_final
         return superseded

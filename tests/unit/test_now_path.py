@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 
 from celery_stepped import ActionStatus, Stepped, signals
+from celery_stepped.models import Action
 from celery_stepped.testing import perform_stepped_actions
-from tests.conftest import load_car
+from tests.conftest import load_car, stored_actions
 from tests.models import Car
 
 
@@ -82,8 +83,16 @@ def test_now_of_a_waiting_action_hands_back_no_steps_and_a_performing_one_its_st
         waiting = wash.now(car)
     assert (held.status, len(held.steps)) == (ActionStatus.PERFORMING, 1)
     assert (waiting.status, waiting.steps, waiting.parent_steps) == ("pending", [], [])
-    again = stepped.client.get_action(held.id, pending=True)  # it moved on: steps read
-    assert [s.status for s in again.steps] == [s.status for s in held.steps]
+    stored = stepped.get_action(waiting.id)  # the row as written, defaults included
+    columns = [c.key for c in Action.__table__.columns]
+    assert [getattr(waiting, c) for c in columns] == [getattr(stored, c) for c in columns]
+    assert inspect(waiting).detached
+    with stepped.session() as session:  # as any action handed out: detached, mergeable
+        merged = session.merge(waiting)
+        merged.arguments = ["merged"]
+        session.commit()
+    assert stepped.get_action(waiting.id).arguments == ["merged"]
+    assert len(stored_actions(stepped, "wash")) == 1
 
 
 def test_action_completed_names_the_root_request_it_read_with_the_status(
