@@ -274,27 +274,29 @@ def _open_members(cutoff: datetime) -> Any:
     """Waiting child links nothing claimed and waiting timed waits, created before
     ``cutoff``, of open steps of performing actions (with the action's type and name)."""
     unclaimed = (ParentLink.kind == LinkKind.ACTION.value) & ParentLink.action_id.is_(None)
+    columns = (ParentLink.id, ParentLink.step_id, ParentLink.kind, ParentLink.call)
     return (
-        select(
-            ParentLink.id,
-            ParentLink.step_id,
-            ParentLink.kind,
-            ParentLink.call,
-            ParentLink.created_at,
-            Action.actor_type,
-            Action.name,
+        _waiting_links(*columns, ParentLink.created_at, Action.actor_type, Action.name)
+        .where(
+            ParentLink.created_at <= cutoff,
+            unclaimed | (ParentLink.kind == LinkKind.WAIT.value),
         )
+        .order_by(ParentLink.id)
+        .limit(BATCH)
+    )
+
+
+def _waiting_links(*columns: Any) -> Any:
+    """``columns`` of the waiting links of open steps of performing actions."""
+    return (
+        select(*columns)
         .join(Step, Step.id == ParentLink.step_id)
         .join(Action, Action.id == Step.action_id)
         .where(
             Action.status == PERFORMING,
             Step.completed_at.is_(None),
             ParentLink.state == LinkState.WAITING.value,
-            ParentLink.created_at <= cutoff,
-            unclaimed | (ParentLink.kind == LinkKind.WAIT.value),
         )
-        .order_by(ParentLink.id)
-        .limit(BATCH)
     )
 
 
@@ -357,17 +359,7 @@ def _unreported_actions(cutoff: datetime) -> Any:
     waits on, directly or through actions superseded into them (the end of a chain of
     superseders reports for the whole chain). Found from the performing actions down,
     so the query stays as small as the work in flight."""
-    waited_on = (
-        select(ParentLink.action_id)
-        .join(Step, Step.id == ParentLink.step_id)
-        .join(Action, Action.id == Step.action_id)
-        .where(
-            Action.status == PERFORMING,
-            Step.completed_at.is_(None),
-            ParentLink.state == LinkState.WAITING.value,
-            ParentLink.action_id.is_not(None),
-        )
-    )
+    waited_on = _waiting_links(ParentLink.action_id).where(ParentLink.action_id.is_not(None))
     return (
         select(Action.id)
         .where(
