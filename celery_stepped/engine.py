@@ -240,8 +240,9 @@ class Engine:
 
     def run_message(self, message: Message) -> bool:
         """Run one message in this process (eager mode, captures); False when it changed
-        nothing (a timeout not due yet)."""
-        with self.delivering():
+        nothing (a timeout not due yet). A message sent again (``retries``) runs as a
+        redelivery, as it would in a worker."""
+        with self.delivering(message.retries > 0):
             if message.kind is MessageKind.TASK:
                 link_id, payload = message.args
                 self.finish_member(
@@ -277,7 +278,10 @@ class Engine:
 
     def start_call(self, call: StartCall, root: bool) -> Action:
         """Start an action: before, keys, reuse, lane. Returns it (maybe not persisted)."""
-        existing = self.starter.existing(call)
+        # A first delivery of a child's start carries its ancestry and skips reading its
+        # link: should another delivery have claimed it, create's guarded claim finds out.
+        first = call.link is not None and call.ancestry is not None and not _recovering.get()
+        existing = None if first else self.starter.existing(call)
         if existing is not None:
             self._resume_existing(existing, call)
             return placeholder(existing)
@@ -293,7 +297,8 @@ class Engine:
             if shared is not None:
                 return placeholder(shared)
         created = self.starter.create(action, call)
-        if created is None:  # another delivery claimed the link first
+        if created is None:  # another delivery claimed the link first: read what it did
+            call.ancestry = None
             return self.start_call(call, root)
         entry = self.entry.enter(created, fresh=True)
         if created.id in entry.effects.perform:

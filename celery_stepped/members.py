@@ -166,5 +166,6 @@ def link_messages(
             messages.extend(task_member_messages(link.id, call, queue))
             continue
         start = StartCall(call["actor"], call["name"], call["args"], link.id, call.get("request"))
+        start.ancestry = call.get("ancestry")
         messages.append(start_message(start, queue_of(start.actor[0], start.name)))
     return messages

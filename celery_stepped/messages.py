@@ -117,7 +117,8 @@ class StartCall:
     #: A root's Celery canvas (``link``, ``link_error``, ``chain``, ``chord``, ...),
     #: applied when it is final (:mod:`celery_stepped.results`).
     canvas: dict[str, Any] | None = None
-    #: A child's ancestry as its parent link recorded it (read with the link, never sent).
+    #: A child's ancestry as its parent link recorded it (sent with the start, so a first
+    #: delivery needs not read the link; a redelivery reads it from the link).
     ancestry: str | None = field(default=None, compare=False)
     #: The actor object a caller in this process gave (``now()``; never sent): keys
     #: and checksum read it instead of loading the row again.
@@ -134,6 +135,8 @@ class StartCall:
         }
         if self.canvas:
             payload["canvas"] = self.canvas
+        if self.link is not None and self.ancestry:
+            payload["ancestry"] = self.ancestry
         return payload
 
     @classmethod
@@ -146,6 +149,7 @@ class StartCall:
             payload.get("link"),
             payload.get("request"),
             payload.get("canvas"),
+            payload.get("ancestry") if payload.get("link") is not None else None,
         )
 
 

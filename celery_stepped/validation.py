@@ -7,6 +7,7 @@ row it names exists, and is in the state it expects, each handler checks itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,9 @@ from .errors import SteppedError
 from .events import logger
 from .messages import TaskName
 from .statuses import ActionStatus
+
+#: What an ancestry looks like: comma-framed action ids.
+_ANCESTRY = re.compile(r",(?:[0-9]+,)*")
 
 __all__ = ["MAX_MESSAGE_DEPTH", "InvalidMessage", "check_message", "checked_strategy"]
 
@@ -55,7 +59,13 @@ def _start(payload: Any) -> bool:
         and isinstance(payload.get("args", []), list)
         and _optional_id(payload.get("link"))
         and isinstance(payload.get("request"), str | type(None))
+        and _ancestry(payload.get("ancestry"))
     )
+
+
+def _ancestry(value: Any) -> bool:
+    """None, or comma-framed action ids (``,3,7,``): it reaches a Lua script and SQL."""
+    return value is None or (isinstance(value, str) and bool(_ANCESTRY.fullmatch(value)))
 
 
 SHAPES: dict[str, tuple[tuple[Check, ...], ...]] = {

@@ -109,6 +109,8 @@ def test_arguments_nested_too_deep_are_refused_at_call_time(stepped: Stepped, ca
         ("stepped.start", ()),
         ("stepped.start", ({"actor": "Car/1", "name": "x"},)),
         ("stepped.start", ({"actor": ["Car", "1"], "name": "x", "link": "7"},)),
+        ("stepped.start", ({"actor": ["Car", "1"], "name": "x", "link": 7, "ancestry": "1"},)),
+        ("stepped.start", ({"actor": ["Car", "1"], "name": "x", "ancestry": ",1,') --"},)),
         ("stepped.resume", ("12",)),
         ("stepped.resume", (12, 13)),
         ("stepped.advance", (None,)),
@@ -131,6 +133,7 @@ def test_well_formed_internal_messages_pass() -> None:
 
     start = {"actor": ["Car", "1"], "name": "x", "args": [1], "link": None, "request": "r"}
     check_message("stepped.start", (start,))
+    check_message("stepped.start", ({**start, "link": 7, "ancestry": ",3,12,"},))
     check_message("stepped.resume", (12,))
     check_message("stepped.complete", (None, "succeeded"))
     check_message("stepped.complete", (["Car", "1"], "charge", "failed"))

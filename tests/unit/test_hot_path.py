@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from celery_stepped import Step, Stepped
 from celery_stepped.models import ParentLink, StartRecord
 from celery_stepped.models import Step as StepRow
+from celery_stepped.staging import as_redelivery
 from tests.conftest import load_car, stored_actions
 from tests.models import Car
 
@@ -72,10 +73,16 @@ def test_a_child_whose_key_fails_is_counted_once_when_delivered_again(
         root = parent.now(car)
         (start,) = jobs.take("action")
         stepped.core.run_message(start)
-        stepped.core.run_message(start)  # the link is done: nothing runs again
+        again = as_redelivery(start, stepped.clock(), stepped.clock())
+        stepped.core.run_message(again)  # the link is done: nothing runs again
+        assert failures == [car.id]
+        stepped.core.run_message(start)  # a duplicate not marked: keys again, counted once
     assert stored_actions(stepped, "leaf") == []
     assert stepped.get_action(root.id).status == "failed"
-    assert failures == [car.id]
+    assert failures == [car.id, car.id]
+    with stepped.session() as session:
+        (step,) = session.scalars(select(StepRow).where(StepRow.action_id == root.id)).all()
+        assert (step.pending_actions_count, step.unsuccessful_actions_count) == (0, 1)
 
 
 @pytest.mark.parametrize("in_link", [True, False], ids=["from-link", "link-of-earlier-version"])
