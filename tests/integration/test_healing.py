@@ -1,4 +1,5 @@
-"""Healing through a real worker: its sweep resumes a lane front whose message was lost.
+"""Healing through a real worker: its sweep resumes a lane front whose message was lost,
+and sends again member messages that never arrived.
 
 The worker sweeps every second. The test completes a lane's outbound action from
 outside (as a webhook does) while capturing what that sends, then drops it: the
@@ -38,3 +39,24 @@ def test_the_sweep_resumes_a_lane_front_whose_resume_message_was_lost(it: Cluste
     assert it.wait_ready(second).status == "performing"
     assert it.log_tokens(car.id) == ["lane-a", "lane-b"]
     assert "stepped heal: pending action(s)" in it.logs()
+
+
+def test_the_sweep_sends_again_child_starts_and_a_wait_that_never_arrived(it: Cluster) -> None:
+    """Here the test process runs the roots' first steps (``now()`` in a capture) and
+    drops what they send: two children's starts and a timed wait, as if a worker took
+    them from Redis and was killed before Kombu recorded them. The worker's sweep finds
+    the unclaimed links and the overdue wait on two sweeps and sends them again."""
+    car = it.make_car()
+    with it.stepped.capture() as jobs:
+        fan = it.stepped.registry.find(type(car), "fan_root").now(car, 2)
+        nap = it.stepped.registry.find(type(car), "nap").now(car)
+        assert sorted(m.task for m in jobs.take()) == [
+            "stepped.start",
+            "stepped.start",
+            "stepped.wait",
+        ]
+    assert it.wait_final(fan.id).status == "succeeded"
+    assert it.wait_final(nap.id).status == "succeeded"
+    assert sorted(it.log_tokens(car.id)) == ["fanned", "woke"]
+    assert [a.status for a in it.actions("fan_leaf")] == ["succeeded", "succeeded"]
+    assert "never arrived: sent again" in it.logs()
