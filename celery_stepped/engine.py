@@ -278,8 +278,7 @@ class Engine:
 
     def start_call(self, call: StartCall, root: bool) -> Action:
         """Start an action: before, keys, reuse, lane. Returns it (maybe not persisted)."""
-        # A first delivery of a child's start carries its ancestry and skips reading its
-        # link: should another delivery have claimed it, create's guarded claim finds out.
+        # A child's first delivery skips its link (a claimed one fails create's claim).
         first = call.link is not None and call.ancestry is not None and not _recovering.get()
         existing = None if first else self.starter.existing(call)
         if existing is not None:
