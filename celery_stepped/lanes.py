@@ -26,7 +26,7 @@ from typing import Any
 from uuid import uuid4
 
 import redis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 from redis.lock import Lock
 
 from . import keys
@@ -208,10 +208,12 @@ class Lanes:
         return JoinResult(result.outcome, done, result.current_id)
 
     def _unlock(self, key: str, token: str) -> None:
-        """Release the lane lock if ``token`` still holds it."""
+        """Release the lane lock if ``token`` still holds it (best effort, on an error
+        path: a Redis that cannot answer lets it expire, and the error that led here is
+        the one raised)."""
         lock = self.lock(key)
         lock.local.token = token.encode()
-        with suppress(LockError):
+        with suppress(LockError, RedisError):
             lock.release()
 
     def lock(self, key: str) -> Lock:

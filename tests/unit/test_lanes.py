@@ -955,6 +955,28 @@ def test_the_join_script_takes_the_lane_lock_with_an_expiry_and_lets_it_go_on_er
     other.release()
 
 
+def test_an_error_while_superseding_is_the_one_raised_when_redis_cannot_unlock(
+    stepped: Stepped, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = stepped.lanes
+    store.join("K", 1, None, ",")
+    store.join("K", 2, None, ",")
+
+    def supersede(ids: list[int]) -> None:
+        def gone(*_: Any) -> None:
+            raise redis.exceptions.ConnectionError("Redis went away")
+
+        monkeypatch.setattr(redis.lock.Lock, "release", gone)
+        raise Crash("the SQL transaction failed")
+
+    with pytest.raises(Crash):
+        store.enter("K", 3, None, ",", supersede)
+    monkeypatch.undo()
+    assert stepped.redis.pttl(lane_key(stepped, "K", "lock")) > 0  # left to expire
+    stepped.redis.delete(lane_key(stepped, "K", "lock"))
+    assert store.get("K") == Lane("K", 1, [2])
+
+
 def test_the_lane_lock_has_a_token_and_an_expiry(stepped: Stepped) -> None:
     lock = stepped.lanes.lock(SHOP)
     assert lock.acquire(blocking=False)
