@@ -274,9 +274,16 @@ def _open_members(cutoff: datetime) -> Any:
     """Waiting child links nothing claimed and waiting timed waits, created before
     ``cutoff``, of open steps of performing actions (with the action's type and name)."""
     unclaimed = (ParentLink.kind == LinkKind.ACTION.value) & ParentLink.action_id.is_(None)
-    columns = (ParentLink.id, ParentLink.step_id, ParentLink.kind, ParentLink.call)
     return (
-        _waiting_links(*columns, ParentLink.created_at, Action.actor_type, Action.name)
+        _waiting_links(
+            ParentLink.id,
+            ParentLink.step_id,
+            ParentLink.kind,
+            ParentLink.call,
+            ParentLink.created_at,
+            Action.actor_type,
+            Action.name,
+        )
         .where(
             ParentLink.created_at <= cutoff,
             unclaimed | (ParentLink.kind == LinkKind.WAIT.value),

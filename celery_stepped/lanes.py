@@ -211,10 +211,8 @@ class Lanes:
         """Release the lane lock if ``token`` still holds it (best effort, on an error
         path: a Redis that cannot answer lets it expire, and the error that led here is
         the one raised)."""
-        lock = self.lock(key)
-        lock.local.token = token.encode()
         with suppress(LockError, RedisError):
-            lock.release()
+            self.lock(key).do_release(token)
 
     def lock(self, key: str) -> Lock:
         """The lock of ``key``'s lane: a random token per holder, expiring on its own."""

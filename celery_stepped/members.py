@@ -136,7 +136,7 @@ def task_member_view(
 
 
 def unclaimed_links(s: Session, step_id: int) -> list[ParentLink]:
-    """The step's child links no start has claimed yet (detached)."""
+    """The step's child links no start has claimed yet (detached from ``s``)."""
     links = list(
         s.scalars(
             select(ParentLink).where(
@@ -147,7 +147,8 @@ def unclaimed_links(s: Session, step_id: int) -> list[ParentLink]:
             )
         ).all()
     )
-    s.expunge_all()
+    for link in links:
+        s.expunge(link)
     return links
 
 

@@ -164,11 +164,8 @@ class Performer:
     def advance(self, step_id: int, delivery: Delivery) -> Effects:
         """A step's members all reported: close it, then run what follows."""
         with self.session_factory() as s:
-            status = close_step(s, step_id, self.clock())
-            s.commit()
+            self._close(s, step_id)
             found = position_of_step(s, step_id)
-        if status is not None:
-            self.events.step_completed(step_id, status)
         if found is None:
             return Effects()
         action_id, at = found
@@ -216,8 +213,12 @@ class Performer:
     def close(self, step_id: int) -> None:
         """Close a step whose members all reported (once)."""
         with self.session_factory() as s:
-            status = close_step(s, step_id, self.clock())
-            s.commit()
+            self._close(s, step_id)
+
+    def _close(self, s: Session, step_id: int) -> None:
+        """Close the step in ``s`` and commit; its signal if this call closed it."""
+        status = close_step(s, step_id, self.clock())
+        s.commit()
         if status is not None:
             self.events.step_completed(step_id, status)
 

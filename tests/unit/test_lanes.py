@@ -966,7 +966,7 @@ def test_an_error_while_superseding_is_the_one_raised_when_redis_cannot_unlock(
         def gone(*_: Any) -> None:
             raise redis.exceptions.ConnectionError("Redis went away")
 
-        monkeypatch.setattr(redis.lock.Lock, "release", gone)
+        monkeypatch.setattr(redis.lock.Lock, "do_release", gone)
         raise Crash("the SQL transaction failed")
 
     with pytest.raises(Crash):
