@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -24,7 +24,13 @@ from .actors import ActorRegistry
 from .effects import Delivery, Effects
 from .errors import ActorNotFound
 from .events import Events, Facts, logger
-from .join import changed, counted_steps_of_performing, report_parents, superseded_into
+from .join import (
+    changed,
+    counted_steps_of_performing,
+    report_parents,
+    status_of,
+    superseded_into,
+)
 from .messages import Message, advance_message, insurance_message
 from .models import ACTIONS as _ACTIONS
 from .models import Achievement, Action, ParentLink
@@ -174,7 +180,7 @@ class Completer(Transition):
             if other is None or outcome not in ("next", "other"):
                 return effects
             with self.session_factory() as s:
-                status = s.scalar(select(Action.status).where(Action.id == other))
+                status = status_of(s, other)
             if status == ActionStatus.PENDING.value:
                 effects.handoff.append(other)
             if status != ActionStatus.SUPERSEDED.value:

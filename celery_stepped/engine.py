@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from .completing import Completer
 from .effects import Delivery, Effects
 from .events import Events, error_record, logger
-from .join import counted_steps_of_performing, report_link
+from .join import counted_steps_of_performing, report_link, status_of
 from .members import task_outcome
 from .messages import (
     CompleteCall,
@@ -204,7 +204,7 @@ class Engine:
 
     def _status(self, action_id: int) -> str | None:
         with self.session_factory() as s:
-            return s.scalar(select(Action.status).where(Action.id == action_id))
+            return status_of(s, action_id)
 
     def _follow_link(self, link_id: int) -> Effects:
         """In a redelivery: the step of an already counted link, if its action performs."""

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 from .effects import Effects
 from .errors import SteppedError
 from .events import logger
-from .join import chain_ends
+from .join import chain_ends, status_of
 from .lane_repair import LaneRebuild
 from .lanes import Lanes
 from .members import link_messages
@@ -148,7 +148,7 @@ class Healing:
         if action_id is None:
             return None
         with self.session_factory() as s:
-            return s.scalar(select(Action.status).where(Action.id == action_id))
+            return status_of(s, action_id)
 
     def heal_lane(self, key: str, ids: list[int]) -> Effects:
         """Rebuild lane ``key`` from SQL (under its lock) and resume its current action

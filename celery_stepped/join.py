@@ -51,6 +51,7 @@ __all__ = [
     "report_link",
     "report_parents",
     "retire_link",
+    "status_of",
     "supersede_links",
     "superseded_into",
     "waits_on",
@@ -204,6 +205,16 @@ _CLOSE_STEP = (
     )
     .returning(_STEPS.c.status)
 )
+
+
+_STATUS = select(_ACTIONS.c.status).where(_ACTIONS.c.id == bindparam("b_action"))
+
+
+def status_of(s: Session, action_id: int) -> str | None:
+    """One action's status (None: no such action): prebuilt Core, as several
+    transitions ask it."""
+    status: str | None = s.scalar(_STATUS, {"b_action": action_id})
+    return status
 
 
 def retire_link(link_id: int, state: LinkState, outcome: str, now: datetime) -> Any:

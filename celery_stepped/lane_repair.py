@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .effects import Effects
+from .join import status_of
 from .lanes import LaneOutcome, Lanes
 from .models import Action
 from .statuses import ActionStatus
@@ -147,7 +148,7 @@ class LaneRebuild:
         if current is None:
             return []
         with self.session_factory() as s:
-            status = s.scalar(select(Action.status).where(Action.id == current))
+            status = status_of(s, current)
         if status is None or not ActionStatus(status).is_final:
             return []
         outcome, promoted = self.lanes.release(key, current)

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from .effects import Effects
 from .errors import Deadlock
 from .events import Events, Facts, logger
-from .join import supersede_links, waits_on
+from .join import status_of, supersede_links, waits_on
 from .lanes import Lanes
 from .models import ACTIONS as _ACTIONS
 from .models import Action
@@ -55,7 +55,6 @@ _SUPERSEDE = (
         _ACTIONS.c.ancestry,
     )
 )
-_STATUS = select(_ACTIONS.c.status).where(_ACTIONS.c.id == bindparam("b_action"))
 #: Every join into an empty lane asks it (lane recovery): prebuilt Core, as it is hot.
 _PERFORMING_IN_LANE = (
     select(_ACTIONS.c.id, _ACTIONS.c.checksum)
@@ -173,7 +172,7 @@ class LaneEntry:
                     supersede_links(s, old, newcomer_id, now, row.ancestry or "")
             s.commit()
             if superseded.facts and final_yet:
-                status = s.scalar(_STATUS, {"b_action": newcomer_id})
+                status = status_of(s, newcomer_id)
                 superseded.newcomer_final = status is not None and ActionStatus(status).is_final
         return superseded
 
