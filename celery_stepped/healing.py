@@ -9,9 +9,9 @@ the redelivery of the message that ran it. Two kinds of work fall outside that:
 - work a task did *inline* for another action: a lane handoff runs the promoted action
   in the task that released the lane, and a step's last member runs its parent's next
   steps and completion, and that parent's parent's, in the same task. A worker killed
-  part-way leaves committed rows whose follow-up no redelivery finds: a performing
-  action whose current step closed but that never moved on, a step whose members all
-  reported but that never advanced, a final action whose parents still wait on it;
+  part-way leaves committed rows no redelivery follows up: a performing action whose
+  current step closed (or never committed), a step whose members all reported but
+  that never advanced, a final action whose parents still wait on it;
 - a member message lost after it was sent: a worker killed between taking it from the
   broker and recording it as unacknowledged (Kombu's Redis transport pops a message
   first and records it next), or a broker that lost it. A child action's start then
@@ -176,14 +176,17 @@ class Healing:
 
     def work_suspects(self, cutoff: datetime) -> set[Suspect]:
         """Committed before ``cutoff`` and not followed up: performing actions whose
-        current step closed, steps whose members all reported, final actions whose
-        parents still wait on them."""
+        current step closed or was never written (begun, then killed before its first
+        step committed), steps whose members all reported, final actions whose parents
+        still wait on them."""
         with self.session_factory() as s:
             closed = s.execute(_closed_current_steps(cutoff)).all()
             steps = s.scalars(_unadvanced_steps(cutoff)).all()
             actions = s.scalars(_unreported_actions(cutoff)).all()
             members = s.execute(_open_members(cutoff)).all()
+            unstepped = s.scalars(_stepless_performing(cutoff)).all()
         resume = {("resume", row.id) for row in closed if not self._waits_outside(row)}
+        resume |= {("resume", i) for i in unstepped}
         unsent = {("members", row.step_id) for row in members if _unsent(row, cutoff)}
         return resume | unsent | {("advance", i) for i in steps} | {("report", i) for i in actions}
 
@@ -321,6 +324,24 @@ def _heal_work(suspects: list[Suspect]) -> Effects:
         said = ", ".join(f"{kind} {target}" for kind, target in suspects)
         logger.warning("stepped heal: work a killed task left half done: %s", said)
     return effects
+
+
+def _stepless_performing(cutoff: datetime) -> Any:
+    """Actions performing since before ``cutoff`` with no row for their current step:
+    begun (often inline, by a lane handoff) and killed before that step committed."""
+    current_step = (Step.action_id == Action.id) & (
+        Step.definition_index == Action.current_step_index
+    )
+    return (
+        select(Action.id)
+        .where(
+            Action.status == PERFORMING,
+            Action.started_at <= cutoff,
+            ~select(Step.id).where(current_step).exists(),
+        )
+        .order_by(Action.id)
+        .limit(BATCH)
+    )
 
 
 def _closed_current_steps(cutoff: datetime) -> Any:

@@ -60,3 +60,26 @@ def test_the_sweep_sends_again_child_starts_and_a_wait_that_never_arrived(it: Cl
     assert sorted(it.log_tokens(car.id)) == ["fanned", "woke"]
     assert [a.status for a in it.actions("fan_leaf")] == ["succeeded", "succeeded"]
     assert "never arrived: sent again" in it.logs()
+
+
+def test_the_sweep_resumes_an_action_begun_but_killed_before_its_first_step(
+    it: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test process begins ``fan_root`` (``now()``) and dies, as far as the action
+    knows, before its first step commits: performing, with no step row, and no message
+    that would carry it on. The worker's sweep finds it on two sweeps and resumes it."""
+    performer = it.stepped.core.performer
+
+    def killed(*_: object) -> None:
+        raise RuntimeError("killed before the first step committed")
+
+    monkeypatch.setattr(performer, "run_first_steps", killed)
+    car = it.make_car()
+    with pytest.raises(RuntimeError):
+        it.stepped.registry.find(type(car), "fan_root").now(car, 1)
+    monkeypatch.undo()
+    (root,) = [a for a in it.actions("fan_root") if a.actor_id == str(car.id)]
+    assert root.status == "performing"
+    assert it.wait_final(root.id).status == "succeeded"
+    assert it.log_tokens(car.id) == ["fanned"]
+    assert "work a killed task left half done: resume" in it.logs()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from kombu import Queue
 from sqlalchemy import update
 
@@ -24,7 +25,7 @@ from celery_stepped.testing import perform_stepped_actions
 from tests.conftest import make_car, stored_actions
 from tests.models import Car
 from tests.unit.test_lane_recovery import lose_lane
-from tests.unit.test_lanes import SHOP, define_shop, redis_keys, status, succeed_outbound
+from tests.unit.test_lanes import SHOP, Crash, define_shop, redis_keys, status, succeed_outbound
 
 
 def sweep_twice(stepped: Stepped) -> list[int]:
@@ -282,3 +283,35 @@ def test_the_broker_says_how_many_messages_a_queue_holds(stepped: Stepped) -> No
         Queue(queue, channel=connection.default_channel).delete()
     with stepped.capture():
         assert stepped.outboxes.waiting(queue) == 0  # messages stay in this process
+
+
+def test_an_action_begun_but_killed_before_its_first_step_committed_is_resumed(
+    stepped: Stepped, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop = define_shop(stepped)
+    performer = stepped.core.performer
+    original = performer.run_first_steps
+
+    def killed(*_: Any) -> Any:  # pending -> performing committed; then kill -9
+        monkeypatch.setattr(performer, "run_first_steps", original)
+        raise Crash("killed before the first step committed")
+
+    monkeypatch.setattr(performer, "run_first_steps", killed)
+    with stepped.capture(), pytest.raises(Crash):
+        shop.paint.now(make_car(stepped), 1)
+    (paint,) = stored_actions(stepped, "paint")
+    assert status(stepped, paint.id) == "performing"
+    with stepped.capture():
+        assert sweep_twice(stepped) == [paint.id]
+        perform_stepped_actions(stepped)
+    assert status(stepped, paint.id) == "succeeded"
+    assert redis_keys(stepped) == []
+
+
+def test_an_action_whose_first_step_is_written_is_not_resumed(stepped: Stepped) -> None:
+    errand = define_waiter(stepped, 3600)
+    with stepped.capture() as jobs:
+        action = errand.now(make_car(stepped))
+        jobs.perform(only="action")
+        for _ in range(3):
+            assert action.id not in stepped.healing.heal(0).handoff
