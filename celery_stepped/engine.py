@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from .beginning import Fresh
 from .completing import Completer
 from .effects import Delivery, Effects
 from .events import Events, error_record, logger
@@ -31,14 +32,13 @@ from .messages import (
     StartCall,
     TaskName,
     advance_message,
-    resume_message,
     timeout_message,
 )
 from .models import Action, ParentLink
 from .outbound import outbound_to_complete
 from .outbox import Outboxes, run_task_locally
 from .performing import Performer
-from .routing import Routes
+from .routing import Routes, resume_messages
 from .staging import as_redelivery, discard, discard_keyed, due, named_by
 from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter, placeholder
 from .statuses import ActionStatus, LinkKind
@@ -166,26 +166,17 @@ class Engine:
         return Effects(self._resume_messages([action_id]))
 
     def _resume_messages(self, action_ids: list[int]) -> list[Message]:
-        with self.session_factory() as s:
-            # Whatever their status now: a resume carries any action on from its records.
-            rows = s.execute(select(Action).where(Action.id.in_(action_ids))).scalars()
-            queue_of = self.routes.queue_of if self.routes else (lambda *_: None)
-            return [
-                resume_message(
-                    a.id,
-                    a.name,
-                    a.arguments,
-                    [a.actor_type, a.actor_id],
-                    queue_of(a.actor_type, a.name),
-                )
-                for a in rows
-            ]
+        return resume_messages(self.session_factory, action_ids, self.routes)
 
     # -- transitions driven from here ----------------------------------------------------
 
-    def perform(self, action_id: int) -> Effects:
-        """The lane let this action perform: begin it and run its steps."""
+    def perform(self, action_id: int, fresh: Fresh | None = None) -> Effects:
+        """The lane let this action perform: begin it and run its steps (``fresh``: this
+        call created it, see :meth:`Performer.begin_and_run`)."""
         delivery = self.delivery()
+        ran = None if fresh is None else self.performer.begin_and_run(fresh, delivery)
+        if ran is not None:
+            return ran
         began = self.performer.begin(action_id, delivery)
         if began is not None and began.complete:  # achieved while it waited: skipped
             return began
@@ -295,14 +286,19 @@ class Engine:
             shared = self.starter.share(action, call)
             if shared is not None:
                 return placeholder(shared)
-        created = self.starter.create(action, call)
-        if created is None:  # another delivery claimed the link first: read what it did
+        written = self.starter.create(action, call)
+        if written is None:  # another delivery claimed the link first: read what it did
             call.ancestry = None
             return self.start_call(call, root)
-        entry = self.entry.enter(created, fresh=True)
-        if created.id in entry.effects.perform:
-            created.status = PERFORMING  # what it is by now (its steps ran or were sent)
+        created = written.action
+        entry = self.entry.enter(created, fresh=True, lane_clear=written.lane_clear)
+        performs = created.id in entry.effects.perform
+        if performs:  # it begins in its first step's transaction: see beginning.py
+            entry.effects.perform.remove(created.id)
         self.drive(entry.effects)
+        if performs:
+            self.drive(self.perform(created.id, Fresh(created, call.loaded_actor)))
+            created.status = PERFORMING  # what it is by now (its steps ran or were sent)
         if entry.deadlock is not None:
             self.events.report_or_raise(entry.deadlock, created.id, None, "lane")
         return created

@@ -123,6 +123,9 @@ class StartCall:
     #: The actor object a caller in this process gave (``now()``; never sent): keys
     #: and checksum read it instead of loading the row again.
     given_actor: Any = field(default=None, compare=False, repr=False)
+    #: The actor object the start loaded for the keys (never sent): the first step of
+    #: an action that begins in the same call uses it again (``beginning.Fresh``).
+    loaded_actor: Any = field(default=None, compare=False, repr=False)
 
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``stepped.start`` message."""

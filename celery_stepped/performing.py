@@ -10,23 +10,23 @@ same call, without reading the action again.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
+from .beginning import Beginner, Fresh, Unbegun
 from .completing import Settled, Settler
 from .effects import Delivery, Effects
 from .errors import ActorNotFound
 from .events import Events, error_record, logger
 from .join import close_step
 from .members import link_messages, unclaimed_links
-from .messages import Message, job_message, timeout_message
-from .models import ACTIONS as _ACTIONS
-from .models import Achievement, Action, ParentLink, Step
+from .messages import Message, job_message
+from .models import Action, ParentLink, Step
 from .staging import stage
 from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
 from .step import Step as StepContext
@@ -50,23 +50,6 @@ __all__ = ["Performer"]
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 SUCCEEDED, SUCCEEDED_STEP = ActionStatus.SUCCEEDED.value, StepStatus.SUCCEEDED.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
-
-
-#: pending -> performing, returning what the first step needs (built once: Core).
-_BEGIN = (
-    update(_ACTIONS)
-    .where(_ACTIONS.c.id == bindparam("action_id"), _ACTIONS.c.status == PENDING)
-    .values(status=PERFORMING, started_at=bindparam("at"), updated_at=bindparam("at"))
-    .returning(
-        _ACTIONS.c.name,
-        _ACTIONS.c.timeout_seconds,
-        _ACTIONS.c.checksum_key,
-        _ACTIONS.c.actor_type,
-        _ACTIONS.c.actor_id,
-        _ACTIONS.c.checksum,
-        _ACTIONS.c.outbound,
-    )
-)
 
 
 class Ran(NamedTuple):
@@ -96,35 +79,30 @@ class Performer:
         self.events = events
         self.clock = clock
         self.settler = Settler(actors, lookup, events)
-
-    # -- begin -------------------------------------------------------------------------
+        self.beginner = Beginner(session_factory, self.queue_of, events, clock)
 
     def begin(self, action_id: int, delivery: Delivery) -> Effects | None:
-        """pending -> performing; erase the achievement; schedule the timeout.
+        """pending -> performing in its own transaction (:meth:`Beginner.begin`)."""
+        return self.beginner.begin(action_id, delivery)
 
-        Returns the effects, or None when the action is not (or no longer) performing.
-        """
-        now = self.clock()
-        with self.session_factory() as s:
-            began = s.execute(_BEGIN, {"action_id": action_id, "at": now}).first()
-            if began is None:
-                return self._began_before(s, action_id, delivery)
-            name, timeout, checksum_key, actor_type, actor_id, checksum, outbound = began
-            if checksum is not None and _achieved(s, checksum_key) == checksum:
-                # Identical work succeeded while this one waited in its lane: skip it.
-                s.rollback()
-                return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
-            if checksum is not None:  # reuse is opt-in: only a checksum erases one
-                s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
-            effects = Effects()
-            if timeout is not None:
-                queue = self.queue_of(actor_type, name)
-                effects.messages.append(timeout_message(action_id, name, timeout, queue))
-            effects.staged = stage(s, effects.messages, now)
-            s.commit()
-        self.events.action_started(action_id, name, f"{actor_type}/{actor_id}")
-        effects.began = (actor_type, name, outbound)
-        return effects
+    def begin_and_run(self, fresh: Fresh, delivery: Delivery) -> Effects | None:
+        """Begin an action this call created (``fresh``) in its first step's transaction
+        and run its steps (:mod:`~celery_stepped.beginning`); None: the ordinary path
+        (a checksum, whose achievement begin checks, or another delivery was first)."""
+        action = fresh.action
+        if action.checksum is not None:
+            return None
+        bodies = self.lookup(action.actor_type, action.name).steps_for_run()
+        try:
+            return self._run_from(action.id, 0, action.outbound, bodies, delivery, fresh)
+        except Unbegun:
+            return None
+        except BaseException:
+            # As if it had begun on its own first: a retry or the sweep finds it
+            # performing, its timeout staged (best effort: the store may be down).
+            with suppress(Exception):
+                self.begin(action.id, delivery)
+            raise
 
     def run_first_steps(
         self, action_id: int, began: tuple[str, str, bool], delivery: Delivery
@@ -139,20 +117,6 @@ class Performer:
         """The action's own queue: its waits, timeout and task reports go there."""
         queue: str | None = self.lookup(actor_type, name).resolved("action_queue")
         return queue
-
-    @staticmethod
-    def _began_before(s: Session, action_id: int, delivery: Delivery) -> Effects | None:
-        row = s.execute(
-            select(Action.status, Action.name, Action.timeout_seconds).where(Action.id == action_id)
-        ).first()
-        if row is None or row.status != PERFORMING:
-            return None
-        effects = Effects()
-        if row.timeout_seconds is not None and delivery.recovering:
-            # The run that began it may have died before it scheduled the timeout;
-            # an early check re-schedules itself for the time left.
-            effects.messages.append(timeout_message(action_id, row.name, 0))
-        return effects
 
     # -- steps -------------------------------------------------------------------------
 
@@ -192,14 +156,22 @@ class Performer:
             return self._run_from(action_id, at.step_index + 1, at.outbound, bodies, delivery)
 
     def _run_from(
-        self, action_id: int, index: int, outbound: bool, bodies: list[Any], delivery: Delivery
+        self,
+        action_id: int,
+        index: int,
+        outbound: bool,
+        bodies: list[Any],
+        delivery: Delivery,
+        fresh: Fresh | None = None,
     ) -> Effects:
         """Run bodies from ``index`` on while each closes at once (see step_index.py); the
-        last one, closing at once, completes the action in its own transaction."""
+        last one, closing at once, completes the action in its own transaction
+        (``fresh``: the first one begins it)."""
         effects = Effects()
         while index < len(bodies):
             last = delivery if index == len(bodies) - 1 and not outbound else None
-            ran = self.perform_step(action_id, index, bodies[index], effects, last)
+            ran = self.perform_step(action_id, index, bodies[index], effects, last, fresh)
+            fresh = None
             if ran.outcome == "completed":
                 return effects
             if ran.outcome != "done":
@@ -229,38 +201,61 @@ class Performer:
         body: Callable[..., Any],
         effects: Effects,
         last: Delivery | None = None,
+        fresh: Fresh | None = None,
     ) -> Ran:
         """Run one step body in one transaction; its messages go into ``effects``
-        (``last``: see :meth:`_settle_last`). The body runs before Stepped writes, so on
-        SQLite no write lock is held while it runs; its changes, the ``Step`` row and the
-        members are then written in one short transaction. "Already ran" is checked in
-        that transaction, under a row lock of the action on PostgreSQL, so a body runs
-        once per step there; on SQLite two deliveries at the very same moment may both
-        run it, and the unique (action, index) row lets only one of them commit."""
+        (``last``: :meth:`_settle_last`; ``fresh``: it begins its action, :meth:`_open`).
+        The body runs before Stepped writes: on SQLite no write lock is held while it
+        runs. "Already ran" is checked under a row lock of the action on PostgreSQL, so a
+        body runs once per step there; on SQLite two deliveries at the very same moment
+        may both run it, and the unique (action, index) row lets one of them commit."""
         started = self.clock()
         with self.session_factory() as s:
-            # PostgreSQL: a second delivery waits here for the first one's commit, then
-            # sees its Step row and does not run the body again.
-            action, ran = step_to_run(s, action_id, index)
-            if action.status != PERFORMING:
-                return Ran("stopped")
-            if ran:
-                return Ran("exists")
-            context = self._run_body(s, action, index, body)
+            opened = self._open(s, action_id, index, fresh, started)
+            if isinstance(opened, Ran):
+                return opened
+            action, actor, messages = opened
+            context = self._run_body(s, action, index, body, actor)
             if isinstance(context, dict):
-                return self._failed_step(action_id, index, started, context)
+                return self._failed_step(action_id, index, started, context, fresh, effects)
+            if fresh is not None and s.get_bind().dialect.name == "sqlite":
+                messages = self.beginner.fresh(s, fresh, started)  # after the body: see _open
             step = new_step_row(action_id, index, started, context, self.clock())
             try:
                 insert_step(s, step)
             except IntegrityError:
                 s.rollback()
                 return Ran("exists")
-            messages = self._write_members(s, step, context)
+            messages += self._write_members(s, step, context)
             effects.staged.extend(stage(s, messages, started))
             settled = self._settle_last(s, action, step, last)
             s.commit()
         effects.messages.extend(messages)
+        if fresh is not None:
+            self.beginner.started(action_id, action)
         return self._ran(action_id, index, step, settled, effects)
+
+    def _open(
+        self, s: Session, action_id: int, index: int, fresh: Fresh | None, now: datetime
+    ) -> tuple[Action, Any, list[Message]] | Ran:
+        """The action whose step ``index`` runs, its actor when already loaded, and the
+        messages beginning it scheduled; or what stops the step from running.
+
+        PostgreSQL: a second delivery waits here for the first one's commit (the row
+        lock), then sees its Step row and does not run the body again. A ``fresh``
+        action begins here on PostgreSQL (that takes the lock); on SQLite after its
+        body, so no write lock is held while the body runs.
+        """
+        if fresh is None:
+            action, ran = step_to_run(s, action_id, index)
+            if action.status != PERFORMING:
+                return Ran("stopped")
+            return Ran("exists") if ran else (action, None, [])
+        early = s.get_bind().dialect.name != "sqlite"
+        messages = self.beginner.fresh(s, fresh, now) if early else []
+        action = fresh.attach(s, now)
+        action._load_actor = self.actors.load_ref
+        return action, fresh.actor_in(s), messages
 
     def _settle_last(
         self, s: Session, action: Action, step: Step, last: Delivery | None
@@ -296,12 +291,14 @@ class Performer:
         return Ran("completed")
 
     def _run_body(
-        self, s: Session, action: Action, index: int, body: Callable[..., Any]
+        self, s: Session, action: Action, index: int, body: Callable[..., Any], actor: Any
     ) -> StepContext | dict[str, Any]:
         """The body's run: its context, or the error record of a handled exception (or
-        of an actor that no longer exists: the step fails whatever is handled)."""
+        of an actor that no longer exists: the step fails whatever is handled).
+        ``actor``: already loaded in ``s``, or None."""
         try:
-            actor = self.actors.load_ref(action.actor_type, action.actor_id, s)
+            if actor is None:
+                actor = self.actors.load_ref(action.actor_type, action.actor_id, s)
             args = self.actors.load(action.arguments, s)
         except ActorNotFound as gone:
             s.rollback()
@@ -328,12 +325,25 @@ class Performer:
         return error_record(exc)
 
     def _failed_step(
-        self, action_id: int, index: int, started: datetime, error: dict[str, Any]
+        self,
+        action_id: int,
+        index: int,
+        started: datetime,
+        error: dict[str, Any],
+        fresh: Fresh | None,
+        effects: Effects,
     ) -> Ran:
+        """Write the failed step (``fresh``: its action begins with it, the body's
+        transaction having rolled back)."""
         with self.session_factory() as s:
+            messages = [] if fresh is None else self.beginner.fresh(s, fresh, started)
+            effects.staged.extend(stage(s, messages, started))
             step_id = write_failed_step(s, action_id, index, started, self.clock(), error)
         if step_id is None:
             return Ran("exists")
+        effects.messages.extend(messages)
+        if fresh is not None:
+            self.beginner.started(action_id, fresh.action)
         self.events.step_completed(step_id, StepStatus.FAILED.value)
         return Ran("done", StepStatus.FAILED.value)
 
@@ -372,10 +382,6 @@ class Performer:
         with self.session_factory() as s:
             links = unclaimed_links(s, step_id)
         return self.member_messages(links)
-
-
-def _achieved(s: Session, checksum_key: str) -> str | None:
-    return s.scalar(select(Achievement.checksum).where(Achievement.checksum_key == checksum_key))
 
 
 def _after_last_step(action_id: int, outbound: bool) -> Effects:

@@ -22,9 +22,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .messages import Message, resume_message
 from .models import Action, Step
 
-__all__ = ["Routes", "current_queue", "delivered_from", "queue_of_definition"]
+__all__ = ["Routes", "current_queue", "delivered_from", "queue_of_definition", "resume_messages"]
 
 _queue: contextvars.ContextVar[str | None] = contextvars.ContextVar("stepped_queue", default=None)
 
@@ -104,3 +105,23 @@ def queue_of_definition(lookup: Callable[[str, str], Any]) -> Callable[[str, str
         return queue
 
     return queue_of
+
+
+def resume_messages(
+    session_factory: Callable[[], Session], action_ids: list[int], routes: Routes | None
+) -> list[Message]:
+    """A ``stepped.resume`` for each action (a handoff sent on), on its own queue."""
+    with session_factory() as s:
+        # Whatever their status now: a resume carries any action on from its records.
+        rows = s.execute(select(Action).where(Action.id.in_(action_ids))).scalars()
+        queue_of = routes.queue_of if routes else (lambda *_: None)
+        return [
+            resume_message(
+                a.id,
+                a.name,
+                a.arguments,
+                [a.actor_type, a.actor_id],
+                queue_of(a.actor_type, a.name),
+            )
+            for a in rows
+        ]

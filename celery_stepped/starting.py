@@ -14,17 +14,16 @@ next transition (:mod:`celery_stepped.superseding`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from sqlalchemy import CursorResult, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .action_keys import checksum_digest, key_from_parts, timeout_seconds
 from .effects import Effects
 from .join import changed, report_link, waits_on
 from .messages import StartCall
@@ -51,37 +50,6 @@ def placeholder(action_id: int) -> Action:
     action = Action(name="", actor_type="", actor_id="")
     action.id = action_id
     return action
-
-
-def checksum_digest(value: Any) -> str:
-    """SHA-256 hex digest of the canonical JSON of ``value``."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def key_from_parts(value: Any) -> str | None:
-    """A key from a string or a list/tuple of parts joined with ``/``; None if empty."""
-    if value is None:
-        return None
-    if isinstance(value, list | tuple):
-        value = "/".join(str(v) for v in value)
-    text = str(value)
-    return text or None
-
-
-def timeout_seconds(spec: Any, actor: Any) -> float | None:
-    """Seconds from a timeout option: number, timedelta or callable(actor)."""
-    if spec is None:
-        return None
-    if callable(spec) and not isinstance(spec, timedelta):
-        spec = spec(actor)
-    if spec is None:
-        return None
-    if isinstance(spec, timedelta):
-        return spec.total_seconds()
-    if isinstance(spec, int | float) and not isinstance(spec, bool):
-        return float(spec)
-    raise TypeError(f"timeout must give seconds or a timedelta, got {spec!r}")
 
 
 def _needs_actor(definition: SteppedAction[Any]) -> bool:
@@ -127,9 +95,33 @@ _LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
 )
 
 
+#: The oldest action performing in a lane (``b_lane_key``).
+_LANE_OTHER = _ACTIONS.alias("lane_other")
+_LANE_PERFORMER = (
+    select(_LANE_OTHER.c.id)
+    .where(
+        _LANE_OTHER.c.concurrency_key == bindparam("b_lane_key"),
+        _LANE_OTHER.c.status == ActionStatus.PERFORMING.value,
+    )
+    .order_by(_LANE_OTHER.c.id)
+    .limit(1)
+    .scalar_subquery()
+    .label("lane_performer")
+)
+
 #: The pending row of a new action (Core: the object stays out of any session); every
-#: column comes back, defaults included, so the object is the row as written.
-_INSERT_ACTION = insert(_ACTIONS).returning(*_ACTIONS.c)
+#: column comes back, defaults included, so the object is the row as written. It also
+#: returns the action performing in its lane, if any: lane entry rebuilds a lane Redis
+#: lost only when SQL has one (:meth:`~celery_stepped.superseding.LaneEntry.enter`).
+_INSERT_ACTION = insert(_ACTIONS).returning(*_ACTIONS.c, _LANE_PERFORMER)
+
+
+class Created(NamedTuple):
+    """The pending row :meth:`Starter.create` wrote, and whether no other action was
+    performing in its lane in SQL when it was written (``lane_clear``)."""
+
+    action: Action
+    lane_clear: bool
 
 
 def _row_of(action: Action) -> dict[str, Any]:
@@ -251,7 +243,7 @@ class Starter(Transition):
         with self.session_factory() as s:
             actor = call.given_actor
             if actor is None:
-                actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
+                actor = call.loaded_actor = self.actors.load_ref(call.actor[0], call.actor[1], s)
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
             args = self.actors.load(call.args, s)
             self._guarded(s, lambda: self._keys(definition, action, actor, args), "keys")
@@ -368,7 +360,7 @@ class Starter(Transition):
             s.commit()
         return candidate
 
-    def create(self, action: Action, call: StartCall) -> Action | None:
+    def create(self, action: Action, call: StartCall) -> Created | None:
         """Write the pending row (and claim the parent link); None when another
         delivery of the same message was first."""
         with self.session_factory() as s:
@@ -378,7 +370,9 @@ class Starter(Transition):
             action.canvas = call.canvas or None
             action.created_at = action.updated_at = self.clock()
             try:
-                written = s.execute(_INSERT_ACTION, _row_of(action)).one()._mapping
+                params = {**_row_of(action), "b_lane_key": action.concurrency_key}
+                written = dict(s.execute(_INSERT_ACTION, params).one()._mapping)
+                lane_clear = written.pop("lane_performer") is None
                 for column, value in written.items():
                     setattr(action, column, value)
             except IntegrityError:
@@ -388,7 +382,7 @@ class Starter(Transition):
                 s.rollback()
                 return None
             s.commit()
-        return action
+        return Created(action, lane_clear)
 
     def finish_link(self, call: StartCall, status: str) -> Effects:
         """A child that never persisted reports its outcome to the parent step."""

@@ -113,14 +113,16 @@ class LaneEntry:
         self.events = events
         self.clock = clock
 
-    def enter(self, action: Action, fresh: bool = False) -> Entry:
+    def enter(self, action: Action, fresh: bool = False, lane_clear: bool = False) -> Entry:
         """Enter ``action``'s lane (a pending, persisted action).
 
         ``fresh``: ``action`` is a root this call has just written; nothing can wait
         on it yet (no link names it, and no lane held it to be shared), so the deadlock
-        check is skipped.
+        check is skipped. ``lane_clear``: SQL had no action performing in the lane when
+        ``action`` was written (``Starter.create`` read it in its INSERT), so an empty
+        lane in Redis needs no rebuild: SQL is not read again.
         """
-        current = self._waiting_current(action, fresh and action.root)
+        current = self._waiting_current(action, fresh and action.root, lane_clear)
         if current is not None:  # its lane is held by an action that waits on it
             return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
         superseded = Superseded()
@@ -214,13 +216,16 @@ class LaneEntry:
             row = s.execute(_PERFORMING_IN_LANE, {"b_key": key, "b_joining": joining}).first()
         return None if row is None else (row.id, row.checksum)
 
-    def _waiting_current(self, action: Action, unwaited: bool = False) -> int | None:
+    def _waiting_current(
+        self, action: Action, unwaited: bool = False, lane_clear: bool = False
+    ) -> int | None:
         """The lane's current action when it waits on ``action`` through any parent
         (shared and superseded parents included): entering would wait forever. A lost
-        lane is rebuilt first (:meth:`recover`). ``unwaited``: nothing can wait on
-        ``action`` yet (only the rebuild is done)."""
+        lane is rebuilt first (:meth:`recover`; not when SQL was read ``lane_clear``
+        just before Redis). ``unwaited``: nothing can wait on ``action`` yet (only the
+        rebuild is done)."""
         current, _ = self.lanes.current_checksum(action.concurrency_key)
-        if current is None:
+        if current is None and not lane_clear:
             current = self.recover(action.concurrency_key, action.id)
         if unwaited or current is None or current == action.id:
             return None

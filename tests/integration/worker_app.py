@@ -55,14 +55,21 @@ ENV_STORE_DOWN = "STEPPED_TEST_STORE_DOWN_FOR"
 def store_down_for(stepped: Stepped, name: str) -> None:
     """Make Stepped's own store fail whenever an action called ``name`` begins."""
     performer = stepped.core.performer
-    begin = performer.begin
+    begin, begin_and_run = performer.begin, performer.begin_and_run
 
     def failing_begin(action_id: int, delivery: Any) -> Any:
         if stepped.get_action(action_id).name == name:
             raise OperationalError("UPDATE stepped_actions", {}, Exception("database is down"))
         return begin(action_id, delivery)
 
+    def failing_fresh_begin(fresh: Any, delivery: Any) -> Any:
+        # An action its start created begins in its first step (beginning.Fresh).
+        if fresh.action.name == name:
+            raise OperationalError("UPDATE stepped_actions", {}, Exception("database is down"))
+        return begin_and_run(fresh, delivery)
+
     performer.begin = failing_begin  # type: ignore[method-assign]
+    performer.begin_and_run = failing_fresh_begin  # type: ignore[method-assign]
 
 
 def crash_before_sending(stepped: Stepped, probe: Probe, kind: str) -> None:

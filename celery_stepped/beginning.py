@@ -1,0 +1,187 @@
+"""``pending -> performing``: the statement, the timeout it schedules, and an action
+this call has just created beginning in its first step's transaction.
+
+An action begins in its own transaction when its lane hands it on, or when a message
+carries it on. One that the same call has just written (a child's start, ``now()``)
+and that its lane let in at once begins in the transaction of its first step body
+instead (:class:`Fresh`): one commit, and the row and the actor the start loaded are
+used again, not read back. Its first body runs before the begin on SQLite (no write
+lock is held while it runs) and after it on PostgreSQL (the row lock makes a second
+delivery wait), as every body does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import bindparam, delete, inspect, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
+
+from .effects import Delivery, Effects
+from .events import Events
+from .messages import Message, timeout_message
+from .models import ACTIONS as _ACTIONS
+from .models import Achievement, Action
+from .staging import stage
+from .statuses import ActionStatus
+
+__all__ = ["BEGIN", "Began", "Beginner", "Fresh", "Unbegun", "begin_row"]
+
+PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
+
+#: pending -> performing, returning what the first step needs (built once: Core).
+BEGIN = (
+    update(_ACTIONS)
+    .where(_ACTIONS.c.id == bindparam("action_id"), _ACTIONS.c.status == PENDING)
+    .values(status=PERFORMING, started_at=bindparam("at"), updated_at=bindparam("at"))
+    .returning(
+        _ACTIONS.c.name,
+        _ACTIONS.c.timeout_seconds,
+        _ACTIONS.c.checksum_key,
+        _ACTIONS.c.actor_type,
+        _ACTIONS.c.actor_id,
+        _ACTIONS.c.checksum,
+        _ACTIONS.c.outbound,
+    )
+)
+
+
+class Began(NamedTuple):
+    """What :data:`BEGIN` returned for an action it moved to performing."""
+
+    name: str
+    timeout_seconds: float | None
+    checksum_key: str
+    actor_type: str
+    actor_id: str
+    checksum: str | None
+    outbound: bool
+
+    def timeout_messages(self, action_id: int, queue: str | None) -> list[Message]:
+        """The message that times the action out, if it has a timeout."""
+        if self.timeout_seconds is None:
+            return []
+        return [timeout_message(action_id, self.name, self.timeout_seconds, queue)]
+
+
+def begin_row(s: Session, action_id: int, now: datetime) -> Began | None:
+    """pending -> performing in ``s`` (no commit); None when it was not pending."""
+    row = s.execute(BEGIN, {"action_id": action_id, "at": now}).first()
+    return None if row is None else Began(*row)
+
+
+class Unbegun(Exception):
+    """A fresh action was not pending any more when its first step began it: another
+    delivery moved it on. The caller takes the ordinary path (it reads the action)."""
+
+
+@dataclass
+class Fresh:
+    """A pending action the current call wrote (every column as its ``INSERT ...
+    RETURNING`` gave it) and the actor its start loaded (None: load it)."""
+
+    action: Action
+    actor: Any = None
+
+    def attach(self, s: Session, now: datetime) -> Action:
+        """The action as a persistent object of ``s``, performing since ``now``, without
+        a read (its own object stays with the caller, untouched)."""
+        row = {c.key: getattr(self.action, c.key) for c in _ACTIONS.columns}
+        action = Action(**row)
+        make_transient_to_detached(action)
+        set_committed_value(action, "steps", [])
+        set_committed_value(action, "parent_steps", [])
+        s.add(action)
+        set_committed_value(action, "status", PERFORMING)
+        set_committed_value(action, "started_at", now)
+        return action
+
+    def actor_in(self, s: Session) -> Any:
+        """The actor the start loaded, now in ``s``; None when it must be loaded (it is
+        attached elsewhere, was never loaded, or has expired attributes)."""
+        if self.actor is None:
+            return None
+        state = inspect(self.actor, raiseerr=False)
+        if state is None:  # not a mapped object: a custom loader's actor, used as is
+            return self.actor
+        if not state.detached or state.expired_attributes:
+            return None
+        s.add(self.actor)
+        return self.actor
+
+
+class Beginner:
+    """The begin transition of one Stepped instance (``queue_of``: an action's queue,
+    where its timeout goes)."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        queue_of: Callable[[str, str], str | None],
+        events: Events,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.session_factory = session_factory
+        self.queue_of = queue_of
+        self.events = events
+        self.clock = clock
+
+    def begin(self, action_id: int, delivery: Delivery) -> Effects | None:
+        """pending -> performing; erase the achievement; schedule the timeout.
+
+        Returns the effects, or None when the action is not (or no longer) performing.
+        """
+        now = self.clock()
+        with self.session_factory() as s:
+            began = begin_row(s, action_id, now)
+            if began is None:
+                return self._began_before(s, action_id, delivery)
+            checksum, checksum_key = began.checksum, began.checksum_key
+            if checksum is not None and _achieved(s, checksum_key) == checksum:
+                # Identical work succeeded while this one waited in its lane: skip it.
+                s.rollback()
+                return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
+            if checksum is not None:  # reuse is opt-in: only a checksum erases one
+                s.execute(delete(Achievement).where(Achievement.checksum_key == checksum_key))
+            effects = Effects(began.timeout_messages(action_id, self.queue(began)))
+            effects.staged = stage(s, effects.messages, now)
+            s.commit()
+        self.started(action_id, began)
+        effects.began = (began.actor_type, began.name, began.outbound)
+        return effects
+
+    def queue(self, began: Began) -> str | None:
+        return self.queue_of(began.actor_type, began.name)
+
+    def started(self, action_id: int, began: Began | Action) -> None:
+        self.events.action_started(action_id, began.name, f"{began.actor_type}/{began.actor_id}")
+
+    def fresh(self, s: Session, fresh: Fresh, now: datetime) -> list[Message]:
+        """Begin ``fresh`` in ``s``: its timeout message (Unbegun: not pending)."""
+        began = begin_row(s, fresh.action.id, now)
+        if began is None:
+            s.rollback()
+            raise Unbegun(fresh.action.id)
+        return began.timeout_messages(fresh.action.id, self.queue(began))
+
+    @staticmethod
+    def _began_before(s: Session, action_id: int, delivery: Delivery) -> Effects | None:
+        row = s.execute(
+            select(Action.status, Action.name, Action.timeout_seconds).where(Action.id == action_id)
+        ).first()
+        if row is None or row.status != PERFORMING:
+            return None
+        effects = Effects()
+        if row.timeout_seconds is not None and delivery.recovering:
+            # The run that began it may have died before it scheduled the timeout;
+            # an early check re-schedules itself for the time left.
+            effects.messages.append(timeout_message(action_id, row.name, 0))
+        return effects
+
+
+def _achieved(s: Session, checksum_key: str) -> str | None:
+    return s.scalar(select(Achievement.checksum).where(Achievement.checksum_key == checksum_key))

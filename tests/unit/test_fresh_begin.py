@@ -1,0 +1,196 @@
+"""An action the same call created begins in its first step's transaction (issue 12).
+
+A child's start, or ``now()``, that its lane lets in at once moves the action from
+pending to performing in the transaction of its first step body: there is no commit
+in which it performs without a step. It reuses the row it wrote and the actor its keys
+read. These tests pin what that path must still do: the body sees a performing
+action, failures begin it too, another delivery that began it first wins, and a
+caller's own actor object is never taken into Stepped's session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from celery_stepped import Step, Stepped, beginning, signals
+from celery_stepped.beginning import begin_row
+from celery_stepped.models import Step as StepRow
+from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
+from tests.conftest import load_car, stored_actions
+from tests.models import Car
+
+
+def steps_of(stepped: Stepped, action_id: int) -> list[str]:
+    with stepped.session() as session:
+        rows = session.scalars(select(StepRow.status).where(StepRow.action_id == action_id))
+        return list(rows)
+
+
+def test_an_action_is_never_performing_without_its_first_step(stepped: Stepped, car: Car) -> None:
+    app = stepped.app
+    seen: list[tuple[str, list[str]]] = []
+
+    @app.stepped_action(concurrency_key=lambda c: ["wash", c.id])
+    def wash(c: Car) -> None:
+        c.note("wash")
+
+    def started(sender: Any = None, action_id: int = 0, **_: Any) -> None:
+        seen.append((stored_status(stepped, action_id), steps_of(stepped, action_id)))
+
+    signals.action_started.connect(started)
+    try:
+        with stepped.capture():
+            action = wash.now(car)
+    finally:
+        signals.action_started.disconnect(started)
+    # The signal comes after the commit that began it: its step was in that commit.
+    (status, steps), *more = seen
+    assert (status in ("performing", "succeeded"), steps, more) == (True, ["succeeded"], [])
+    assert stepped.get_action(action.id).started_at is not None
+    assert load_car(stepped, car.id).log == "wash;"
+
+
+def stored_status(stepped: Stepped, action_id: int) -> str:
+    return str(stepped.get_action(action_id).status)
+
+
+def test_the_first_body_sees_its_action_performing(stepped: Stepped, car: Car) -> None:
+    app = stepped.app
+    seen: list[Any] = []
+
+    @app.stepped_action()
+    def inspect_self(step: Step, c: Car) -> None:
+        seen.append((step.action.status, step.action.started_at is not None, step.action.steps))
+
+    with stepped.capture():
+        inspect_self.now(car)
+    assert seen == [("performing", True, [])]
+
+
+def test_a_handled_failure_of_the_first_body_begins_the_action_and_fails_it(
+    stepped: Stepped, car: Car
+) -> None:
+    app = stepped.app
+    started: list[int] = []
+
+    @app.stepped_action()
+    def broken(c: Car) -> None:
+        raise ValueError("no paint")
+
+    def on_started(sender: Any = None, action_id: int = 0, **_: Any) -> None:
+        started.append(action_id)
+
+    signals.action_started.connect(on_started)
+    try:
+        with stepped.capture():
+            action = broken.now(car)
+            perform_stepped_actions(stepped)
+    finally:
+        signals.action_started.disconnect(on_started)
+    stored = stepped.get_action(action.id)
+    assert (stored.status, stored.started_at is not None) == ("failed", True)
+    assert steps_of(stepped, action.id) == ["failed"]
+    assert started == [action.id]
+
+
+def test_an_unhandled_error_in_the_first_body_leaves_it_performing_as_before(
+    stepped: Stepped, car: Car
+) -> None:
+    app = stepped.app
+
+    @app.stepped_action(timeout=60)
+    def broken(c: Car) -> None:
+        raise RuntimeError("a bug")
+
+    with stepped.capture() as jobs:
+        with (
+            handle_stepped_action_exceptions(stepped, only=(KeyError,)),
+            pytest.raises(RuntimeError),
+        ):
+            broken.now(car)
+        assert jobs.enqueued == []
+    (action,) = stored_actions(stepped, "broken")
+    # As when it began on its own: performing, no step (the sweep resumes it), and its
+    # timeout staged in the outbox, which the sweep sends.
+    assert (action.status, steps_of(stepped, action.id)) == ("performing", [])
+    with stepped.capture() as jobs:
+        assert stepped.sweep_outbox(0) == 1
+        assert [job.kind for job in jobs.enqueued] == ["timeout"]
+
+
+def test_another_delivery_that_began_it_first_runs_it_once(
+    stepped: Stepped, car: Car, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = stepped.app
+    runs: list[int] = []
+
+    @app.stepped_action()
+    def wash(c: Car) -> None:
+        runs.append(c.id)  # no write: a write would hold SQLite's lock against the race
+
+    def raced(s: Any, action_id: int, now: Any) -> Any:
+        monkeypatch.setattr(beginning, "begin_row", begin_row)
+        with stepped.session() as other:  # a second delivery begins it meanwhile
+            assert begin_row(other, action_id, now) is not None
+            other.commit()
+        return begin_row(s, action_id, now)  # not pending any more: None
+
+    monkeypatch.setattr(beginning, "begin_row", raced)
+    with stepped.capture():
+        action = wash.now(car)
+        perform_stepped_actions(stepped)
+    assert stepped.get_action(action.id).status == "succeeded"
+    assert steps_of(stepped, action.id) == ["succeeded"]
+    # PostgreSQL begins before the body (the row lock), so the body runs once; SQLite
+    # after it, and its first run's step rolled back (see Performer.perform_step).
+    sqlite = stepped.engine.dialect.name == "sqlite"
+    assert len(runs) == (2 if sqlite else 1)
+
+
+def test_a_childs_body_gets_the_actor_its_keys_read(stepped: Stepped, car: Car) -> None:
+    app = stepped.app
+    actors: dict[str, Any] = {}
+
+    def key(c: Car) -> list[Any]:
+        actors["keys"] = c
+        return ["leaf", c.id]
+
+    @app.stepped_action(actor=Car, concurrency_key=key)
+    def leaf(c: Car) -> None:
+        actors["body"] = c
+        c.note("leaf")
+
+    @app.stepped_action(actor=Car)
+    def parent(step: Step, c: Car) -> None:
+        step.do(leaf)
+
+    with stepped.capture():
+        root = parent.now(car)
+        perform_stepped_actions(stepped)
+    assert stepped.get_action(root.id).status == "succeeded"
+    assert actors["body"] is actors["keys"]
+    assert load_car(stepped, car.id).log == "leaf;"  # the body's change was written
+
+
+def test_the_callers_actor_stays_in_the_callers_session(stepped: Stepped, car: Car) -> None:
+    app = stepped.app
+    bodies: list[Any] = []
+
+    @app.stepped_action(concurrency_key=lambda c: ["wash", c.location])
+    def wash(c: Car) -> None:
+        bodies.append(c)
+        c.note("wash")
+
+    with stepped.session() as session:
+        mine = session.get(Car, car.id)
+        assert mine is not None
+        with stepped.capture():
+            wash.now(mine)
+        assert inspect(mine).session is session
+        assert bodies and bodies[0] is not mine
+        count = session.scalar(select(func.count()).select_from(StepRow))
+    assert count == 1
+    assert load_car(stepped, car.id).log == "wash;"
