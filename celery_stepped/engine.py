@@ -154,10 +154,9 @@ class Engine:
         """Advance the step here, or send it to its action's queue (``routing``)."""
         if self.routes is None:
             return self.advance_step(step_id) if inline else Effects([advance_message(step_id)])
-        queue = self.routes.elsewhere(step_id=step_id)
-        if inline and queue is None:
-            return self.advance_step(step_id)
-        return Effects([advance_message(step_id, queue or self.routes.of_step(step_id))])
+        if inline:  # the step's position names its action: no query for its queue
+            return self.performer.advance(step_id, self.delivery(), self.routes.elsewhere_for)
+        return Effects([advance_message(step_id, self.routes.of_step(step_id))])
 
     def _carry_on_or_route(self, action_id: int) -> Effects:
         """A promoted action carries on here, or on its own queue (``routing``)."""

@@ -14,7 +14,7 @@ later one (a redelivered task, the timeout after success) change nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "MEMBER_TASK",
     "link_messages",
     "member_callback",
+    "member_links",
     "send_member",
     "send_revoked_errbacks",
     "task_call",
@@ -50,6 +51,26 @@ __all__ = [
 #: The internal task a task member reports through (``messages.TaskName.MEMBER``).
 MEMBER_TASK = "stepped.member"
 SUCCEEDED, FAILED = ActionStatus.SUCCEEDED.value, ActionStatus.FAILED.value
+
+
+def member_links(
+    step_id: int, intents: Iterable[Any], ancestry: str, now: datetime
+) -> list[ParentLink]:
+    """The link rows of a step's members (``step.do/on/wait/task`` intents: ``kind`` and
+    ``call``); a child's call carries ``ancestry``, its own (see ``Starter.create``)."""
+    return [
+        ParentLink(
+            step_id=step_id,
+            kind=str(intent.kind),
+            state=LinkState.WAITING.value,
+            call={**intent.call, "ancestry": ancestry}
+            if intent.kind == LinkKind.ACTION
+            else intent.call,
+            created_at=now,
+            updated_at=now,
+        )
+        for intent in intents
+    ]
 
 
 def task_call(sig: Any, timeout: float | int | timedelta | None) -> dict[str, Any]:

@@ -24,11 +24,11 @@ from .effects import Delivery, Effects
 from .errors import ActorNotFound
 from .events import Events, error_record, logger
 from .join import close_step
-from .members import link_messages, unclaimed_links
-from .messages import Message, job_message
+from .members import link_messages, member_links, unclaimed_links
+from .messages import Message, advance_message, job_message
 from .models import Action, ParentLink, Step
 from .staging import stage
-from .statuses import ActionStatus, LinkKind, LinkState, StepStatus
+from .statuses import ActionStatus, StepStatus
 from .step import Step as StepContext
 from .step_index import (
     Position,
@@ -50,6 +50,7 @@ __all__ = ["Performer"]
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 SUCCEEDED, SUCCEEDED_STEP = ActionStatus.SUCCEEDED.value, StepStatus.SUCCEEDED.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
+Route = Callable[[str, str], str | None]
 
 
 class Ran(NamedTuple):
@@ -125,14 +126,18 @@ class Performer:
         with self.session_factory() as s:
             return position_of(s, action_id)
 
-    def advance(self, step_id: int, delivery: Delivery) -> Effects:
-        """A step's members all reported: close it, then run what follows."""
+    def advance(self, step_id: int, delivery: Delivery, route: Route | None = None) -> Effects:
+        """A step's members all reported: close it, then run what follows (``route``:
+        the queue its action's code must run on, None for here: else it is sent there)."""
         with self.session_factory() as s:
             self._close(s, step_id)
             found = position_of_step(s, step_id)
         if found is None:
             return Effects()
         action_id, at = found
+        queue = None if route is None else route(at.actor_type, at.name)
+        if queue is not None:  # its next body or after callbacks run on its own queue
+            return Effects([advance_message(step_id, queue)])
         return self.run_steps(action_id, delivery, at)
 
     def run_steps(self, action_id: int, delivery: Delivery, at: Position | None = None) -> Effects:
@@ -355,18 +360,7 @@ class Performer:
         messages: list[Message] = []
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
-        ancestry = {"ancestry": f"{action.ancestry}{action.id},"}  # the children's, see create
-        links = [
-            ParentLink(
-                step_id=step.id,
-                kind=str(intent.kind),
-                state=LinkState.WAITING.value,
-                call={**intent.call, **ancestry} if intent.kind == LinkKind.ACTION else intent.call,
-                created_at=now,
-                updated_at=now,
-            )
-            for intent in context.members
-        ]
+        links = member_links(step.id, context.members, f"{action.ancestry}{action.id},", now)
         insert_links(s, links)
         return messages + self.member_messages(links, self.queue_of(action.actor_type, action.name))
 

@@ -93,6 +93,14 @@ class Routes:
         queue = queue or self.default
         return None if queue == current else queue
 
+    def elsewhere_for(self, actor_type: str, name: str) -> str | None:
+        """:meth:`elsewhere` for an action whose definition the caller read (no query)."""
+        current = current_queue()
+        if current is None:
+            return None
+        queue = self.queue_of(actor_type, name) or self.default
+        return None if queue == current else queue
+
 
 def queue_of_definition(lookup: Callable[[str, str], Any]) -> Callable[[str, str], str | None]:
     """``(actor_type, name) -> queue`` read from the definitions found by ``lookup``."""
