@@ -23,13 +23,14 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from .effects import Delivery, Effects
 from .events import Events
+from .join import close_step
 from .messages import Message, timeout_message
 from .models import ACTIONS as _ACTIONS
 from .models import Achievement, Action
 from .staging import stage
-from .statuses import ActionStatus
+from .statuses import ActionStatus, StepStatus
 
-__all__ = ["BEGIN", "Began", "Beginner", "Fresh", "Unbegun", "begin_row"]
+__all__ = ["BEGIN", "Along", "Began", "Beginner", "Closing", "Fresh", "Unbegun", "begin_row"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 
@@ -114,9 +115,23 @@ class Fresh:
         return self.actor
 
 
+@dataclass
+class Closing:
+    """A step whose members all reported, closed (as succeeded) in the transaction of
+    the next step's body: one commit for both. Only a step that will succeed is closed
+    so (the caller read its counts): a failing one fails its action instead."""
+
+    step_id: int
+
+
+#: What a step's transaction carries along with the body: begin a fresh action, or
+#: close the step before it.
+Along = Fresh | Closing | None
+
+
 class Beginner:
     """The begin transition of one Stepped instance (``queue_of``: an action's queue,
-    where its timeout goes)."""
+    where its timeout goes), and what a step's transaction carries along (:data:`Along`)."""
 
     def __init__(
         self,
@@ -167,6 +182,35 @@ class Beginner:
             s.rollback()
             raise Unbegun(fresh.action.id)
         return began.timeout_messages(fresh.action.id, self.queue(began))
+
+    def before_body(self, s: Session, along: Along, now: datetime) -> list[Message]:
+        """What ``along`` writes before the body: a fresh action begins there on
+        PostgreSQL (its row lock makes a second delivery wait); SQLite waits for the body."""
+        if isinstance(along, Fresh) and s.get_bind().dialect.name != "sqlite":
+            return self.fresh(s, along, now)
+        return []
+
+    def after_body(
+        self, s: Session, along: Along, now: datetime, rolled_back: bool = False
+    ) -> list[Message] | None:
+        """What ``along`` writes after the body (``rolled_back``: the body failed and its
+        transaction, with anything written before it, rolled back). None: the step does
+        not run (``s`` rolled back): another delivery closed the step before it, and
+        runs this one."""
+        if isinstance(along, Fresh) and (rolled_back or s.get_bind().dialect.name == "sqlite"):
+            return self.fresh(s, along, now)
+        closed = close_step(s, along.step_id, now) if isinstance(along, Closing) else None
+        if isinstance(along, Closing) and closed != StepStatus.SUCCEEDED.value:
+            s.rollback()
+            return None
+        return []
+
+    def committed(self, along: Along) -> None:
+        """After the step's commit: the signals of what ``along`` wrote."""
+        if isinstance(along, Fresh):
+            self.started(along.action.id, along.action)
+        elif isinstance(along, Closing):
+            self.events.step_completed(along.step_id, StepStatus.SUCCEEDED.value)
 
     @staticmethod
     def _began_before(s: Session, action_id: int, delivery: Delivery) -> Effects | None:

@@ -18,29 +18,27 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from .actors import ActorRegistry
-from .beginning import Beginner, Fresh, Unbegun
+from .beginning import Along, Beginner, Closing, Fresh, Unbegun
 from .completing import Settled, Settler
 from .effects import Delivery, Effects
 from .errors import ActorNotFound
 from .events import Events, error_record, logger
 from .join import close_step
-from .members import link_messages, member_links, unclaimed_links
-from .messages import Message, advance_message, job_message
-from .models import Action, ParentLink, Step
+from .messages import Message, advance_message
+from .models import Action, Step
 from .staging import stage
 from .statuses import ActionStatus, StepStatus
 from .step import Step as StepContext
 from .step_index import (
     Position,
-    insert_links,
     insert_step,
-    move_index,
     new_step_row,
     position_of,
     position_of_step,
     step_to_run,
     write_failed_step,
 )
+from .step_members import StepMembers
 
 if TYPE_CHECKING:
     from .definition import SteppedAction
@@ -81,6 +79,7 @@ class Performer:
         self.clock = clock
         self.settler = Settler(actors, lookup, events)
         self.beginner = Beginner(session_factory, self.queue_of, events, clock)
+        self.members = StepMembers(session_factory, self.queue_of, clock)
 
     def begin(self, action_id: int, delivery: Delivery) -> Effects | None:
         """pending -> performing in its own transaction (:meth:`Beginner.begin`)."""
@@ -130,14 +129,26 @@ class Performer:
         """A step's members all reported: close it, then run what follows (``route``:
         the queue its action's code must run on, None for here: else it is sent there)."""
         with self.session_factory() as s:
-            self._close(s, step_id)
             found = position_of_step(s, step_id)
+            if found is None:
+                return Effects()
+            action_id, at = found
+            queue = None if route is None else route(at.actor_type, at.name)
+            if queue is not None:  # its next body or after callbacks run on its own queue
+                return Effects([advance_message(step_id, queue)])
+            bodies = self.lookup(at.actor_type, at.name).steps_for_run()
+            closing = _closes_with_next(at, step_id, len(bodies))
+            # Else: the last step, a failing one, or not the current one: close it alone.
+            status = None if closing else self._close(s, step_id)
+            found = position_of_step(s, step_id) if not closing and status is None else found
+        if closing:  # closed in the next body's transaction
+            index = at.step_index + 1
+            return self._run_from(action_id, index, at.outbound, bodies, delivery, Closing(step_id))
         if found is None:
             return Effects()
         action_id, at = found
-        queue = None if route is None else route(at.actor_type, at.name)
-        if queue is not None:  # its next body or after callbacks run on its own queue
-            return Effects([advance_message(step_id, queue)])
+        if status is not None:  # closed by this call: where it stands now, without a read
+            at = at._replace(step_status=status, step_open=False)
         return self.run_steps(action_id, delivery, at)
 
     def run_steps(self, action_id: int, delivery: Delivery, at: Position | None = None) -> Effects:
@@ -152,7 +163,7 @@ class Performer:
                 return self._run_from(action_id, at.step_index, at.outbound, bodies, delivery)
             if at.step_open:  # performing, or failed by its body while its members run
                 if at.pending:
-                    return Effects(messages=self.unclaimed(at.step_id, delivery))
+                    return Effects(messages=self.members.unclaimed(at.step_id, delivery))
                 self.close(at.step_id)
                 at = None
                 continue
@@ -167,16 +178,16 @@ class Performer:
         outbound: bool,
         bodies: list[Any],
         delivery: Delivery,
-        fresh: Fresh | None = None,
+        along: Along = None,
     ) -> Effects:
         """Run bodies from ``index`` on while each closes at once (see step_index.py); the
         last one, closing at once, completes the action in its own transaction
-        (``fresh``: the first one begins it)."""
+        (``along``: what the first one's transaction also writes)."""
         effects = Effects()
         while index < len(bodies):
             last = delivery if index == len(bodies) - 1 and not outbound else None
-            ran = self.perform_step(action_id, index, bodies[index], effects, last, fresh)
-            fresh = None
+            ran = self.perform_step(action_id, index, bodies[index], effects, last, along)
+            along = None
             if ran.outcome == "completed":
                 return effects
             if ran.outcome != "done":
@@ -192,12 +203,13 @@ class Performer:
         with self.session_factory() as s:
             self._close(s, step_id)
 
-    def _close(self, s: Session, step_id: int) -> None:
-        """Close the step in ``s`` and commit; its signal if this call closed it."""
+    def _close(self, s: Session, step_id: int) -> str | None:
+        """Close the step in ``s`` and commit; its signal and status if this call closed it."""
         status = close_step(s, step_id, self.clock())
         s.commit()
         if status is not None:
             self.events.step_completed(step_id, status)
+        return status
 
     def perform_step(
         self,
@@ -206,61 +218,60 @@ class Performer:
         body: Callable[..., Any],
         effects: Effects,
         last: Delivery | None = None,
-        fresh: Fresh | None = None,
+        along: Along = None,
     ) -> Ran:
-        """Run one step body in one transaction; its messages go into ``effects``
-        (``last``: :meth:`_settle_last`; ``fresh``: it begins its action, :meth:`_open`).
-        The body runs before Stepped writes: on SQLite no write lock is held while it
-        runs. "Already ran" is checked under a row lock of the action on PostgreSQL, so a
-        body runs once per step there; on SQLite two deliveries at the very same moment
+        """Run one step body in one transaction, its messages into ``effects`` (``last``:
+        :meth:`_settle_last`; ``along``: ``beginning.Along``). The body runs before Stepped
+        writes (on SQLite no write lock is held while it runs). On PostgreSQL a row lock
+        makes a body run once per step; on SQLite two deliveries at the very same moment
         may both run it, and the unique (action, index) row lets one of them commit."""
         started = self.clock()
         with self.session_factory() as s:
-            opened = self._open(s, action_id, index, fresh, started)
+            opened = self._open(s, action_id, index, along, started)
             if isinstance(opened, Ran):
                 return opened
             action, actor, messages = opened
             context = self._run_body(s, action, index, body, actor)
             if isinstance(context, dict):
-                return self._failed_step(action_id, index, started, context, fresh, effects)
-            if fresh is not None and s.get_bind().dialect.name == "sqlite":
-                messages = self.beginner.fresh(s, fresh, started)  # after the body: see _open
+                return self._failed_step(action_id, index, started, context, along, effects)
+            after = self.beginner.after_body(s, along, started)
+            if after is None:
+                return Ran("exists")
+            messages += after
             step = new_step_row(action_id, index, started, context, self.clock())
             try:
                 insert_step(s, step)
             except IntegrityError:
                 s.rollback()
                 return Ran("exists")
-            messages += self._write_members(s, step, context)
+            messages += self.members.write(s, step, context)
             effects.staged.extend(stage(s, messages, started))
             settled = self._settle_last(s, action, step, last)
             s.commit()
         effects.messages.extend(messages)
-        if fresh is not None:
-            self.beginner.started(action_id, action)
+        self.beginner.committed(along)
         return self._ran(action_id, index, step, settled, effects)
 
     def _open(
-        self, s: Session, action_id: int, index: int, fresh: Fresh | None, now: datetime
+        self, s: Session, action_id: int, index: int, along: Along, now: datetime
     ) -> tuple[Action, Any, list[Message]] | Ran:
         """The action whose step ``index`` runs, its actor when already loaded, and the
         messages beginning it scheduled; or what stops the step from running.
 
         PostgreSQL: a second delivery waits here for the first one's commit (the row
-        lock), then sees its Step row and does not run the body again. A ``fresh``
-        action begins here on PostgreSQL (that takes the lock); on SQLite after its
-        body, so no write lock is held while the body runs.
+        lock), then sees its Step row and does not run the body again. A fresh action
+        begins here on PostgreSQL (that takes the lock); on SQLite after its body, so no
+        write lock is held while the body runs (``Beginner.before_body``).
         """
-        if fresh is None:
+        if not isinstance(along, Fresh):
             action, ran = step_to_run(s, action_id, index)
             if action.status != PERFORMING:
                 return Ran("stopped")
             return Ran("exists") if ran else (action, None, [])
-        early = s.get_bind().dialect.name != "sqlite"
-        messages = self.beginner.fresh(s, fresh, now) if early else []
-        action = fresh.attach(s, now)
+        messages = self.beginner.before_body(s, along, now)
+        action = along.attach(s, now)
         action._load_actor = self.actors.load_ref
-        return action, fresh.actor_in(s), messages
+        return action, along.actor_in(s), messages
 
     def _settle_last(
         self, s: Session, action: Action, step: Step, last: Delivery | None
@@ -335,47 +346,37 @@ class Performer:
         index: int,
         started: datetime,
         error: dict[str, Any],
-        fresh: Fresh | None,
+        along: Along,
         effects: Effects,
     ) -> Ran:
-        """Write the failed step (``fresh``: its action begins with it, the body's
-        transaction having rolled back)."""
+        """Write the failed step, and what ``along`` writes (the body's transaction
+        rolled back)."""
         with self.session_factory() as s:
-            messages = [] if fresh is None else self.beginner.fresh(s, fresh, started)
+            messages = self.beginner.after_body(s, along, started, rolled_back=True)
+            if messages is None:
+                return Ran("exists")
             effects.staged.extend(stage(s, messages, started))
             step_id = write_failed_step(s, action_id, index, started, self.clock(), error)
         if step_id is None:
             return Ran("exists")
         effects.messages.extend(messages)
-        if fresh is not None:
-            self.beginner.started(action_id, fresh.action)
+        self.beginner.committed(along)
         self.events.step_completed(step_id, StepStatus.FAILED.value)
         return Ran("done", StepStatus.FAILED.value)
 
-    def _write_members(self, s: Session, step: Step, context: StepContext) -> list[Message]:
-        """The step's join members as rows; the messages that start them (and its job)."""
-        action, now = context.action, self.clock()
-        if step.definition_index > action.current_step_index:  # Core: no ORM flush of it
-            move_index(s, action.id, step.definition_index, now)
-        messages: list[Message] = []
-        if any(intent.kind == "job" for intent in context.intents):
-            messages.append(job_message(action.id, str(action.job)))
-        links = member_links(step.id, context.members, f"{action.ancestry}{action.id},", now)
-        insert_links(s, links)
-        return messages + self.member_messages(links, self.queue_of(action.actor_type, action.name))
 
-    def member_messages(self, links: list[ParentLink], queue: str | None = None) -> list[Message]:
-        """The chord header of a step: one message per member link (``queue``: the step's
-        action's, for its waits and task reports)."""
-        return link_messages(links, queue, self.queue_of)
-
-    def unclaimed(self, step_id: int, delivery: Delivery) -> list[Message]:
-        """A redelivered step: the members no delivery has claimed yet, sent again."""
-        if delivery.local:
-            return []
-        with self.session_factory() as s:
-            links = unclaimed_links(s, step_id)
-        return self.member_messages(links)
+def _closes_with_next(at: Position, step_id: int, step_count: int) -> bool:
+    """The step ``step_id`` whose members all reported closes in its next body's
+    transaction (``Closing``): it is the action's open current step, it will succeed,
+    and a step follows it."""
+    return (
+        at.action_status == PERFORMING
+        and at.step_id == step_id
+        and bool(at.step_open)
+        and not at.pending
+        and not at.failing
+        and at.step_index + 1 < step_count
+    )
 
 
 def _after_last_step(action_id: int, outbound: bool) -> Effects:

@@ -192,7 +192,7 @@ class Repair:
                 messages.append(self._wait_left(link, report))
                 continue
             try:
-                messages += self.performer.member_messages([link])
+                messages += self.performer.members.messages([link])
             except SteppedError as exc:
                 report.problems.append(f"link {link.id} of step {link.step_id}: {exc}")
                 continue

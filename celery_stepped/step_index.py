@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import Table, and_, bindparam, exists, insert, select, update
+from sqlalchemy import Table, and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,8 @@ class Position(NamedTuple):
     step_status: str | None
     pending: int | None
     step_open: bool | None  # no completed_at: it waits on members
+    #: A member was unsuccessful, or its body set it failed: it closes as failed.
+    failing: bool | None = None
 
 
 _CURRENT = _STEPS.alias("current_step")
@@ -65,6 +67,10 @@ _POSITION_COLUMNS = (
     _CURRENT.c.status,
     _CURRENT.c.pending_actions_count,
     _CURRENT.c.completed_at.is_(None),
+    or_(
+        _CURRENT.c.unsuccessful_actions_count > 0,
+        _CURRENT.c.status == StepStatus.FAILED.value,
+    ),
 )
 _AT_INDEX = and_(
     _CURRENT.c.action_id == _ACTIONS.c.id,

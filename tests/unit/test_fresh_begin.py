@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, inspect, select
 
-from celery_stepped import Step, Stepped, beginning, signals
+from celery_stepped import Step, Stepped, beginning, signals, starting
 from celery_stepped.beginning import begin_row
 from celery_stepped.models import Step as StepRow
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
@@ -194,3 +194,22 @@ def test_the_callers_actor_stays_in_the_callers_session(stepped: Stepped, car: C
         count = session.scalar(select(func.count()).select_from(StepRow))
     assert count == 1
     assert load_car(stepped, car.id).log == "wash;"
+
+
+def test_the_action_performing_in_a_lane_is_found_by_one_index_probe(stepped: Stepped) -> None:
+    """Every start asks whether an action performs under its key (in its INSERT); with
+    one index on the status, SQLite scanned every performing action to answer."""
+    indexes = {
+        i["name"]: i["column_names"] for i in inspect(stepped.engine).get_indexes("stepped_actions")
+    }
+    assert indexes["ix_stepped_actions_lane"] == ["concurrency_key", "status"]
+    if stepped.engine.dialect.name != "sqlite":
+        return  # PostgreSQL plans from its statistics: the index is there (above)
+    query = select(starting._LANE_OTHER.c.id).where(
+        starting._LANE_OTHER.c.concurrency_key == "lane/1",
+        starting._LANE_OTHER.c.status == "performing",
+    )
+    sql = str(query.compile(stepped.engine, compile_kwargs={"literal_binds": True}))
+    with stepped.engine.connect() as connection:
+        plan = " ".join(str(row) for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+    assert "ix_stepped_actions_lane" in plan
