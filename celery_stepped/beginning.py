@@ -94,8 +94,7 @@ class Fresh:
         row = {c.key: getattr(self.action, c.key) for c in _ACTIONS.columns}
         action = Action(**row)
         make_transient_to_detached(action)
-        set_committed_value(action, "steps", [])
-        set_committed_value(action, "parent_steps", [])
+        set_committed_value(action, "steps", [])  # pending: none yet (parent_steps: loaded if read)
         s.add(action)
         set_committed_value(action, "status", PERFORMING)
         set_committed_value(action, "started_at", now)

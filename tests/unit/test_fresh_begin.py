@@ -153,14 +153,16 @@ def test_another_delivery_that_began_it_first_runs_it_once(
 def test_a_childs_body_gets_the_actor_its_keys_read(stepped: Stepped, car: Car) -> None:
     app = stepped.app
     actors: dict[str, Any] = {}
+    parents: list[list[int]] = []
 
     def key(c: Car) -> list[Any]:
         actors["keys"] = c
         return ["leaf", c.id]
 
     @app.stepped_action(actor=Car, concurrency_key=key)
-    def leaf(c: Car) -> None:
+    def leaf(step: Step, c: Car) -> None:
         actors["body"] = c
+        parents.append([parent_step.action_id for parent_step in step.action.parent_steps])
         c.note("leaf")
 
     @app.stepped_action(actor=Car)
@@ -172,6 +174,7 @@ def test_a_childs_body_gets_the_actor_its_keys_read(stepped: Stepped, car: Car) 
         perform_stepped_actions(stepped)
     assert stepped.get_action(root.id).status == "succeeded"
     assert actors["body"] is actors["keys"]
+    assert parents == [[root.id]]  # the action it hands the body reads its parent steps
     assert load_car(stepped, car.id).log == "leaf;"  # the body's change was written
 
 
