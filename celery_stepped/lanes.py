@@ -66,6 +66,11 @@ class LaneOutcome(StrEnum):
     DEADLOCK = "deadlock"
     #: Join: pending actions must be superseded in SQL first; nothing changed.
     RETRY = "retry"
+    #: Join (flag ``b``): another action is current; nothing changed.
+    BUSY = "busy"
+    #: Join (flag ``e``): the lane has no current action though SQL has one performing
+    #: (Redis lost it); nothing changed.
+    LOST = "lost"
     #: Release: the oldest pending action became current.
     NEXT = "next"
     #: Release: nothing waited; the lane is gone.
@@ -151,6 +156,7 @@ class Lanes:
         ancestry: str,
         superseded: Iterable[int] = (),
         lock: tuple[str, str] | None = None,
+        flags: str = "",
     ) -> JoinResult:
         """Join ``key``'s lane in one atomic step (idempotent for an action in it).
 
@@ -158,16 +164,18 @@ class Lanes:
         superseded in SQL by the caller); otherwise nothing changes and the outcome
         is ``RETRY`` with the lane's pending actions. ``lock``: ``(token, "take")``
         takes the lane lock with a ``RETRY`` when it is free (``JoinResult.locked``);
-        ``(token, "drop")`` releases it with any other outcome.
+        ``(token, "drop")`` releases it with any other outcome. ``flags`` (``join.lua``):
+        ``b`` answers ``BUSY`` when another action is current, ``e`` answers ``LOST``
+        when none is; both change nothing.
         """
         framed = "," + "".join(f"{i}," for i in superseded)
         token, verb = lock or ("", "")
         argv: list[Any] = [action_id, checksum or "", ancestry, framed, token]
-        argv += [int(LOCK_TIMEOUT * 1000), verb]
+        argv += [int(LOCK_TIMEOUT * 1000), verb, flags]
         lane_keys = [*self._keys(key), keys.lane_lock(self.namespace, key)]
         reply = [_text(v) for v in self._join(lane_keys, argv)]
         outcome = LaneOutcome(reply[0])
-        if outcome is LaneOutcome.DEADLOCK:
+        if outcome in (LaneOutcome.DEADLOCK, LaneOutcome.BUSY):
             return JoinResult(outcome, current_id=int(reply[1]))
         locked = len(reply) > 1 and reply[1] == "locked"
         ids = reply[2:] if locked else reply[1:]
@@ -180,8 +188,10 @@ class Lanes:
         checksum: str | None,
         ancestry: str,
         supersede: Callable[[list[int]], None],
+        flags: str = "",
     ) -> JoinResult:
-        """Join ``key``'s lane, calling ``supersede(ids)`` before pending actions leave it.
+        """Join ``key``'s lane, calling ``supersede(ids)`` before pending actions leave it
+        (``flags``: see :meth:`join`; ``BUSY`` and ``LOST`` come back as they are).
 
         ``supersede`` must mark those actions superseded in SQL, so that their parent
         steps wait on ``action_id`` (idempotently: an id may come again). It runs before
@@ -190,7 +200,7 @@ class Lanes:
         costs one script call and no lock.
         """
         token = uuid4().hex
-        result = self.join(key, action_id, checksum, ancestry, lock=(token, "take"))
+        result = self.join(key, action_id, checksum, ancestry, lock=(token, "take"), flags=flags)
         if result.outcome is not LaneOutcome.RETRY:
             return result
         done: list[int] = []

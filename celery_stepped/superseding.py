@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
@@ -28,7 +29,7 @@ from .effects import Effects
 from .errors import Deadlock
 from .events import Events, Facts, logger
 from .join import status_of, supersede_links, waits_on
-from .lanes import Lanes
+from .lanes import JoinResult, LaneOutcome, Lanes
 from .models import ACTIONS as _ACTIONS
 from .models import Action
 from .statuses import ActionStatus
@@ -113,18 +114,25 @@ class LaneEntry:
         self.events = events
         self.clock = clock
 
-    def enter(self, action: Action, fresh: bool = False, lane_clear: bool = False) -> Entry:
+    def enter(self, action: Action, fresh: bool = False, lane_clear: bool | None = None) -> Entry:
         """Enter ``action``'s lane (a pending, persisted action).
 
         ``fresh``: ``action`` is a root this call has just written; nothing can wait
         on it yet (no link names it, and no lane held it to be shared), so the deadlock
-        check is skipped. ``lane_clear``: SQL had no action performing in the lane when
-        ``action`` was written (``Starter.create`` read it in its INSERT), so an empty
-        lane in Redis needs no rebuild: SQL is not read again.
+        check is skipped. ``lane_clear``: whether SQL had no action performing in the
+        lane when ``action`` was written (``Starter.create`` reads it in its INSERT);
+        when known, the lane is not read first: the join script answers ``lost`` (SQL
+        has a performing action, Redis no lane: it is rebuilt, then entered as ever)
+        or ``busy`` (another action is current: the deadlock check, then the join).
         """
-        current = self._waiting_current(action, fresh and action.root, lane_clear)
-        if current is not None:  # its lane is held by an action that waits on it
-            return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
+        unwaited = fresh and action.root
+        flags = ""
+        if lane_clear is None:
+            current = self._waiting_current(action, unwaited)
+            if current is not None:  # its lane is held by an action that waits on it
+                return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
+        else:
+            flags = ("" if unwaited else "b") + ("" if lane_clear else "e")
         superseded = Superseded()
 
         def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
@@ -132,9 +140,9 @@ class LaneEntry:
             superseded.facts.update(done.facts)
             superseded.newcomer_final = superseded.newcomer_final or done.newcomer_final
 
-        result = self.lanes.enter(
-            action.concurrency_key, action.id, action.checksum, action.ancestry, supersede
-        )
+        result = self._join(action, supersede, flags)
+        if result is None:  # Redis had lost the lane SQL performs in: rebuilt, enter as ever
+            return self.enter(action, fresh)
         entry = Entry(self.after_supersede(superseded, action.id))
         if result.outcome == "deadlock":
             entry.deadlock = self._deadlock(action, result.current_id)
@@ -142,6 +150,23 @@ class LaneEntry:
         elif result.outcome == "perform":
             entry.effects.perform.append(action.id)
         return entry
+
+    def _join(
+        self, action: Action, supersede: Callable[[list[int]], None], flags: str
+    ) -> JoinResult | None:
+        """Join the lane (``flags``: see :meth:`enter`). None: Redis had lost it, and it
+        is rebuilt now. A busy lane whose current action waits on ``action``: deadlock."""
+        key = action.concurrency_key
+        join = partial(self.lanes.enter, key, action.id, action.checksum, action.ancestry)
+        result = join(supersede, flags)
+        if result.outcome == LaneOutcome.LOST:
+            self.recover(key, action.id)
+            return None
+        if result.outcome == LaneOutcome.BUSY:
+            if self._waits(action, result.current_id):
+                return JoinResult(LaneOutcome.DEADLOCK, current_id=result.current_id)
+            result = join(supersede, "")
+        return result
 
     def supersede(self, old_ids: list[int], newcomer_id: int) -> Effects:
         """Mark pending actions superseded by ``newcomer_id`` (repair, racing joins)."""
@@ -216,21 +241,24 @@ class LaneEntry:
             row = s.execute(_PERFORMING_IN_LANE, {"b_key": key, "b_joining": joining}).first()
         return None if row is None else (row.id, row.checksum)
 
-    def _waiting_current(
-        self, action: Action, unwaited: bool = False, lane_clear: bool = False
-    ) -> int | None:
+    def _waiting_current(self, action: Action, unwaited: bool = False) -> int | None:
         """The lane's current action when it waits on ``action`` through any parent
         (shared and superseded parents included): entering would wait forever. A lost
-        lane is rebuilt first (:meth:`recover`; not when SQL was read ``lane_clear``
-        just before Redis). ``unwaited``: nothing can wait on ``action`` yet (only the
-        rebuild is done)."""
+        lane is rebuilt first (:meth:`recover`). ``unwaited``: nothing can wait on
+        ``action`` yet (only the rebuild is done)."""
         current, _ = self.lanes.current_checksum(action.concurrency_key)
-        if current is None and not lane_clear:
+        if current is None:
             current = self.recover(action.concurrency_key, action.id)
         if unwaited or current is None or current == action.id:
             return None
+        return current if self._waits(action, current) else None
+
+    def _waits(self, action: Action, current: int | None) -> bool:
+        """True when ``current`` waits on ``action`` through any parent."""
+        if current is None or current == action.id:
+            return False
         with self.session_factory() as s:
-            return current if waits_on(s, action.id, current) else None
+            return bool(waits_on(s, action.id, current))
 
     def _deadlock(self, action: Action, current_id: int | None) -> Deadlock:
         with self.session_factory() as s:

@@ -17,8 +17,15 @@
 -- ARGV[7] "take": on "retry", take the lock if it is free (a redis-py Lock's value
 --         and expiry); "drop": on any other outcome, drop the lock if it holds the
 --         token. Either saves a round trip of taking or releasing it apart.
+-- ARGV[8] flags, optional ("" for none): "b": a lane whose current action is another
+--         one answers {"busy", current_id} and changes nothing (the caller checks that
+--         the current action does not wait on it, then joins without "b"); "e": the
+--         caller's SQL saw an action performing in this lane, so a lane without a
+--         current action was lost by Redis: answer {"lost"} and change nothing (the
+--         caller rebuilds it from SQL). Either saves the caller a read of the lane first.
 -- Returns {"perform"} | {"queued", removed_id...} | {"deadlock", current_id}
 --       | {"retry", pending_id...} | {"retry", "locked", pending_id...}
+--       | {"busy", current_id} | {"lost"}
 -- (the first word is a LaneOutcome of lanes.py)
 local id = ARGV[1]
 local function done(reply)
@@ -27,13 +34,20 @@ local function done(reply)
   end
   return reply
 end
+local flags = ARGV[8] or ""
 local current = redis.call("HGET", KEYS[1], "current")
 if not current then
+  if string.find(flags, "e", 1, true) then
+    return {"lost"}
+  end
   redis.call("HSET", KEYS[1], "current", id, "checksum", ARGV[2])
   return done({"perform"})
 end
 if current == id then
   return done({"perform"})
+end
+if string.find(flags, "b", 1, true) then
+  return {"busy", current}
 end
 if redis.call("ZSCORE", KEYS[2], id) then
   return done({"queued"})

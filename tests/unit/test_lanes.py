@@ -17,7 +17,7 @@ from sqlalchemy import event, func, select, update
 
 from celery_stepped import ActionStatus, Deadlock, Stepped, keys, lanes, signals
 from celery_stepped.effects import Delivery
-from celery_stepped.lanes import Lane
+from celery_stepped.lanes import Lane, LaneOutcome
 from celery_stepped.models import Achievement, Action, ParentLink, Step
 from celery_stepped.starting import checksum_digest
 from celery_stepped.testing import (
@@ -1153,3 +1153,17 @@ def test_a_caller_outside_a_task_hands_the_lane_on_with_a_message(
         jobs.perform_all()
         assert status(stepped, queued.id) == "succeeded"
     assert redis_keys(stepped) == []
+
+
+def test_a_join_with_flags_answers_busy_or_lost_and_changes_nothing(stepped: Stepped) -> None:
+    """``b``: another current action is reported, not queued behind; ``e``: a lane with no
+    current action, though SQL has one performing, is reported lost, not taken."""
+    lanes = stepped.lanes
+    assert lanes.join("K", 1, None, ",").outcome == LaneOutcome.PERFORM
+    busy = lanes.join("K", 2, None, ",", flags="b")
+    assert (busy.outcome, busy.current_id) == (LaneOutcome.BUSY, 1)
+    assert lanes.get("K") == Lane("K", 1, [])
+    assert lanes.join("K", 1, None, ",", flags="be").outcome == LaneOutcome.PERFORM  # its own
+    assert lanes.join("gone", 3, None, ",", flags="e").outcome == LaneOutcome.LOST
+    assert lanes.get("gone") is None
+    assert lanes.join("gone", 3, None, ",", flags="b").outcome == LaneOutcome.PERFORM
