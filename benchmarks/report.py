@@ -209,7 +209,22 @@ def details(rows: list[Row]) -> list[str]:
         out.append(_eager_detail(by["5"]))
     if _ok(by.get("6")) and by["6"].extra:
         out.append(_burst_detail(by["6"]))
+    out += [_rounds_detail(row) for row in rows if row.extra.get("rounds")]
     return out
+
+
+def _rounds_detail(row: Row) -> str:
+    """The figure of every round of a row (the table shows the median round)."""
+    figures = row.extra["rounds"]
+    if row.extra.get("rounds_ratio"):
+        shown = ", ".join(f"{value:.2f}x" for value in figures)
+        return (
+            f"{row.number}. stepped/plain in each of {len(figures)} rounds: {shown} (median shown)"
+        )
+    shown = ", ".join(f"{value:.2f}" for value in figures)
+    return (
+        f"{row.number}. ms per {row.item} in each of {len(figures)} rounds: {shown} (median shown)"
+    )
 
 
 def _package(name: str) -> str:

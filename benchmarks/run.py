@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.run            # the issue's sizes (minutes)
     .venv/bin/python -m benchmarks.run --quick    # small sizes (a minute or two)
     .venv/bin/python -m benchmarks.run --write    # also write benchmarks/RESULTS.md
+    .venv/bin/python -m benchmarks.run --rounds 3 # each row: the median of 3 rounds
 
 From the project root. With nothing configured it starts an embedded Redis server and
 uses a temporary SQLite file; ``STEPPED_REDIS_URL`` (two empty databases are used and
@@ -64,6 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eager", type=_pair, help="5: WIDTHxFANOUT of the eager tree (99x100)")
     p.add_argument("--burst", type=int, help="6: requests in the superseding burst (2000)")
     p.add_argument("--only", default="1,2,3,4,5,6", help="scenarios to run, e.g. 1,3")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the scenarios N times; show each row's median"
+    )
     p.add_argument("--limit", type=float, default=900, help="seconds per scenario (900)")
     p.add_argument("--concurrency", type=int, default=2, help="worker pool processes (2)")
     p.add_argument("--redis-url", default=os.environ.get("STEPPED_REDIS_URL"))
@@ -215,7 +219,36 @@ def run_all(
     warm.fan(), warm.tree()
     eager = Config(eager_url, f"sqlite:///{scratch / 'eager.db'}", "", sizes.steps, eager=True)
     scenarios = Scenarios(bench, probe, watch, sizes, args.limit)
-    return run_scenarios(scenarios, set(args.only.split(",")), eager), facts
+    only = set(args.only.split(","))
+    rounds = []
+    for number in range(1, max(1, args.rounds) + 1):
+        if args.rounds > 1:
+            log(f"round {number} of {args.rounds}")
+        rounds.append(run_scenarios(scenarios, only, eager))
+    return median_rows(rounds), facts
+
+
+def median_rows(rounds: list[list[Row]]) -> list[Row]:
+    """Each row from the round in which its ratio (else its wall time per item) was the
+    median (the lower one for an even count); the other rounds' figures in its extras."""
+    by_number: dict[str, list[Row]] = {}
+    for rows in rounds:
+        for row in rows:
+            by_number.setdefault(row.number, []).append(row)
+
+    def figure(row: Row) -> float:
+        ratio = row.ratio
+        return ratio if ratio is not None else row.stepped.ms(row.stepped.wall)
+
+    chosen = []
+    for number in sorted(by_number):
+        ordered = sorted(by_number[number], key=figure)
+        pick = ordered[(len(ordered) - 1) // 2]
+        if len(ordered) > 1:
+            pick.extra["rounds"] = [figure(row) for row in by_number[number]]
+            pick.extra["rounds_ratio"] = pick.ratio is not None
+        chosen.append(pick)
+    return chosen
 
 
 def document(command: str, rows: list[Row], facts: list[tuple[str, str]], seconds: float) -> str:
