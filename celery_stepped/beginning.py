@@ -1,13 +1,14 @@
-"""``pending -> performing``: the statement, the timeout it schedules, and an action
-this call has just created beginning in its first step's transaction.
+"""``pending -> performing``: the statement, the timeout it schedules, and what a step
+body's transaction carries along (:data:`Along`).
 
 An action begins in its own transaction when its lane hands it on, or when a message
 carries it on. One that the same call has just written (a child's start, ``now()``)
 and that its lane let in at once begins in the transaction of its first step body
 instead (:class:`Fresh`): one commit, and the row and the actor the start loaded are
-used again, not read back. Its first body runs before the begin on SQLite (no write
-lock is held while it runs) and after it on PostgreSQL (the row lock makes a second
-delivery wait), as every body does.
+used again, not read back. The begin is written after the body on SQLite (no write
+lock is held while it runs) and before it on PostgreSQL (the row lock makes a second
+delivery wait), as every body's writes are. Likewise a step whose members all
+reported is closed in its next body's transaction (:class:`Closing`).
 """
 
 from __future__ import annotations
