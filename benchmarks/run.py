@@ -229,26 +229,33 @@ def run_all(
 
 
 def median_rows(rounds: list[list[Row]]) -> list[Row]:
-    """Each row from the round in which its ratio (else its wall time per item) was the
-    median (the lower one for an even count); the other rounds' figures in its extras."""
-    by_number: dict[str, list[Row]] = {}
-    for rows in rounds:
-        for row in rows:
-            by_number.setdefault(row.number, []).append(row)
+    """The rows of each scenario from one round: the one in which the scenario's first
+    row (3a, 4a, ...) had the median ratio, else wall time per item (the lower median
+    for an even count), so rows compared with each other (4a, 4b) come from one round.
+    Every round's figure of a row is kept in its extras."""
 
     def figure(row: Row) -> float:
         ratio = row.ratio
         return ratio if ratio is not None else row.stepped.ms(row.stepped.wall)
 
-    chosen = []
-    for number in sorted(by_number):
-        ordered = sorted(by_number[number], key=figure)
-        pick = ordered[(len(ordered) - 1) // 2]
-        if len(ordered) > 1:
-            pick.extra["rounds"] = [figure(row) for row in by_number[number]]
-            pick.extra["rounds_ratio"] = pick.ratio is not None
-        chosen.append(pick)
-    return chosen
+    by_scenario: dict[str, list[list[Row]]] = {}
+    for rows in rounds:
+        groups: dict[str, list[Row]] = {}
+        for row in rows:
+            groups.setdefault(row.number.rstrip("abcdef"), []).append(row)
+        for scenario, group in groups.items():
+            by_scenario.setdefault(scenario, []).append(group)
+    chosen: list[Row] = []
+    for scenario in sorted(by_scenario):
+        runs = by_scenario[scenario]
+        pick = sorted(runs, key=lambda group: figure(group[0]))[(len(runs) - 1) // 2]
+        for row in pick:
+            if len(runs) > 1:
+                same = [r for group in runs for r in group if r.number == row.number]
+                row.extra["rounds"] = [figure(r) for r in same]
+                row.extra["rounds_ratio"] = row.ratio is not None
+            chosen.append(row)
+    return sorted(chosen, key=lambda row: row.number)
 
 
 def document(command: str, rows: list[Row], facts: list[tuple[str, str]], seconds: float) -> str:
