@@ -48,6 +48,7 @@ __all__ = [
     "count_member",
     "counted_steps_of_performing",
     "finish_link",
+    "performing_under",
     "report_link",
     "report_parents",
     "retire_link",
@@ -208,6 +209,21 @@ _CLOSE_STEP = (
 
 
 _STATUS = select(_ACTIONS.c.status).where(_ACTIONS.c.id == bindparam("b_action"))
+
+
+def performing_under(actions: Any, key: Any) -> Any:
+    """The oldest action performing under concurrency key ``key`` (a bind parameter),
+    read from ``actions`` (the table, or an alias of it): a lane's current action as SQL
+    knows it, which a lane Redis lost is rebuilt from."""
+    return (
+        select(actions.c.id)
+        .where(
+            actions.c.concurrency_key == key,
+            actions.c.status == ActionStatus.PERFORMING.value,
+        )
+        .order_by(actions.c.id)
+        .limit(1)
+    )
 
 
 def status_of(s: Session, action_id: int) -> str | None:

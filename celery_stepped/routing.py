@@ -78,28 +78,25 @@ class Routes:
             action_id = s.scalar(select(Step.action_id).where(Step.id == step_id))
         return None if action_id is None else self.of_action(action_id)
 
-    def elsewhere(self, *, step_id: int | None = None, action_id: int | None = None) -> str | None:
-        """None when the step (or action) may run in this message; else its queue.
+    def elsewhere(self, *, action_id: int) -> str | None:
+        """None when the action may run in this message; else its queue.
 
         Outside a worker everything runs here (no query).
         """
-        current = current_queue()
-        if current is None:
+        if current_queue() is None:
             return None
-        if step_id is not None:
-            queue = self.of_step(step_id)
-        else:
-            queue = None if action_id is None else self.of_action(action_id)
-        queue = queue or self.default
-        return None if queue == current else queue
+        return self._unless_here(self.of_action(action_id))
 
     def elsewhere_for(self, actor_type: str, name: str) -> str | None:
         """:meth:`elsewhere` for an action whose definition the caller read (no query)."""
+        return self._unless_here(self.queue_of(actor_type, name))
+
+    def _unless_here(self, queue: str | None) -> str | None:
+        """``queue`` (None: the Stepped queue), or None when this message came from it or
+        from no queue at all (outside a worker)."""
         current = current_queue()
-        if current is None:
-            return None
-        queue = self.queue_of(actor_type, name) or self.default
-        return None if queue == current else queue
+        queue = queue or self.default
+        return None if current is None or queue == current else queue
 
 
 def queue_of_definition(lookup: Callable[[str, str], Any]) -> Callable[[str, str], str | None]:

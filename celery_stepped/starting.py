@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from .action_keys import checksum_digest, key_from_parts, timeout_seconds
 from .effects import Effects
-from .join import changed, report_link, waits_on
+from .join import changed, performing_under, report_link, waits_on
 from .messages import StartCall
 from .models import ACTIONS as _ACTIONS
 from .models import LINKS as _LINKS
@@ -95,18 +95,10 @@ _LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
 )
 
 
-#: The oldest action performing in a lane (``b_lane_key``).
+#: The oldest action performing in the new action's lane (``b_lane_key``).
 _LANE_OTHER = _ACTIONS.alias("lane_other")
 _LANE_PERFORMER = (
-    select(_LANE_OTHER.c.id)
-    .where(
-        _LANE_OTHER.c.concurrency_key == bindparam("b_lane_key"),
-        _LANE_OTHER.c.status == ActionStatus.PERFORMING.value,
-    )
-    .order_by(_LANE_OTHER.c.id)
-    .limit(1)
-    .scalar_subquery()
-    .label("lane_performer")
+    performing_under(_LANE_OTHER, bindparam("b_lane_key")).scalar_subquery().label("lane_performer")
 )
 
 #: The pending row of a new action (Core: the object stays out of any session); every

@@ -22,13 +22,13 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
 from .effects import Effects
 from .errors import Deadlock
 from .events import Events, Facts, logger
-from .join import status_of, supersede_links, waits_on
+from .join import performing_under, status_of, supersede_links, waits_on
 from .lanes import JoinResult, LaneOutcome, Lanes
 from .models import ACTIONS as _ACTIONS
 from .models import Action
@@ -56,16 +56,12 @@ _SUPERSEDE = (
         _ACTIONS.c.ancestry,
     )
 )
-#: Every join into an empty lane asks it (lane recovery): prebuilt Core, as it is hot.
+#: Rebuilding a lane Redis lost (``recover``) starts from it (prebuilt Core); a new
+#: action asks the same in its INSERT (``starting``).
 _PERFORMING_IN_LANE = (
-    select(_ACTIONS.c.id, _ACTIONS.c.checksum)
-    .where(
-        _ACTIONS.c.concurrency_key == bindparam("b_key"),
-        _ACTIONS.c.status == PERFORMING,
-        _ACTIONS.c.id != bindparam("b_joining"),
-    )
-    .order_by(_ACTIONS.c.id)
-    .limit(1)
+    performing_under(_ACTIONS, bindparam("b_key"))
+    .add_columns(_ACTIONS.c.checksum)
+    .where(_ACTIONS.c.id != bindparam("b_joining"))
 )
 
 
@@ -249,9 +245,7 @@ class LaneEntry:
         current, _ = self.lanes.current_checksum(action.concurrency_key)
         if current is None:
             current = self.recover(action.concurrency_key, action.id)
-        if unwaited or current is None or current == action.id:
-            return None
-        return current if self._waits(action, current) else None
+        return None if unwaited or not self._waits(action, current) else current
 
     def _waits(self, action: Action, current: int | None) -> bool:
         """True when ``current`` waits on ``action`` through any parent."""
