@@ -190,6 +190,12 @@ class Beginner:
             return self.fresh(s, along, now)
         return []
 
+    @staticmethod
+    def folds(s: Session, along: Along) -> bool:
+        """Whether ``along`` is a fresh action that, on SQLite, may begin in the UPDATE that
+        completes it (its begin comes after the body there: nothing was written yet)."""
+        return isinstance(along, Fresh) and s.get_bind().dialect.name == "sqlite"
+
     def after_body(
         self, s: Session, along: Along, now: datetime, rolled_back: bool = False
     ) -> list[Message] | None:

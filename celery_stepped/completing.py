@@ -33,9 +33,9 @@ from .join import (
 )
 from .messages import Message, advance_message, insurance_message
 from .models import ACTIONS as _ACTIONS
-from .models import Achievement, Action, ParentLink
+from .models import Achievement, Action, ParentLink, Step
 from .staging import stage
-from .statuses import COMPLETION_STATUSES, ActionStatus
+from .statuses import COMPLETION_STATUSES, ActionStatus, StepStatus
 from .transition import Lookup, Transition
 
 __all__ = ["Completer", "Settled", "Settler"]
@@ -66,11 +66,18 @@ class Settler:
         self.events = events
 
     def settle(
-        self, s: Session, action_id: int, status: str, delivery: Delivery, now: datetime
+        self,
+        s: Session,
+        action_id: int,
+        status: str,
+        delivery: Delivery,
+        now: datetime,
+        began_at: datetime | None = None,
     ) -> Settled | None:
         """Final status, after callbacks, achievement, report to parents; no commit.
-        None when the action was already final."""
-        row = _set_final(s, action_id, status, now)
+        None when the action was already final (``began_at``: it is still pending, and
+        begins at that time in the same statement; None when it was not pending)."""
+        row = _set_final(s, action_id, status, now, began_at)
         if row is None:
             return None
         failed = self._run_callbacks(s, action_id, status, row)
@@ -79,6 +86,19 @@ class Settler:
             _achieve(s, row.checksum_key, row.checksum, now)
         ready = report_parents(s, action_id, status, successful, now)
         return Settled(row, ready, stage(s, _insurance(action_id, ready, delivery), now), now)
+
+    def settles_with(self, action: Action, step: Step, last: Delivery | None) -> bool:
+        """Whether the last step ``step`` completes ``action`` in its own transaction (one
+        commit for both): it closed at once as succeeded, inside a task, whose
+        redelivery finishes a crash before the lane release (outside one, ``complete``
+        releases the lane before its insurance entry is dropped). Not when the action
+        has after callbacks: an unhandled exception in one rolls its completion back,
+        and must not take the body's writes with it (the body would run again)."""
+        if last is None or not last.in_worker or step.completed_at is None:
+            return False
+        if step.status != StepStatus.SUCCEEDED.value:
+            return False
+        return not self.callbacks(action.actor_type, action.name, SUCCEEDED)
 
     def announce(self, action_id: int, status: str, settled: Settled) -> None:
         """After the commit: the ``action_completed`` signal and log line."""
@@ -220,9 +240,21 @@ _SET_FINAL = (
 )
 
 
-def _set_final(s: Session, action_id: int, status: str, now: datetime) -> Any:
-    """Give an open action its final status (once); its row, or None when it was final."""
-    return s.execute(_SET_FINAL, {"action_id": action_id, "final": status, "at": now}).first()
+#: The same for a pending action that begins and completes in one transaction.
+_BEGIN_FINAL = _SET_FINAL.where(_ACTIONS.c.status == ActionStatus.PENDING.value).values(
+    started_at=bindparam("began_at")
+)
+
+
+def _set_final(
+    s: Session, action_id: int, status: str, now: datetime, began_at: datetime | None = None
+) -> Any:
+    """Give an open action its final status (once); its row, or None when it was final
+    (``began_at``: only a pending one, performing since then)."""
+    params = {"action_id": action_id, "final": status, "at": now}
+    if began_at is None:
+        return s.execute(_SET_FINAL, params).first()
+    return s.execute(_BEGIN_FINAL, {**params, "began_at": began_at}).first()
 
 
 def _facts(row: Any, now: datetime) -> Facts:

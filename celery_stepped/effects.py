@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .messages import Message
+from .statuses import ActionStatus
 
-__all__ = ["Delivery", "Effects"]
+__all__ = ["Delivery", "Effects", "after_last_step", "recover_final"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,19 @@ class Effects:
             or self.complete
             or self.released
         )
+
+
+def after_last_step(action_id: int, outbound: bool) -> Effects:
+    """Every step done: a non-outbound action succeeds, an outbound one waits."""
+    if outbound:
+        return Effects()
+    return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
+
+
+def recover_final(action_id: int, status: str | None, delivery: Delivery) -> Effects:
+    """A redelivery found the action (``status``: None, it does not exist) final: redo
+    its idempotent completion effects (its first run may have died after completing
+    it, before telling its parents)."""
+    if status is None or not ActionStatus(status).is_final or not delivery.recovering:
+        return Effects()
+    return Effects(finished=[action_id])

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from .actors import ActorRegistry
 from .beginning import Along, Beginner, Closing, Fresh, Unbegun
 from .completing import Settled, Settler
-from .effects import Delivery, Effects
+from .effects import Delivery, Effects, after_last_step, recover_final
 from .errors import ActorNotFound
 from .events import Events, error_record, logger
 from .join import close_step
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Performer"]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
-SUCCEEDED, SUCCEEDED_STEP = ActionStatus.SUCCEEDED.value, StepStatus.SUCCEEDED.value
+SUCCEEDED = ActionStatus.SUCCEEDED.value
 Lookup = Callable[[str, str], "SteppedAction[Any]"]
 Route = Callable[[str, str], str | None]
 
@@ -137,7 +137,7 @@ class Performer:
             if queue is not None:  # its next body or after callbacks run on its own queue
                 return Effects([advance_message(step_id, queue)])
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
-            closing = _closes_with_next(at, step_id, len(bodies))
+            closing = at.closes_with_next(step_id, len(bodies))
             # Else: the last step, a failing one, or not the current one: close it alone.
             status = None if closing else self._close(s, step_id)
             found = position_of_step(s, step_id) if not closing and status is None else found
@@ -157,7 +157,7 @@ class Performer:
         while True:
             at = self.position(action_id) if at is None else at
             if at is None or at.action_status != PERFORMING:
-                return _recover_final(action_id, at, delivery)
+                return recover_final(action_id, None if at is None else at.action_status, delivery)
             bodies = self.lookup(at.actor_type, at.name).steps_for_run()
             if at.step_id is None:
                 return self._run_from(action_id, at.step_index, at.outbound, bodies, delivery)
@@ -196,7 +196,7 @@ class Performer:
                 effects.complete.append((action_id, ActionStatus.FAILED.value))
                 return effects
             index += 1
-        return effects.add(_after_last_step(action_id, outbound))
+        return effects.add(after_last_step(action_id, outbound))
 
     def close(self, step_id: int) -> None:
         """Close a step whose members all reported (once)."""
@@ -234,23 +234,48 @@ class Performer:
             context = self._run_body(s, action, index, body, actor)
             if isinstance(context, dict):
                 return self._failed_step(action_id, index, started, context, along, effects)
-            after = self.beginner.after_body(s, along, started)
-            if after is None:
-                return Ran("exists")
-            messages += after
             step = new_step_row(action_id, index, started, context, self.clock())
-            try:
-                insert_step(s, step)
-            except IntegrityError:
-                s.rollback()
-                return Ran("exists")
-            messages += self.members.write(s, step, context)
-            effects.staged.extend(stage(s, messages, started))
-            settled = self._settle_last(s, action, step, last)
+            settled = self._write(s, action, step, context, along, last, messages, effects)
+            if isinstance(settled, Ran):
+                return settled
             s.commit()
         effects.messages.extend(messages)
         self.beginner.committed(along)
         return self._ran(action_id, index, step, settled, effects)
+
+    def _write(
+        self,
+        s: Session,
+        action: Action,
+        step: Step,
+        context: StepContext,
+        along: Along,
+        last: Delivery | None,
+        messages: list[Message],
+        effects: Effects,
+    ) -> Settled | Ran | None:
+        """After the body, in its transaction: what ``along`` writes, the step's row, its
+        members and their staged messages (into ``messages`` and ``effects``), and the
+        completion it carries (:meth:`_settle_last`); ``Ran("exists")`` when another
+        delivery wrote the step first (``s`` rolled back)."""
+        started = step.started_at
+        assert started is not None  # new_step_row sets it
+        # A fresh action on SQLite that completes with this step begins in its
+        # completion's UPDATE (``Settler.settle``): one statement for both.
+        folds = self.beginner.folds(s, along) and self.settler.settles_with(action, step, last)
+        began_at = started if folds else None
+        after = [] if began_at else self.beginner.after_body(s, along, started)
+        if after is None:
+            return Ran("exists")
+        messages += after
+        try:
+            insert_step(s, step)
+        except IntegrityError:
+            s.rollback()
+            return Ran("exists")
+        messages += self.members.write(s, step, context)
+        effects.staged.extend(stage(s, messages, started))
+        return self._settle_last(s, action, step, last, began_at)
 
     def _open(
         self, s: Session, action_id: int, index: int, along: Along, now: datetime
@@ -274,21 +299,23 @@ class Performer:
         return action, along.actor_in(s), messages
 
     def _settle_last(
-        self, s: Session, action: Action, step: Step, last: Delivery | None
+        self,
+        s: Session,
+        action: Action,
+        step: Step,
+        last: Delivery | None,
+        began_at: datetime | None = None,
     ) -> Settled | None:
         """The last step closed at once: complete the action in the step's transaction
-        (one commit for both). Only inside a task, whose redelivery finishes a crash
-        before the lane release (outside one, ``Completer.complete`` releases the lane
-        before its insurance entry is dropped). Not when the action has after
-        callbacks: an unhandled exception in one rolls its completion back, and must
-        not take the body's writes with it (the body would run again)."""
-        if last is None or not last.in_worker or step.completed_at is None:
+        when ``Settler.settles_with`` it (``began_at``: it begins there too; Unbegun
+        when it is no longer pending)."""
+        if last is None or not self.settler.settles_with(action, step, last):
             return None
-        if step.status != SUCCEEDED_STEP:
-            return None
-        if self.settler.callbacks(action.actor_type, action.name, SUCCEEDED):
-            return None
-        return self.settler.settle(s, action.id, SUCCEEDED, last, self.clock())
+        settled = self.settler.settle(s, action.id, SUCCEEDED, last, self.clock(), began_at)
+        if settled is None and began_at is not None:
+            s.rollback()
+            raise Unbegun(action.id)
+        return settled
 
     def _ran(
         self, action_id: int, index: int, step: Step, settled: Settled | None, effects: Effects
@@ -363,32 +390,3 @@ class Performer:
         self.beginner.committed(along)
         self.events.step_completed(step_id, StepStatus.FAILED.value)
         return Ran("done", StepStatus.FAILED.value)
-
-
-def _closes_with_next(at: Position, step_id: int, step_count: int) -> bool:
-    """The step ``step_id`` whose members all reported closes in its next body's
-    transaction (``Closing``): it is the action's open current step, it will succeed,
-    and a step follows it."""
-    return (
-        at.action_status == PERFORMING
-        and at.step_id == step_id
-        and bool(at.step_open)
-        and not at.pending
-        and not at.failing
-        and at.step_index + 1 < step_count
-    )
-
-
-def _after_last_step(action_id: int, outbound: bool) -> Effects:
-    """Every step done: a non-outbound action succeeds, an outbound one waits."""
-    if outbound:
-        return Effects()
-    return Effects(complete=[(action_id, ActionStatus.SUCCEEDED.value)])
-
-
-def _recover_final(action_id: int, at: Position | None, delivery: Delivery) -> Effects:
-    """A redelivery found the action final: redo its idempotent completion effects
-    (its first run may have died after completing it, before telling its parents)."""
-    if at is None or not ActionStatus(at.action_status).is_final or not delivery.recovering:
-        return Effects()
-    return Effects(finished=[action_id])

@@ -19,7 +19,7 @@ from .models import ACTIONS as _ACTIONS
 from .models import LINKS as _LINKS
 from .models import STEPS as _STEPS
 from .models import Action, ParentLink, Step
-from .statuses import StepStatus
+from .statuses import ActionStatus, StepStatus
 
 if TYPE_CHECKING:
     from .step import Step as StepContext
@@ -53,6 +53,19 @@ class Position(NamedTuple):
     step_open: bool | None  # no completed_at: it waits on members
     #: A member was unsuccessful, or its body set it failed: it closes as failed.
     failing: bool | None = None
+
+    def closes_with_next(self, step_id: int, step_count: int) -> bool:
+        """Whether the step ``step_id``, whose members all reported, closes in its next
+        body's transaction (``beginning.Closing``): it is the action's open current
+        step, it will succeed, and a step follows it."""
+        return (
+            self.action_status == ActionStatus.PERFORMING.value
+            and self.step_id == step_id
+            and bool(self.step_open)
+            and not self.pending
+            and not self.failing
+            and self.step_index + 1 < step_count
+        )
 
 
 _CURRENT = _STEPS.alias("current_step")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import event, func, inspect, select
 
 from celery_stepped import Step, Stepped, beginning, signals, starting
 from celery_stepped.beginning import begin_row
@@ -216,3 +216,109 @@ def test_the_action_performing_in_a_lane_is_found_by_one_index_probe(stepped: St
     with stepped.engine.connect() as connection:
         plan = " ".join(str(row) for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
     assert "ix_stepped_actions_lane" in plan
+
+
+def _status_updates(stepped: Stepped, action_id: int) -> tuple[list[str], Any]:
+    """The UPDATEs of ``action_id``'s status that ``perform_stepped_actions`` sends, and
+    a callable that stops recording them."""
+    seen: list[str] = []
+
+    def record(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
+        values = params.values() if isinstance(params, dict) else params
+        text = " ".join(statement.split())
+        if text.startswith("UPDATE stepped_actions SET status") and action_id in list(values):
+            seen.append(text)
+
+    event.listen(stepped.engine, "before_cursor_execute", record)
+    return seen, lambda: event.remove(stepped.engine, "before_cursor_execute", record)
+
+
+def test_a_fresh_child_that_completes_at_once_begins_in_its_completion(
+    stepped: Stepped, car: Car
+) -> None:
+    app = stepped.app
+    order: list[tuple[str, int]] = []
+
+    @app.stepped_action(actor=Car, concurrency_key=lambda c: ["leaf", c.id])
+    def leaf(c: Car) -> None:
+        c.note("leaf")
+
+    @app.stepped_action(actor=Car)
+    def parent(step: Step, c: Car) -> None:
+        step.do(leaf)
+
+    def started(sender: Any = None, action_id: int = 0, **_: Any) -> None:
+        order.append(("started", action_id))
+
+    def completed(sender: Any = None, action_id: int = 0, **_: Any) -> None:
+        order.append(("completed", action_id))
+
+    signals.action_started.connect(started)
+    signals.action_completed.connect(completed)
+    try:
+        with stepped.capture():
+            root = parent.now(car)
+            next_id = root.id + 1  # the child's row is the next one written
+            updates, stop = _status_updates(stepped, next_id)
+            perform_stepped_actions(stepped)
+            stop()
+    finally:
+        signals.action_started.disconnect(started)
+        signals.action_completed.disconnect(completed)
+    (child,) = stored_actions(stepped, "leaf")
+    assert child.id == next_id
+    assert (child.status, load_car(stepped, car.id).log) == ("succeeded", "leaf;")
+    with stepped.session() as session:
+        step_started = session.scalar(
+            select(StepRow.started_at).where(StepRow.action_id == child.id)
+        )
+    # SQLite begins it in the UPDATE that completes it, since the step it began with;
+    # PostgreSQL begins it before its body (the row lock), then completes it.
+    sqlite = stepped.engine.dialect.name == "sqlite"
+    assert len(updates) == (1 if sqlite else 2)
+    assert child.started_at is not None and child.completed_at is not None
+    assert child.started_at <= child.completed_at
+    assert child.started_at == step_started  # it began with its step, on both
+    mine = [kind for kind, action_id in order if action_id == child.id]
+    assert mine == ["started", "completed"]
+
+
+def test_a_fresh_child_begun_elsewhere_before_its_completion_runs_once_more(
+    stepped: Stepped, car: Car, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = stepped.app
+    runs: list[int] = []
+
+    @app.stepped_action(actor=Car, concurrency_key=lambda c: ["leaf", c.id])
+    def leaf(c: Car) -> None:
+        runs.append(c.id)  # no write: a write would hold SQLite's lock against the race
+
+    @app.stepped_action(actor=Car)
+    def parent(step: Step, c: Car) -> None:
+        step.do(leaf)
+
+    original = beginning.Beginner.folds
+    raced: list[int] = []
+
+    def racing(s: Any, along: Any) -> bool:
+        folds = original(s, along)
+        if folds and along.action.name == "leaf" and not raced:
+            # After the leaf's body: a second delivery begins it meanwhile.
+            raced.append(along.action.id)
+            with stepped.session() as other:
+                assert begin_row(other, along.action.id, along.action.created_at) is not None
+                other.commit()
+        return folds
+
+    monkeypatch.setattr(beginning.Beginner, "folds", staticmethod(racing))
+    with stepped.capture():
+        root = parent.now(car)
+        perform_stepped_actions(stepped)
+    (child,) = stored_actions(stepped, "leaf")
+    assert [stepped.get_action(root.id).status, child.status] == ["succeeded", "succeeded"]
+    assert steps_of(stepped, child.id) == ["succeeded"]
+    # The fold found it performing: its step rolled back, and the ordinary path ran the
+    # body again and completed it (SQLite; PostgreSQL does not fold, and runs it once).
+    sqlite = stepped.engine.dialect.name == "sqlite"
+    assert len(runs) == (2 if sqlite else 1)
+    assert raced == ([child.id] if sqlite else [])
