@@ -31,7 +31,17 @@ from .models import Achievement, Action
 from .staging import stage
 from .statuses import ActionStatus, StepStatus
 
-__all__ = ["BEGIN", "Along", "Began", "Beginner", "Closing", "Fresh", "Unbegun", "begin_row"]
+__all__ = [
+    "BEGIN",
+    "Along",
+    "Began",
+    "Beginner",
+    "Closing",
+    "Fresh",
+    "Unbegun",
+    "attach_row",
+    "begin_row",
+]
 
 PENDING, PERFORMING = ActionStatus.PENDING.value, ActionStatus.PERFORMING.value
 
@@ -93,13 +103,8 @@ class Fresh:
         """The action as a persistent object of ``s``, performing since ``now``, without
         a read (its own object stays with the caller, untouched)."""
         row = {c.key: getattr(self.action, c.key) for c in _ACTIONS.columns}
-        action = Action(**row)
-        make_transient_to_detached(action)
-        set_committed_value(action, "steps", [])  # pending: none yet (parent_steps: loaded if read)
-        s.add(action)
-        set_committed_value(action, "status", PERFORMING)
-        set_committed_value(action, "started_at", now)
-        return action
+        # Pending: no steps yet (parent_steps: loaded if read).
+        return attach_row(s, row, steps=[], status=PERFORMING, started_at=now)
 
     def actor_in(self, s: Session) -> Any:
         """The actor the start loaded, now in ``s``; None when it must be loaded (it is
@@ -122,6 +127,24 @@ class Closing:
     so (the caller read its counts): a failing one fails its action instead."""
 
     step_id: int
+    #: SQLite: the action's row as the read that found the step closing gave it, so the
+    #: next body does not read it again (``step_index.position_and_row_of_step``).
+    row: dict[str, Any] | None = None
+
+    def attach(self, s: Session) -> Action | None:
+        """The action of ``row`` as a persistent object of ``s`` (None: no row: read it)."""
+        return None if self.row is None else attach_row(s, self.row)
+
+
+def attach_row(s: Session, row: dict[str, Any], **committed: Any) -> Action:
+    """An action whose every column is in ``row`` as a persistent object of ``s``, without
+    a read; ``committed``: attributes to set as if loaded."""
+    action = Action(**row)
+    make_transient_to_detached(action)
+    for key, value in committed.items():
+        set_committed_value(action, key, value)
+    s.add(action)
+    return action
 
 
 #: What a step's transaction carries along with the body: begin a fresh action, or

@@ -31,6 +31,7 @@ from .statuses import ActionStatus, StepStatus
 from .step import Step as StepContext
 from .step_index import (
     Position,
+    advance_position,
     insert_step,
     new_step_row,
     position_of,
@@ -129,7 +130,7 @@ class Performer:
         """A step's members all reported: close it, then run what follows (``route``:
         the queue its action's code must run on, None for here: else it is sent there)."""
         with self.session_factory() as s:
-            found = position_of_step(s, step_id)
+            found, row = advance_position(s, step_id)
             if found is None:
                 return Effects()
             action_id, at = found
@@ -143,7 +144,8 @@ class Performer:
             found = position_of_step(s, step_id) if not closing and status is None else found
         if closing:  # closed in the next body's transaction
             index = at.step_index + 1
-            return self._run_from(action_id, index, at.outbound, bodies, delivery, Closing(step_id))
+            closing_step = Closing(step_id, row)
+            return self._run_from(action_id, index, at.outbound, bodies, delivery, closing_step)
         if found is None:
             return Effects()
         action_id, at = found
@@ -288,6 +290,10 @@ class Performer:
         begins here on PostgreSQL (that takes the lock); on SQLite after its body, so no
         write lock is held while the body runs (``Beginner.before_body``).
         """
+        action = along.attach(s) if isinstance(along, Closing) else None
+        if action is not None:  # SQLite: the read that found its step closing gave it
+            action._load_actor = self.actors.load_ref
+            return action, None, []
         if not isinstance(along, Fresh):
             action, ran = step_to_run(s, action_id, index)
             if action.status != PERFORMING:

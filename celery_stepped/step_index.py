@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Position",
+    "advance_position",
     "insert_links",
     "insert_step",
     "move_index",
     "new_step_row",
+    "position_and_row_of_step",
     "position_of",
     "position_of_step",
     "ran_every_step",
@@ -115,6 +117,35 @@ def position_of_step(s: Session, step_id: int) -> tuple[int, Position] | None:
     """``(action id, where it stands)`` for the action of ``step_id``; None if no step."""
     row = s.execute(_POSITION_OF_STEP, {"step_id": step_id}).first()
     return None if row is None else (row[0], Position(*row[1:]))
+
+
+_POSITION_AND_ROW_OF_STEP = _POSITION_OF_STEP.add_columns(*_ACTIONS.columns)
+_SPLIT = 1 + len(_POSITION_COLUMNS)
+
+
+def position_and_row_of_step(
+    s: Session, step_id: int
+) -> tuple[int, Position, dict[str, Any]] | None:
+    """:func:`position_of_step` with the action's whole row (every column by key), in
+    the same statement; None if no step."""
+    row = s.execute(_POSITION_AND_ROW_OF_STEP, {"step_id": step_id}).first()
+    if row is None:
+        return None
+    columns = dict(zip(_ACTIONS.columns.keys(), row[_SPLIT:], strict=True))
+    return row[0], Position(*row[1:_SPLIT]), columns
+
+
+def advance_position(
+    s: Session, step_id: int
+) -> tuple[tuple[int, Position] | None, dict[str, Any] | None]:
+    """``position_of_step``, and on SQLite the action's row too, read in the same
+    statement: a step that closes with its next body hands it on (``Closing``), and that
+    body does not read the action again (on PostgreSQL it takes the action's row lock
+    with its read, ``step_to_run``)."""
+    if s.get_bind().dialect.name != "sqlite":
+        return position_of_step(s, step_id), None
+    found = position_and_row_of_step(s, step_id)
+    return (None, None) if found is None else ((found[0], found[1]), found[2])
 
 
 _MOVE_INDEX = (

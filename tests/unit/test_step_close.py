@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import event, select
 
-from celery_stepped import Step, Stepped, signals
+from celery_stepped import Step, Stepped, beginning, signals
 from celery_stepped.models import Step as StepRow
 from celery_stepped.testing import perform_stepped_actions
 from tests.conftest import load_car
@@ -134,3 +135,72 @@ def test_advancing_a_step_again_runs_nothing_again(stepped: Stepped, car: Car) -
             stepped.core.advance_step(first_id)
     assert runs == ["second"]
     assert steps_of(stepped, action.id) == [(0, "succeeded"), (1, "performing")]
+
+
+def test_the_next_body_gets_its_action_from_the_read_that_found_the_step_closing(
+    stepped: Stepped, car: Car
+) -> None:
+    app = stepped.app
+    seen: list[Any] = []
+
+    @app.stepped_action(actor=Car)
+    def stop(c: Car) -> None:
+        c.note("stop")
+
+    tour = app.stepped_action("tour", actor=Car)
+
+    @tour.step
+    def first(step: Step, c: Car, where: str) -> None:
+        step.do(stop)
+
+    @tour.step
+    def second(step: Step, c: Car, where: str) -> None:
+        action = step.action
+        indexes = [row.definition_index for row in action.steps]
+        seen.append((action.status, action.current_step_index, action.arguments, indexes))
+        c.note(where)
+
+    reads: list[str] = []
+
+    def record(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT stepped_actions.id, stepped_actions.name"):
+            reads.append(statement)  # the action read by itself (step_to_run)
+
+    with stepped.capture():
+        action = tour.now(car, "home")
+        event.listen(stepped.engine, "before_cursor_execute", record)
+        try:
+            perform_stepped_actions(stepped)  # the child, which advances the tour
+        finally:
+            event.remove(stepped.engine, "before_cursor_execute", record)
+    assert stepped.get_action(action.id).status == "succeeded"
+    assert load_car(stepped, car.id).log == "stop;home;"
+    (status, index, arguments, indexes), *more = seen
+    assert (status, index, indexes, more) == ("performing", 0, [0], [])
+    assert "home" in str(arguments)
+    # SQLite: the advance's read gave the row; PostgreSQL reads it with its row lock.
+    assert len(reads) == (0 if stepped.engine.dialect.name == "sqlite" else 1)
+
+
+def test_a_step_advanced_elsewhere_after_the_read_runs_its_next_step_once(
+    stepped: Stepped, car: Car, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tour = define(stepped)
+    original = beginning.Closing.attach
+    raced: list[int] = []
+
+    def racing(self: beginning.Closing, s: Any) -> Any:
+        if not raced:  # another delivery advances the same step first, to the end
+            raced.append(self.step_id)
+            stepped.core.advance_step(self.step_id)
+        return original(self, s)
+
+    monkeypatch.setattr(beginning.Closing, "attach", racing)
+    with stepped.capture():
+        action = tour.now(car)
+        perform_stepped_actions(stepped)
+    assert len(raced) == 1
+    assert stepped.get_action(action.id).status == "succeeded"
+    assert steps_of(stepped, action.id) == [(0, "succeeded"), (1, "succeeded")]
+    # The late one's body ran too, but its writes rolled back with its step's.
+    assert load_car(stepped, car.id).log == "stop;second;"
