@@ -84,6 +84,8 @@ class ActorRegistry:
         self._by_class: dict[type, ActorType] = {}
         self._by_name: dict[str, ActorType] = {}
         self._resolved: dict[str, ActorType] = {}
+        #: Mapped classes used as actors without registering, checked once each.
+        self._implicit: dict[type, ActorType] = {}
 
     def register(
         self,
@@ -108,9 +110,12 @@ class ActorRegistry:
         for klass in cls.__mro__:
             if klass in self._by_class:
                 return self._by_class[klass]
+        if cls in self._implicit:
+            return self._implicit[cls]
         if _mapper_of(cls) is not None and not issubclass(cls, SteppedBase):
             mapped = ActorType(cls, cls.__name__, _mapped_identity, None)
-            self._check_unique_name(mapped)
+            self._check_unique_name(mapped)  # a scan of every mapped class: once
+            self._implicit[cls] = mapped
             return mapped
         raise TypeError(
             f"{cls.__name__} is not an actor: use a SQLAlchemy-mapped instance or "

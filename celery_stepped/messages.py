@@ -8,7 +8,7 @@ JSON only, so it is idempotent and readable in ``celery events``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 from uuid import uuid4
@@ -91,8 +91,10 @@ class Message:
         return text if len(text) <= 200 else text[:197] + "..."
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (the outbox row)."""
-        return asdict(self)
+        """JSON-ready form (the outbox row): its fields as they are, not copied (the row
+        is serialized as it is written; ``dataclasses.asdict`` deep-copied every
+        argument first)."""
+        return dict(vars(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Message:
