@@ -192,8 +192,8 @@ _PROFILE: dict[str, cProfile.Profile | None] = {"profile": None}
 @signals.worker_process_init.connect(weak=False)
 def _start_profile(**_: Any) -> None:
     if os.environ.get(ENV_PROFILE):
-        _PROFILE["profile"] = cProfile.Profile()
-        _PROFILE["profile"].enable()
+        profile = _PROFILE["profile"] = cProfile.Profile()
+        profile.enable()
 
 
 def stack_depth() -> int:

@@ -153,6 +153,7 @@ def test_a_lane_supersedes_its_older_pending_action(
 ) -> None:
     car = make_car(stepped)
     first = wait_status(stepped, root_id(stepped, garage.service.later(car, "a").id), "performing")
+    wait_for("a's step", lambda: stepped.get_action(first.id).steps)
     older = root_id(stepped, garage.service.later(car, "b").id)
     wait_status(stepped, older, "pending")
     newer = root_id(stepped, garage.service.later(car, "c").id)
@@ -162,6 +163,8 @@ def test_a_lane_supersedes_its_older_pending_action(
     assert lane is not None and (lane.current_id, lane.pending_ids) == (first.id, [newer])
     assert stepped.complete(first.id) is not None
     assert wait_status(stepped, newer, "performing").status == "performing"
+    # Performing is committed before its step: completed in between, it would not run.
+    wait_for("c's step", lambda: stepped.get_action(newer).steps)
     stepped.complete(newer)
     assert wait_status(stepped, newer).status == "succeeded"
     assert load_car(stepped, car.id).log == "a;c;"
