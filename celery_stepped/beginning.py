@@ -1,11 +1,12 @@
 """``pending -> performing``: the statement, the timeout it schedules, and what a step
 body's transaction carries along (:data:`Along`).
 
-An action begins in its own transaction when its lane hands it on, or when a message
-carries it on. One that the same call has just written (a child's start, ``now()``)
-and that its lane let in at once begins in the transaction of its first step body
-instead (:class:`Fresh`): one commit, and the row and the actor the start loaded are
-used again, not read back. The begin is written after the body on SQLite (no write
+An action the same call has just written (a child's start, ``now()``) and that its
+lane let in at once, or that a lane hands on (its row read once), begins in the
+transaction of its first step body (:class:`Fresh`): one commit, and the row and the
+actor the start loaded are used again, not read back. Otherwise (a checksum, whose
+achievement the begin checks; an action a redelivery finds) it begins in its own
+transaction. The begin is written after the body on SQLite (no write
 lock is held while it runs) and before it on PostgreSQL (the row lock makes a second
 delivery wait), as every body's writes are. Likewise a step whose members all
 reported is closed in its next body's transaction (:class:`Closing`).
@@ -93,8 +94,9 @@ class Unbegun(Exception):
 
 @dataclass
 class Fresh:
-    """A pending action the current call wrote (every column as its ``INSERT ...
-    RETURNING`` gave it) and the actor its start loaded (None: load it)."""
+    """A pending action whose every column the current call holds (its ``INSERT ...
+    RETURNING`` wrote them, or ``Engine.carry_on`` read them: a lane's next action) and
+    the actor its start loaded (None: load it)."""
 
     action: Action
     actor: Any = None

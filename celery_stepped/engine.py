@@ -23,7 +23,7 @@ from .beginning import Fresh
 from .completing import Completer
 from .effects import Delivery, Effects
 from .events import Events, error_record, logger
-from .join import counted_steps_of_performing, report_link, status_of
+from .join import counted_steps_of_performing, detached_action, report_link, status_of
 from .members import task_outcome
 from .messages import (
     CompleteCall,
@@ -170,8 +170,8 @@ class Engine:
     # -- transitions driven from here ----------------------------------------------------
 
     def perform(self, action_id: int, fresh: Fresh | None = None) -> Effects:
-        """The lane let this action perform: begin it and run its steps (``fresh``: this
-        call created it, see :meth:`Performer.begin_and_run`)."""
+        """The lane let this action perform: begin it and run its steps (``fresh``: its row
+        as this call wrote or read it, see :meth:`Performer.begin_and_run`)."""
         delivery = self.delivery()
         ran = None if fresh is None else self.performer.begin_and_run(fresh, delivery)
         if ran is not None:
@@ -191,6 +191,11 @@ class Engine:
     def advance_step(self, step_id: int) -> Effects:
         """A step's members all reported: close it and run what follows."""
         return self.performer.advance(step_id, self.delivery())
+
+    def _read(self, action_id: int) -> Action | None:
+        """The action's row, detached; None when there is none."""
+        with self.session_factory() as s:
+            return detached_action(s, action_id)
 
     def _status(self, action_id: int) -> str | None:
         with self.session_factory() as s:
@@ -308,11 +313,9 @@ class Engine:
             if call.link is not None:
                 self.drive(self._follow_link(call.link))
             return
-        with self.session_factory() as s:
-            action = s.get(Action, action_id)
-            if action is None:
-                return
-            s.expunge(action)
+        action = self._read(action_id)
+        if action is None:
+            return
         if action.status == PENDING:
             self.drive(self.entry.enter(action).effects)
         else:
@@ -323,10 +326,12 @@ class Engine:
         self.drive(self.carry_on(int(action_id)))
 
     def carry_on(self, action_id: int) -> Effects:
-        """Whatever the action's records say comes next: perform, steps, or its report."""
-        status = self._status(action_id)
-        if status == PENDING:
-            return self.perform(action_id)
+        """Whatever the action's records say comes next: perform (from the row read here,
+        in its first step's transaction: ``beginning.Fresh``), steps, or its report."""
+        action = self._read(action_id)
+        status = None if action is None else action.status
+        if action is not None and status == PENDING:
+            return self.perform(action_id, Fresh(action))
         if status == PERFORMING:
             return self.performer.run_steps(action_id, self.delivery())
         if status is not None:

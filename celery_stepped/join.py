@@ -47,6 +47,7 @@ __all__ = [
     "close_step",
     "count_member",
     "counted_steps_of_performing",
+    "detached_action",
     "finish_link",
     "performing_under",
     "report_link",
@@ -231,6 +232,14 @@ def status_of(s: Session, action_id: int) -> str | None:
     transitions ask it."""
     status: str | None = s.scalar(_STATUS, {"b_action": action_id})
     return status
+
+
+def detached_action(s: Session, action_id: int) -> Action | None:
+    """One action's row, detached from ``s`` (None: no such action)."""
+    action = s.get(Action, action_id)
+    if action is not None:
+        s.expunge(action)
+    return action
 
 
 def retire_link(link_id: int, state: LinkState, outcome: str, now: datetime) -> Any:

@@ -87,9 +87,10 @@ class Performer:
         return self.beginner.begin(action_id, delivery)
 
     def begin_and_run(self, fresh: Fresh, delivery: Delivery) -> Effects | None:
-        """Begin an action this call created (``fresh``) in its first step's transaction
-        and run its steps (:mod:`~celery_stepped.beginning`); None: the ordinary path
-        (a checksum, whose achievement begin checks, or another delivery was first)."""
+        """Begin a pending action whose row this call holds (``fresh``) in its first
+        step's transaction and run its steps (:mod:`~celery_stepped.beginning`); None:
+        the ordinary path (a checksum, whose achievement begin checks, or another
+        delivery was first)."""
         action = fresh.action
         if action.checksum is not None:
             return None

@@ -322,3 +322,39 @@ def test_a_fresh_child_begun_elsewhere_before_its_completion_runs_once_more(
     sqlite = stepped.engine.dialect.name == "sqlite"
     assert len(runs) == (2 if sqlite else 1)
     assert raced == ([child.id] if sqlite else [])
+
+
+def test_a_lanes_next_action_begins_in_its_first_steps_transaction(
+    stepped: Stepped, car: Car
+) -> None:
+    app = stepped.app
+    seen: list[tuple[str, list[str]]] = []
+
+    @app.stepped_action(outbound=True, concurrency_key=lambda c: ["bay", c.id])
+    def hold(c: Car) -> None:
+        """Performs until completed from outside."""
+
+    @app.stepped_action(outbound=True, concurrency_key=lambda c: ["bay", c.id])
+    def wash(c: Car) -> None:
+        c.note("wash")
+
+    with stepped.capture():
+        first = hold.now(car)
+        second = wash.now(car)
+        assert stepped.get_action(second.id).status == "pending"
+
+        def started(sender: Any = None, action_id: int = 0, **_: Any) -> None:
+            if action_id == second.id:
+                seen.append((stored_status(stepped, action_id), steps_of(stepped, action_id)))
+
+        signals.action_started.connect(started)
+        try:
+            stepped.complete(first.id)  # the lane hands on to the pending one
+            perform_stepped_actions(stepped)
+        finally:
+            signals.action_started.disconnect(started)
+    # Its begin and its first step were one commit: completed from outside between the
+    # two, an outbound action would never run its steps.
+    assert seen == [("performing", ["succeeded"])]
+    assert stepped.get_action(second.id).started_at is not None
+    assert load_car(stepped, car.id).log == "wash;"
