@@ -138,10 +138,17 @@ class Closing:
         return None if self.row is None else attach_row(s, self.row)
 
 
+#: A bare Action instance with its ORM state, as a query's load creates one.
+_NEW_ACTION = Action.__mapper__.class_manager.new_instance
+
+
 def attach_row(s: Session, row: dict[str, Any], **committed: Any) -> Action:
     """An action whose every column is in ``row`` as a persistent object of ``s``, without
-    a read; ``committed``: attributes to set as if loaded."""
-    action = Action(**row)
+    a read; ``committed``: attributes to set as if loaded. The columns go into the
+    instance's dict as a query's load puts them: no ``__init__`` and no attribute
+    events (``Action(**row)`` cost 3.5% of a one-step child's instructions)."""
+    action = _NEW_ACTION()
+    action.__dict__.update(row)
     make_transient_to_detached(action)
     for key, value in committed.items():
         set_committed_value(action, key, value)

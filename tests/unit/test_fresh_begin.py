@@ -17,6 +17,7 @@ from sqlalchemy import event, func, inspect, select
 
 from celery_stepped import Step, Stepped, beginning, signals, starting
 from celery_stepped.beginning import begin_row
+from celery_stepped.models import Action
 from celery_stepped.models import Step as StepRow
 from celery_stepped.testing import handle_stepped_action_exceptions, perform_stepped_actions
 from tests.conftest import load_car, stored_actions
@@ -358,3 +359,31 @@ def test_a_lanes_next_action_begins_in_its_first_steps_transaction(
     assert seen == [("performing", ["succeeded"])]
     assert stepped.get_action(second.id).started_at is not None
     assert load_car(stepped, car.id).log == "wash;"
+
+
+def test_an_attached_row_is_an_unchanged_persistent_action(stepped: Stepped, car: Car) -> None:
+    app = stepped.app
+
+    @app.stepped_action(outbound=True)
+    def hold(c: Car, where: str) -> None:
+        """Performs until completed from outside."""
+
+    with stepped.capture():
+        action_id = hold.now(car, "bay").id
+    with stepped.session() as session:
+        stored = session.get_one(Action, action_id)
+        row = {column.key: getattr(stored, column.key) for column in Action.__table__.columns}
+    written: list[str] = []
+    with stepped.session() as session:
+        event.listen(session, "after_flush", lambda s, _: written.extend(map(repr, s.dirty)))
+        action = beginning.attach_row(session, row, steps=[])
+        state = inspect(action)
+        assert (state.persistent, state.modified, len(session.dirty)) == (True, False, 0)
+        assert [action.id, action.arguments, action.status, action.steps] == [
+            action_id,
+            stored.arguments,
+            "performing",
+            [],
+        ]
+        session.flush()
+        assert written == []
