@@ -23,6 +23,7 @@ from sqlalchemy import bindparam, delete, inspect, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
+from .database import on_sqlite
 from .effects import Delivery, Effects
 from .events import Events
 from .join import close_step
@@ -130,7 +131,7 @@ class Closing:
 
     step_id: int
     #: SQLite: the action's row as the read that found the step closing gave it, so the
-    #: next body does not read it again (``step_index.position_and_row_of_step``).
+    #: next body does not read it again (``step_index.advance_position``).
     row: dict[str, Any] | None = None
 
     def attach(self, s: Session) -> Action | None:
@@ -218,7 +219,7 @@ class Beginner:
     def before_body(self, s: Session, along: Along, now: datetime) -> list[Message]:
         """What ``along`` writes before the body: a fresh action begins there on
         PostgreSQL (its row lock makes a second delivery wait); SQLite waits for the body."""
-        if isinstance(along, Fresh) and s.get_bind().dialect.name != "sqlite":
+        if isinstance(along, Fresh) and not on_sqlite(s):
             return self.fresh(s, along, now)
         return []
 
@@ -226,7 +227,7 @@ class Beginner:
     def folds(s: Session, along: Along) -> bool:
         """Whether ``along`` is a fresh action that, on SQLite, may begin in the UPDATE that
         completes it (its begin comes after the body there: nothing was written yet)."""
-        return isinstance(along, Fresh) and s.get_bind().dialect.name == "sqlite"
+        return isinstance(along, Fresh) and on_sqlite(s)
 
     def after_body(
         self, s: Session, along: Along, now: datetime, rolled_back: bool = False
@@ -235,7 +236,7 @@ class Beginner:
         transaction, with anything written before it, rolled back). None: the step does
         not run (``s`` rolled back): another delivery closed the step before it, and
         runs this one."""
-        if isinstance(along, Fresh) and (rolled_back or s.get_bind().dialect.name == "sqlite"):
+        if isinstance(along, Fresh) and (rolled_back or on_sqlite(s)):
             return self.fresh(s, along, now)
         closed = close_step(s, along.step_id, now) if isinstance(along, Closing) else None
         if isinstance(along, Closing) and closed != StepStatus.SUCCEEDED.value:

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["Database", "configure_sqlite", "make_engine"]
+__all__ = ["Database", "configure_sqlite", "make_engine", "on_sqlite"]
 
 _databases: weakref.WeakSet[Database] = weakref.WeakSet()
 
@@ -29,6 +29,12 @@ def configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+
+
+def on_sqlite(s: Session) -> bool:
+    """Whether ``s`` talks to SQLite: no row locks, so a step body runs before Stepped
+    writes (no write lock is held while it runs)."""
+    return bool(s.get_bind().dialect.name == "sqlite")
 
 
 def make_engine(database_url: str) -> Engine:

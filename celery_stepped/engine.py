@@ -329,14 +329,13 @@ class Engine:
         """Whatever the action's records say comes next: perform (from the row read here,
         in its first step's transaction: ``beginning.Fresh``), steps, or its report."""
         action = self._read(action_id)
-        status = None if action is None else action.status
-        if action is not None and status == PENDING:
+        if action is None:
+            return Effects()
+        if action.status == PENDING:
             return self.perform(action_id, Fresh(action))
-        if status == PERFORMING:
+        if action.status == PERFORMING:
             return self.performer.run_steps(action_id, self.delivery())
-        if status is not None:
-            return self.completer.finish(action_id, self.delivery())
-        return Effects()
+        return self.completer.finish(action_id, self.delivery())
 
     def advance(self, step_id: int) -> None:
         """``stepped.advance``: the chord body of a step."""

@@ -263,10 +263,11 @@ class Performer:
         delivery wrote the step first (``s`` rolled back)."""
         started = step.started_at
         assert started is not None  # new_step_row sets it
+        # The delivery the action completes with in this transaction, if it does.
+        settling = last if self.settler.settles_with(action, step, last) else None
         # A fresh action on SQLite that completes with this step begins in its
         # completion's UPDATE (``Settler.settle``): one statement for both.
-        folds = self.beginner.folds(s, along) and self.settler.settles_with(action, step, last)
-        began_at = started if folds else None
+        began_at = started if settling and self.beginner.folds(s, along) else None
         after = [] if began_at else self.beginner.after_body(s, along, started)
         if after is None:
             return Ran("exists")
@@ -278,7 +279,7 @@ class Performer:
             return Ran("exists")
         messages += self.members.write(s, step, context)
         effects.staged.extend(stage(s, messages, started))
-        return self._settle_last(s, action, step, last, began_at)
+        return None if settling is None else self._settle_last(s, action, settling, began_at)
 
     def _open(
         self, s: Session, action_id: int, index: int, along: Along, now: datetime
@@ -306,18 +307,11 @@ class Performer:
         return action, along.actor_in(s), messages
 
     def _settle_last(
-        self,
-        s: Session,
-        action: Action,
-        step: Step,
-        last: Delivery | None,
-        began_at: datetime | None = None,
+        self, s: Session, action: Action, last: Delivery, began_at: datetime | None
     ) -> Settled | None:
-        """The last step closed at once: complete the action in the step's transaction
-        when ``Settler.settles_with`` it (``began_at``: it begins there too; Unbegun
-        when it is no longer pending)."""
-        if last is None or not self.settler.settles_with(action, step, last):
-            return None
+        """The last step closed at once and ``Settler.settles_with`` it: complete the
+        action in the step's transaction (``began_at``: it begins there too; Unbegun when
+        it is no longer pending)."""
         settled = self.settler.settle(s, action.id, SUCCEEDED, last, self.clock(), began_at)
         if settled is None and began_at is not None:
             s.rollback()

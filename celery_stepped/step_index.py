@@ -15,6 +15,7 @@ from sqlalchemy import Table, and_, bindparam, exists, insert, or_, select, upda
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .database import on_sqlite
 from .models import ACTIONS as _ACTIONS
 from .models import LINKS as _LINKS
 from .models import STEPS as _STEPS
@@ -31,7 +32,6 @@ __all__ = [
     "insert_step",
     "move_index",
     "new_step_row",
-    "position_and_row_of_step",
     "position_of",
     "position_of_step",
     "ran_every_step",
@@ -119,33 +119,25 @@ def position_of_step(s: Session, step_id: int) -> tuple[int, Position] | None:
     return None if row is None else (row[0], Position(*row[1:]))
 
 
+#: The same with the action's whole row after the position's columns.
 _POSITION_AND_ROW_OF_STEP = _POSITION_OF_STEP.add_columns(*_ACTIONS.columns)
 _SPLIT = 1 + len(_POSITION_COLUMNS)
-
-
-def position_and_row_of_step(
-    s: Session, step_id: int
-) -> tuple[int, Position, dict[str, Any]] | None:
-    """:func:`position_of_step` with the action's whole row (every column by key), in
-    the same statement; None if no step."""
-    row = s.execute(_POSITION_AND_ROW_OF_STEP, {"step_id": step_id}).first()
-    if row is None:
-        return None
-    columns = dict(zip(_ACTIONS.columns.keys(), row[_SPLIT:], strict=True))
-    return row[0], Position(*row[1:_SPLIT]), columns
 
 
 def advance_position(
     s: Session, step_id: int
 ) -> tuple[tuple[int, Position] | None, dict[str, Any] | None]:
-    """``position_of_step``, and on SQLite the action's row too, read in the same
-    statement: a step that closes with its next body hands it on (``Closing``), and that
-    body does not read the action again (on PostgreSQL it takes the action's row lock
-    with its read, ``step_to_run``)."""
-    if s.get_bind().dialect.name != "sqlite":
+    """``position_of_step``, and on SQLite the action's row too (every column by key),
+    read in the same statement: a step that closes with its next body hands it on
+    (``Closing``), and that body does not read the action again (on PostgreSQL it takes
+    the action's row lock with its read, ``step_to_run``)."""
+    if not on_sqlite(s):
         return position_of_step(s, step_id), None
-    found = position_and_row_of_step(s, step_id)
-    return (None, None) if found is None else ((found[0], found[1]), found[2])
+    row = s.execute(_POSITION_AND_ROW_OF_STEP, {"step_id": step_id}).first()
+    if row is None:
+        return None, None
+    columns = dict(zip(_ACTIONS.columns.keys(), row[_SPLIT:], strict=True))
+    return (row[0], Position(*row[1:_SPLIT])), columns
 
 
 _MOVE_INDEX = (
@@ -267,7 +259,7 @@ def step_to_run(s: Session, action_id: int, index: int) -> tuple[Action, bool]:
     the first one's commit and then sees its row (one statement's snapshot would
     predate the wait). SQLite has no row locks: one statement reads both.
     """
-    if s.get_bind().dialect.name == "sqlite":
+    if on_sqlite(s):
         action, ran = s.execute(_ACTION_AND_STEP, {"action_id": action_id, "index": index}).one()
         return action, bool(ran)
     action = s.get_one(Action, action_id, with_for_update=True)
