@@ -153,7 +153,7 @@ def test_a_lane_supersedes_its_older_pending_action(
 ) -> None:
     car = make_car(stepped)
     first = wait_status(stepped, root_id(stepped, garage.service.later(car, "a").id), "performing")
-    wait_for("a's step", lambda: stepped.get_action(first.id).steps)
+    assert [s.status for s in first.steps] == ["succeeded"]  # it began with its step
     older = root_id(stepped, garage.service.later(car, "b").id)
     wait_status(stepped, older, "pending")
     newer = root_id(stepped, garage.service.later(car, "c").id)
@@ -162,9 +162,10 @@ def test_a_lane_supersedes_its_older_pending_action(
     lane = stepped.lanes.get("Car/bay")
     assert lane is not None and (lane.current_id, lane.pending_ids) == (first.id, [newer])
     assert stepped.complete(first.id) is not None
-    assert wait_status(stepped, newer, "performing").status == "performing"
-    # Performing is committed before its step: completed in between, it would not run.
-    wait_for("c's step", lambda: stepped.get_action(newer).steps)
+    promoted = wait_status(stepped, newer, "performing")
+    # Handed on, it begins with its first step: no commit shows it performing without
+    # one (completed from outside in between, its steps would never run).
+    assert [s.status for s in promoted.steps] == ["succeeded"]
     stepped.complete(newer)
     assert wait_status(stepped, newer).status == "succeeded"
     assert load_car(stepped, car.id).log == "a;c;"

@@ -119,6 +119,16 @@ def test_fan_out_of_200_children(it: Cluster) -> None:
     with it.stepped.session() as s:
         states = s.scalars(select(ParentLink.state).where(ParentLink.step_id == first.id)).all()
     assert sorted(set(states)) == ["done"] and len(states) == 200
+    # Each one-step child began with its step (on SQLite in the UPDATE that completed it).
+    with it.stepped.session() as s:
+        began = s.execute(
+            select(Action.started_at, Action.completed_at, Step.started_at)
+            .join(Step, Step.action_id == Action.id)
+            .where(Action.id.in_([a.id for a in first.actions]))
+        ).all()
+    assert len(began) == 200
+    assert all(started == step_started for started, _, step_started in began)
+    assert all(done is not None and started <= done for started, done, _ in began)
     it.quiet()
     it.assert_signals_once()
     assert it.probe.count(f"step_completed:{first.id}") == 1
