@@ -11,11 +11,11 @@ fastest run's CPU (the statement counts are the last run's).
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import importlib
 import os
 import pstats
-import sys
 import tempfile
 import time
 from typing import Any
@@ -25,28 +25,25 @@ from sqlalchemy import event
 from celery_stepped.embedded import EmbeddedRedis
 
 
-def _option(name: str, default: str) -> str:
-    """The value after ``name`` on the command line, or ``default``."""
-    if name in sys.argv:
-        return sys.argv[sys.argv.index(name) + 1]
-    return default
-
-
-def _follows_option(arg: str) -> bool:
-    """Whether ``arg`` is the value of an option such as ``--repeat 5``."""
-    position = sys.argv.index(arg)
-    return sys.argv[position - 1] == "--repeat"
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.leaf_profile")
+    parser.add_argument("n", type=int, nargs="?", default=200, help="children or steps")
+    parser.add_argument("--seq", action="store_true", help="one action of N steps")
+    parser.add_argument("--sql", action="store_true", help="print the last child's SQL")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile")
+    parser.add_argument("--repeat", type=int, default=1, help="runs; the fastest counts")
+    return parser.parse_args()
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--") and not _follows_option(a)]
-    n = int(args[0]) if args else 200
+    options = _arguments()
+    n = options.n
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as scratch:
         os.environ.update(
             BENCH_REDIS_URL=f"{server.url}/0",
             BENCH_DATABASE_URL=f"sqlite:///{scratch}/leaf.db",
             BENCH_EAGER="1",
-            BENCH_STEPS=str(n) if "--seq" in sys.argv else "2",
+            BENCH_STEPS=str(n) if options.seq else "2",
         )
         bench_app = importlib.import_module("benchmarks.bench_app")
         bench = bench_app.BENCH
@@ -66,12 +63,12 @@ def main() -> None:
         def record_commit(*_: Any) -> None:
             log.append("COMMIT")
 
-        root, root_args = ("seq_root", ()) if "--seq" in sys.argv else ("fan_root", (n,))
+        root, root_args = ("seq_root", ()) if options.seq else ("fan_root", (n,))
         bench.actions["fan_root"].later(car, 2)  # warm up
         event.listen(bench.engine, "before_cursor_execute", record)
         event.listen(bench.engine, "commit", record_commit)
-        profile = cProfile.Profile() if "--profile" in sys.argv else None
-        repeat = int(_option("--repeat", "1"))
+        profile = cProfile.Profile() if options.profile else None
+        repeat = options.repeat
         cpus = []
         for _ in range(repeat):
             del log[:]
@@ -89,7 +86,7 @@ def main() -> None:
             f"children={n} stmts/child={statements / n:.2f} commits/child={commits / n:.2f}"
             f" cpu ms/child={cpu * 1000 / n:.2f}"
         )
-        if "--sql" in sys.argv:
+        if options.sql:
             per = round(statements / n)
             tail = log[-(per + commits // n + 12) * 2 :]
             print("\n".join(tail))
