@@ -29,7 +29,7 @@ from .events import Events
 from .join import close_step
 from .messages import Message, timeout_message
 from .models import ACTIONS as _ACTIONS
-from .models import Achievement, Action
+from .models import Achievement, Action, action_of_row
 from .staging import stage
 from .statuses import ActionStatus, StepStatus
 
@@ -139,17 +139,11 @@ class Closing:
         return None if self.row is None else attach_row(s, self.row)
 
 
-#: A bare Action instance with its ORM state, as a query's load creates one.
-_NEW_ACTION = Action.__mapper__.class_manager.new_instance
-
-
 def attach_row(s: Session, row: dict[str, Any], **committed: Any) -> Action:
     """An action whose every column is in ``row`` as a persistent object of ``s``, without
-    a read; ``committed``: attributes to set as if loaded. The columns go into the
-    instance's dict as a query's load puts them: no ``__init__`` and no attribute
-    events (``Action(**row)`` cost 3.5% of a one-step child's instructions)."""
-    action = _NEW_ACTION()
-    action.__dict__.update(row)
+    a read (:func:`~celery_stepped.models.action_of_row`); ``committed``: attributes to
+    set as if loaded."""
+    action = action_of_row(row)
     make_transient_to_detached(action)
     for key, value in committed.items():
         set_committed_value(action, key, value)

@@ -152,6 +152,16 @@ class Completer(Transition):
         """The in-transaction part of a completion."""
         return Settler(self.actors, self.lookup, self.events)
 
+    def record_error(self, action_id: int, error: dict[str, Any]) -> None:
+        """Put ``error`` on an open action (that is then failed from outside)."""
+        with self.session_factory() as s:
+            s.execute(
+                update(Action)
+                .where(Action.id == action_id, Action.status.in_(OPEN))
+                .values(error=error)
+            )
+            s.commit()
+
     def complete(self, action_id: int, status: str, delivery: Delivery) -> tuple[bool, Effects]:
         """Give an open action its final status; ``(completed by this call, effects)``.
 

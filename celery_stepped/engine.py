@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .beginning import Fresh
@@ -40,7 +40,7 @@ from .outbox import Outboxes, run_task_locally
 from .performing import Performer
 from .routing import Routes, resume_messages
 from .staging import as_redelivery, discard, discard_keyed, due, named_by
-from .starting import FINISHED_WITHOUT_ROW, ShortCircuit, Starter, placeholder
+from .starting import FINISHED_WITHOUT_ROW, Created, ShortCircuit, Starter, placeholder
 from .statuses import ActionStatus, LinkKind
 from .superseding import LaneEntry
 
@@ -209,8 +209,6 @@ class Engine:
             step_id = s.scalar(counted_steps_of_performing(ParentLink.id == link_id))
         return Effects().ready(step_id)
 
-    # -- giving up -----------------------------------------------------------------------
-
     def give_up(self, task: str, args: tuple[Any, ...], exc: BaseException) -> None:
         """A message whose store errors outlasted its retries: fail the action it names,
         with the reason in its row, so its parents and lane move on (best effort: the
@@ -220,16 +218,9 @@ class Engine:
         action_id, link_id = named_by(self.session_factory, task, args)
         if link_id is not None:  # a child never created: its parent step counts a failure
             self.drive(report_link(self.session_factory, link_id, "failed", False, self.clock()))
-        if action_id is None:
-            return
-        with self.session_factory() as s:
-            s.execute(
-                update(Action)
-                .where(Action.id == action_id, Action.status.in_((PENDING, PERFORMING)))
-                .values(error=error)
-            )
-            s.commit()
-        self.complete(action_id, ActionStatus.FAILED.value)
+        if action_id is not None:
+            self.completer.record_error(action_id, error)
+            self.complete(action_id, ActionStatus.FAILED.value)
 
     # -- entry points of the internal tasks ----------------------------------------------
 
@@ -276,6 +267,11 @@ class Engine:
         # A child's first delivery skips its link (a claimed one fails create's claim).
         first = call.link is not None and call.ancestry is not None and not _recovering.get()
         existing = None if first else self.starter.existing(call)
+        if first and call.action is not None:  # its parent step wrote its row: read it
+            written = self.starter.written(call.action)
+            if written is not None:  # not fresh: repair or healing may have entered it
+                return self._enter(written, call, fresh=False)
+            existing = call.action  # no longer pending: carry on from its records
         if existing is not None:
             self._resume_existing(existing, call)
             return placeholder(existing)
@@ -294,8 +290,13 @@ class Engine:
         if written is None:  # another delivery claimed the link first: read what it did
             call.ancestry = None
             return self.start_call(call, root)
+        return self._enter(written, call, fresh=True)
+
+    def _enter(self, written: Created, call: StartCall, fresh: bool) -> Action:
+        """Enter the lane of a pending action this call holds the row of, and perform it
+        when the lane lets it in."""
         created = written.action
-        entry = self.entry.enter(created, fresh=True, lane_clear=written.lane_clear)
+        entry = self.entry.enter(created, fresh=fresh, lane_clear=written.lane_clear)
         performs = created.id in entry.effects.perform
         if performs:  # it begins in its first step's transaction: see beginning.py
             entry.effects.perform.remove(created.id)

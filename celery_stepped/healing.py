@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .backlog import Backlog
 from .effects import Effects
 from .errors import SteppedError
 from .events import logger
@@ -118,21 +119,28 @@ class Healing:
         on, by concurrency key."""
         with self.session_factory() as s:
             rows = s.execute(
-                select(Action.id, Action.concurrency_key)
+                select(Action.id, Action.concurrency_key, Action.root)
+                .add_columns(Action.actor_type, Action.name)
                 .where(Action.status == PENDING, Action.created_at <= cutoff)
                 .order_by(Action.id)
                 .limit(BATCH)
             ).all()
         by_key: dict[str, set[int]] = defaultdict(set)
+        backlog, late = Backlog(self.waiting), set()
         for row in rows:
             by_key[row.concurrency_key].add(row.id)
-        found = {key: self._stalled(key, ids) for key, ids in by_key.items()}
+            if not row.root and not backlog.idle(self._queue_of(row.actor_type, row.name)):
+                late.add(row.id)  # a child whose start may still wait in its queue
+        found = {key: self._stalled(key, ids, late) for key, ids in by_key.items()}
         return {key: ids for key, ids in found.items() if ids}
 
-    def _stalled(self, key: str, ids: set[int]) -> set[int]:
+    def _stalled(self, key: str, ids: set[int], late: set[int]) -> set[int]:
         """Those of ``ids`` (pending in SQL) that lane ``key`` would never move on: at
-        its front, in no lane, or behind a current action that is no longer open."""
+        its front, in no lane, or behind a current action that is no longer open; not
+        those of ``late`` (children behind a backlog) that are in no lane yet."""
         lane = self.lanes.get(key)
+        entered = set() if lane is None else {lane.current_id, *lane.pending_ids}
+        ids = {i for i in ids if i in entered or i not in late}
         if lane is None:
             return ids
         waiting = ids & set(lane.pending_ids)
@@ -209,7 +217,7 @@ class Healing:
                 messages.append(wait_message(row.id, left, queue))
             else:
                 messages.extend(link_messages([_link(row)], queue, self._queue_of))
-        messages = self._not_queued(messages)
+        messages = Backlog(self.waiting).not_queued(messages)
         if messages:
             logger.warning(
                 "stepped heal: %d member message(s) of step(s) %s never arrived: sent again",
@@ -217,26 +225,6 @@ class Healing:
                 ", ".join(map(str, step_ids)),
             )
         return messages
-
-    def _not_queued(self, messages: list[Message]) -> list[Message]:
-        """Those of ``messages`` bound for a queue the broker holds nothing in: behind a
-        backlog a member is late, not lost (the next sweep looks again)."""
-        waiting: dict[str | None, int | None] = {}
-        kept = []
-        for message in messages:
-            if message.queue not in waiting:
-                waiting[message.queue] = self.waiting(message.queue)
-            if waiting[message.queue] == 0:
-                kept.append(message)
-        if len(kept) < len(messages):
-            busy = sorted(str(q or "stepped") for q, n in waiting.items() if n != 0)
-            logger.info(
-                "stepped heal: %d member message(s) not sent again yet: queue(s) %s hold "
-                "messages (or the broker cannot say)",
-                len(messages) - len(kept),
-                ", ".join(busy),
-            )
-        return kept
 
     def _queue_of(self, actor_type: str, name: str) -> str | None:
         try:

@@ -189,5 +189,6 @@ def link_messages(
             continue
         start = StartCall(call["actor"], call["name"], call["args"], link.id, call.get("request"))
         start.ancestry = call.get("ancestry")
+        start.action = link.action_id  # its parent step wrote its row (``child_rows``)
         messages.append(start_message(start, queue_of(start.actor[0], start.name)))
     return messages

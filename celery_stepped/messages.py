@@ -128,6 +128,9 @@ class StartCall:
     #: The actor object the start loaded for the keys (never sent): the first step of
     #: an action that begins in the same call uses it again (``beginning.Fresh``).
     loaded_actor: Any = field(default=None, compare=False, repr=False)
+    #: A child whose parent step wrote its pending row (:mod:`~celery_stepped.child_rows`):
+    #: its id. Its start reads that row instead of writing one.
+    action: int | None = field(default=None, compare=False)
 
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``stepped.start`` message."""
@@ -142,20 +145,25 @@ class StartCall:
             payload["canvas"] = self.canvas
         if self.link is not None and self.ancestry:
             payload["ancestry"] = self.ancestry
+        if self.link is not None and self.action is not None:
+            payload["action"] = self.action
         return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> StartCall:
         """Rebuild the call from a ``stepped.start`` payload."""
-        return cls(
+        link = payload.get("link")
+        call = cls(
             list(payload["actor"]),
             payload["name"],
             list(payload.get("args") or []),
-            payload.get("link"),
+            link,
             payload.get("request"),
             payload.get("canvas"),
-            payload.get("ancestry") if payload.get("link") is not None else None,
+            payload.get("ancestry") if link is not None else None,
         )
+        call.action = payload.get("action") if link is not None else None
+        return call
 
 
 def start_message(

@@ -68,7 +68,7 @@ class Performer:
         session_factory: Callable[[], Session],
         actors: ActorRegistry,
         lookup: Lookup,
-        check: Callable[[type, str], object],
+        check: Callable[[type, str], SteppedAction[Any]],
         events: Events,
         clock: Callable[[], datetime],
     ) -> None:

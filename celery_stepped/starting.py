@@ -15,7 +15,6 @@ next transition (:mod:`celery_stepped.superseding`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -24,12 +23,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .action_keys import checksum_digest, key_from_parts, timeout_seconds
+from .child_rows import keys_of, needs_actor
 from .effects import Effects
 from .join import changed, performing_under, report_link, waits_on
 from .messages import StartCall
 from .models import ACTIONS as _ACTIONS
 from .models import LINKS as _LINKS
-from .models import Achievement, Action, ParentLink, Step
+from .models import Achievement, Action, ParentLink, Step, action_of_row
 from .start_records import add_record, ended_in_before, outcome_of, recorded, replay
 from .statuses import ActionStatus, LinkState
 from .transition import Transition
@@ -50,18 +50,6 @@ def placeholder(action_id: int) -> Action:
     action = Action(name="", actor_type="", actor_id="")
     action.id = action_id
     return action
-
-
-def _needs_actor(definition: SteppedAction[Any]) -> bool:
-    """True when starting runs user code: ``before``, or a key, timeout or checksum block."""
-    timeout = definition.resolved("timeout_spec")
-    blocks = (
-        definition.resolved("concurrency_key_spec"),
-        definition.resolved("checksum_key_spec"),
-        definition.resolved("checksum_fn"),
-        None if isinstance(timeout, timedelta) else timeout,
-    )
-    return bool(definition.before_hooks()) or any(callable(block) for block in blocks)
 
 
 def _call_before(hook: Callable[..., Any], action: Action, actor: Any) -> None:
@@ -100,6 +88,15 @@ _LANE_OTHER = _ACTIONS.alias("lane_other")
 _LANE_PERFORMER = (
     performing_under(_LANE_OTHER, bindparam("b_lane_key")).scalar_subquery().label("lane_performer")
 )
+
+#: A child's pending row as its parent step wrote it (``child_rows``), with the action
+#: performing in its lane: what ``_INSERT_ACTION`` gives a new action.
+_WRITTEN = select(
+    *_ACTIONS.c,
+    performing_under(_LANE_OTHER, _ACTIONS.c.concurrency_key)
+    .scalar_subquery()
+    .label("lane_performer"),
+).where(_ACTIONS.c.id == bindparam("action_id"))
 
 #: The pending row of a new action (Core: the object stays out of any session); every
 #: column comes back, defaults included, so the object is the row as written. It also
@@ -201,7 +198,7 @@ class Starter(Transition):
         Keys and ``before`` run once per start: what they decided is recorded with
         ``before``'s own changes, and a delivery of the same message replays it.
         """
-        if not _needs_actor(definition):  # plain keys, no hooks: no query, no transaction
+        if not needs_actor(definition):  # plain keys, no hooks: no query, no transaction
             action = self.transient(definition, call, root, ActionStatus.PENDING.value)
             self._keys(definition, action, None, call.args)
             return action
@@ -297,17 +294,8 @@ class Starter(Transition):
     @staticmethod
     def _keys(definition: SteppedAction[Any], action: Action, actor: Any, args: list[Any]) -> None:
         """Concurrency key, checksum key and timeout: from the arguments as given."""
-        tenancy = action.concurrency_key
-        for attribute, spec_name in (
-            ("concurrency_key", "concurrency_key_spec"),
-            ("checksum_key", "checksum_key_spec"),
-        ):
-            spec = definition.resolved(spec_name)
-            value = spec(actor, *args) if callable(spec) else spec
-            setattr(action, attribute, key_from_parts(value) or tenancy)
-        action.timeout_seconds = timeout_seconds(definition.resolved("timeout_spec"), actor)
-        job = definition.resolved("job")
-        action.job = None if job is None else str(job.name)
+        for column, value in keys_of(definition, actor, args, action.concurrency_key).items():
+            setattr(action, column, value)
 
     @staticmethod
     def _checksum(
@@ -374,6 +362,20 @@ class Starter(Transition):
                 s.rollback()
                 return None
             s.commit()
+        return Created(action, lane_clear)
+
+    def written(self, action_id: int) -> Created | None:
+        """The row of a child its parent step wrote (:mod:`~celery_stepped.child_rows`)
+        while it is pending, read as :meth:`create` would have written it; None when it
+        is no longer pending (an earlier delivery, repair or healing moved it on)."""
+        with self.session_factory() as s:
+            row = s.execute(_WRITTEN, {"action_id": action_id}).first()
+        if row is None or row.status != ActionStatus.PENDING.value:
+            return None
+        values = dict(row._mapping)
+        lane_clear = values.pop("lane_performer") is None
+        action = action_of_row(values)
+        action._load_actor = self.actors.load_ref
         return Created(action, lane_clear)
 
     def finish_link(self, call: StartCall, status: str) -> Effects:

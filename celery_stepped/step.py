@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from sqlalchemy.orm import Session
 
+from .child_rows import child_row
 from .members import task_call
 from .statuses import LinkKind, StepStatus
 
 if TYPE_CHECKING:
+    from .child_rows import Definition
     from .models import Action
 
 __all__ = ["Intent", "Step"]
@@ -30,6 +33,9 @@ class Intent:
 
     kind: str
     call: dict[str, Any] = field(default_factory=dict)
+    #: A child's pending row, which its parent step writes when the body has returned
+    #: (:mod:`~celery_stepped.child_rows`; None from it: the child's start writes it).
+    row: Callable[[], dict[str, Any] | None] | None = field(default=None, repr=False)
 
     @property
     def is_member(self) -> bool:
@@ -46,7 +52,8 @@ class Step:
         actor: the actor, loaded in ``session``.
         dump: turns arguments into JSON with actors as references.
         identify: ``(type name, identity)`` of an actor.
-        check: raises ``UnknownAction`` when ``(actor class, name)`` has no definition.
+        check: the definition of ``(actor class, name)``; raises ``UnknownAction`` when
+            there is none.
     """
 
     def __init__(
@@ -56,7 +63,7 @@ class Step:
         actor: Any,
         dump: Callable[[Any], Any],
         identify: Callable[[Any], tuple[str, str]],
-        check: Callable[[type, str], object],
+        check: Callable[[type, str], Definition],
     ) -> None:
         self.session = session
         self.action = action
@@ -81,11 +88,12 @@ class Step:
         for target in targets:
             if target is None:
                 continue
-            self._check(type(target), name)
+            definition = self._check(type(target), name)
             ref = list(self._identify(target))
             # The request id its start message carries: ``before`` runs once per start.
             call = {"actor": ref, "name": name, "args": dumped, "request": str(uuid4())}
-            self.intents.append(Intent(LinkKind.ACTION, call))
+            row = partial(child_row, definition, target, list(args), call)
+            self.intents.append(Intent(LinkKind.ACTION, call, row))
 
     def wait(self, duration: float | int | timedelta) -> None:
         """A timed wait the step depends on."""

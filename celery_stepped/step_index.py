@@ -197,7 +197,7 @@ def new_step_row(
 _INSERT_STEP = insert(_STEPS).returning(_STEPS.c.id)
 _INSERT_LINKS = insert(_LINKS).returning(_LINKS.c.id, sort_by_parameter_order=True)
 #: What a new link row is given (the same keys in every row of the one INSERT).
-_LINK_KEYS = ("step_id", "kind", "state", "call", "created_at", "updated_at")
+_LINK_KEYS = ("step_id", "kind", "state", "call", "action_id", "created_at", "updated_at")
 
 
 def _row(table: Table, obj: Any) -> dict[str, Any]:

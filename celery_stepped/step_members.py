@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from .child_rows import write_children
 from .effects import Delivery
 from .members import link_messages, member_links, unclaimed_links
 from .messages import Message, job_message
@@ -36,7 +37,8 @@ class StepMembers:
         self.clock = clock
 
     def write(self, s: Session, step: Step, context: StepContext) -> list[Message]:
-        """The step's join members as rows; the messages that start them (and its job)."""
+        """The step's join members as rows (with the pending rows of its plain children:
+        :mod:`~celery_stepped.child_rows`); the messages that start them (and its job)."""
         action, now = context.action, self.clock()
         if step.definition_index > action.current_step_index:  # Core: no ORM flush of it
             move_index(s, action.id, step.definition_index, now)
@@ -44,6 +46,8 @@ class StepMembers:
         if any(intent.kind == "job" for intent in context.intents):
             messages.append(job_message(action.id, str(action.job)))
         links = member_links(step.id, context.members, f"{action.ancestry}{action.id},", now)
+        rows = [None if intent.row is None else intent.row() for intent in context.members]
+        write_children(s, links, rows, now)
         insert_links(s, links)
         return messages + self.messages(links, self.queue_of(action.actor_type, action.name))
 

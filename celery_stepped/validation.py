@@ -60,6 +60,7 @@ def _start(payload: Any) -> bool:
         and _optional_id(payload.get("link"))
         and isinstance(payload.get("request"), str | type(None))
         and _ancestry(payload.get("ancestry"))
+        and _optional_id(payload.get("action"))
     )
 
 

@@ -26,7 +26,7 @@ from sqlalchemy import (
     and_,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from ..errors import ConfigurationError
@@ -285,3 +285,16 @@ class Achievement(Base):
 ACTIONS = cast(Table, Action.__table__)
 STEPS = cast(Table, Step.__table__)
 LINKS = cast(Table, ParentLink.__table__)
+
+
+def action_of_row(row: dict[str, Any]) -> Action:
+    """An action built from its row's columns as a query's load builds one: a new
+    instance with its columns in its dict, without ``__init__`` or attribute events
+    (``Action(**row)`` cost 3.5% of a one-step child's instructions). The mappers are
+    configured first when nothing did yet (a worker process whose first read was Core):
+    an unconfigured attribute has no implementation to set through."""
+    if not Action.__mapper__.configured:
+        configure_mappers()
+    action = cast(Action, Action.__mapper__.class_manager.new_instance())
+    action.__dict__.update(row)
+    return action

@@ -162,7 +162,8 @@ def test_tree_of_a_running_action_shows_where_it_waits(
     lines = result.output.splitlines()
     assert "performing for" in lines[0] and "at step 1/2 leave" in lines[0]
     assert lines[1] == "└─ step 1/2 leave: performing, waiting on 3 of 3"
-    assert lines[2].endswith(f"drive on Car/{car.id}: not started yet")
+    # Its parent's step wrote the child's pending row; its own start has not run yet.
+    assert lines[2].endswith(f"drive(2) on Car/{car.id}: pending in lane Car/{car.id}/drive")
     assert lines[-1].endswith("wait 5s: waiting")
     tree = json.loads(invoke(stepped, "tree", str(action.id), "--json").output)
     assert tree["status"] == "performing"

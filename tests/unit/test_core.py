@@ -379,7 +379,8 @@ def test_now_returns_detached_action_with_steps(stepped: Stepped, car: Car) -> N
         (1, "performing"),
     ]
     assert action.steps[1].pending_actions_count == 1
-    assert action.steps[1].actions == []  # the child is created by its own job
+    # The step wrote its child's pending row; the child's own job has not run yet.
+    assert [(a.name, a.status) for a in action.steps[1].actions] == [("honk", "pending")]
     assert action.current_step_index == 1
 
 

@@ -151,7 +151,9 @@ def test_another_delivery_that_began_it_first_runs_it_once(
     assert len(runs) == (2 if sqlite else 1)
 
 
-def test_a_childs_body_gets_the_actor_its_keys_read(stepped: Stepped, car: Car) -> None:
+def test_a_childs_keys_run_in_its_parents_step_and_its_body_loads_the_actor(
+    stepped: Stepped, car: Car
+) -> None:
     app = stepped.app
     actors: dict[str, Any] = {}
     parents: list[list[int]] = []
@@ -168,13 +170,18 @@ def test_a_childs_body_gets_the_actor_its_keys_read(stepped: Stepped, car: Car) 
 
     @app.stepped_action(actor=Car)
     def parent(step: Step, c: Car) -> None:
+        actors["parent"] = c
         step.do(leaf)
 
     with stepped.capture():
         root = parent.now(car)
+        # The key ran with the parent's actor, when its step wrote the child's row.
+        assert actors["keys"] is actors["parent"]
+        (child,) = stored_actions(stepped, "leaf")
+        assert (child.status, child.concurrency_key) == ("pending", f"leaf/{car.id}")
         perform_stepped_actions(stepped)
     assert stepped.get_action(root.id).status == "succeeded"
-    assert actors["body"] is actors["keys"]
+    assert actors["body"] is not actors["keys"] and actors["body"].id == car.id
     assert parents == [[root.id]]  # the action it hands the body reads its parent steps
     assert load_car(stepped, car.id).log == "leaf;"  # the body's change was written
 

@@ -216,9 +216,12 @@ def test_an_outbound_action_that_ran_its_steps_waits_for_its_event_untouched(
 # -- member messages that never arrived ----------------------------------------------------
 
 
-def define_waiter(stepped: Stepped, seconds: float) -> Any:
-    """``errand``: one step that starts a ``paint`` and waits ``seconds``."""
+def define_waiter(stepped: Stepped, seconds: float, before: bool = False) -> Any:
+    """``errand``: one step that starts a ``paint`` and waits ``seconds`` (``before``: a
+    ``paint`` with a ``before`` hook, which its own start creates)."""
     shop = define_shop(stepped)
+    if before:
+        shop.paint.before(lambda action, car, *args: None)
 
     @stepped.app.stepped_action(actor=Car)
     def errand(step: Any, car: Car) -> None:
@@ -229,14 +232,35 @@ def define_waiter(stepped: Stepped, seconds: float) -> Any:
 
 
 def test_a_child_start_and_a_wait_that_never_arrived_are_sent_again(stepped: Stepped) -> None:
-    errand = define_waiter(stepped, 0.01)
+    errand = define_waiter(stepped, 0.01, before=True)
     with stepped.capture() as jobs:
         action = errand.now(make_car(stepped))
+        assert stored_actions(stepped, "paint") == []  # its start creates it
         lose_messages(jobs)  # the child's start and the wait, taken and lost
         time.sleep(0.05)  # the wait is overdue
         assert not stepped.healing.heal(0)  # the first sweep only notes them
         second = stepped.healing.heal(0)
         assert sorted(m.kind for m in second.messages) == ["action", "wait"]
+        stepped.core.drive(second)
+        perform_stepped_actions(stepped)
+    assert status(stepped, action.id) == "succeeded"
+    assert [a.status for a in stored_actions(stepped, "paint")] == ["succeeded"]
+
+
+def test_a_child_its_parent_wrote_whose_start_never_arrived_enters_its_lane(
+    stepped: Stepped,
+) -> None:
+    errand = define_waiter(stepped, 0.01)
+    with stepped.capture() as jobs:
+        action = errand.now(make_car(stepped))
+        (paint,) = stored_actions(stepped, "paint")  # written with the step, pending
+        assert paint.status == "pending" and stepped.lanes.get(SHOP) is None
+        lose_messages(jobs)  # the child's start and the wait, taken and lost
+        time.sleep(0.05)
+        assert not stepped.healing.heal(0)  # the first sweep only notes them
+        second = stepped.healing.heal(0)
+        assert [m.kind for m in second.messages] == ["wait"]  # its link is claimed
+        assert second.handoff == [paint.id]  # its lane rebuilt from SQL, it resumes
         stepped.core.drive(second)
         perform_stepped_actions(stepped)
     assert status(stepped, action.id) == "succeeded"
@@ -253,8 +277,9 @@ def test_a_wait_not_due_yet_and_a_claimed_child_are_not_sent_again(stepped: Step
     assert status(stepped, action.id) == "performing"
 
 
-def test_members_behind_a_backlog_are_late_not_lost(stepped: Stepped) -> None:
-    errand = define_waiter(stepped, 0.01)
+@pytest.mark.parametrize("before", [False, True], ids=["written-by-parent", "own-start"])
+def test_members_behind_a_backlog_are_late_not_lost(stepped: Stepped, before: bool) -> None:
+    errand = define_waiter(stepped, 0.01, before)
     with stepped.capture() as jobs:
         action = errand.now(make_car(stepped))
         lose_messages(jobs)
@@ -262,12 +287,18 @@ def test_members_behind_a_backlog_are_late_not_lost(stepped: Stepped) -> None:
         held: list[str | None] = []
         stepped.healing.waiting = lambda queue: held.append(queue) or 7  # a backlog
         for _ in range(3):
-            assert stepped.healing.heal(0).messages == []
+            assert not stepped.healing.heal(0)  # no message, no lane rebuilt
         assert held and set(held) == {None}  # the Stepped queue was asked
         stepped.healing.waiting = lambda queue: 0  # drained: now they are lost
         stepped.core.drive(stepped.healing.heal(0))
+        if before:  # a pending child in no lane is a suspect from the first idle sweep on
+            assert stored_actions(stepped, "paint") == []
+        else:
+            assert [a.status for a in stored_actions(stepped, "paint")] == ["pending"]
+            stepped.core.drive(stepped.healing.heal(0))
         perform_stepped_actions(stepped)
     assert status(stepped, action.id) == "succeeded"
+    assert [a.status for a in stored_actions(stepped, "paint")] == ["succeeded"]
 
 
 def test_the_broker_says_how_many_messages_a_queue_holds(stepped: Stepped) -> None:

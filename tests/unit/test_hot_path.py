@@ -71,15 +71,19 @@ def test_a_child_whose_key_fails_is_counted_once_when_delivered_again(
     parent = define_tree(stepped, broken_key)
     with stepped.capture() as jobs:
         root = parent.now(car)
+        # The parent's step ran the key to write the child's row; it raised, so the
+        # child's own start creates it and runs the key again.
+        assert failures == [car.id] and stored_actions(stepped, "leaf") == []
         (start,) = jobs.take("action")
+        assert "action" not in start.args[0]  # no row written for it
         stepped.core.run_message(start)
         again = as_redelivery(start, stepped.clock(), stepped.clock())
         stepped.core.run_message(again)  # the link is done: nothing runs again
-        assert failures == [car.id]
+        assert failures == [car.id, car.id]
         stepped.core.run_message(start)  # a duplicate not marked: keys again, counted once
     assert stored_actions(stepped, "leaf") == []
     assert stepped.get_action(root.id).status == "failed"
-    assert failures == [car.id, car.id]
+    assert failures == [car.id, car.id, car.id]
     with stepped.session() as session:
         (step,) = session.scalars(select(StepRow).where(StepRow.action_id == root.id)).all()
         assert (step.pending_actions_count, step.unsuccessful_actions_count) == (0, 1)
