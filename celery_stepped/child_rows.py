@@ -1,19 +1,21 @@
 """Children created with their parent's step: the pending rows a step writes for the
-child actions whose start runs no user code.
+child actions whose start runs no user code of theirs (no ``before``, no checksum).
 
 A child action whose definition has no ``before`` and no checksum needs nothing from
-its own start but its keys and timeout, which come from the arguments as given. The
-step body that asks for it (``step.do/on``) computes them, so its parent step writes
-its row (``pending``, its link claimed) in the body's transaction, in one multi-row
-``INSERT``, and its start message names it (``StartCall.action``): the child's start
-reads that row and enters its lane, instead of writing it and claiming its link in a
-transaction of its own.
+its own start but its keys and timeout, which come from the arguments as given. They
+are computed when the step body that asked for it (``step.do/on``) has returned, with
+the actor and arguments as the body left them, so its parent step writes its row
+(``pending``, its link claimed) in the body's transaction, in one ``INSERT ...
+RETURNING`` for all of the step's children (multi-row where the database returns ids
+in order, PostgreSQL; a row at a time on SQLite), and its start message names it
+(``StartCall.action``): the child's start reads that row and enters its lane, instead
+of writing it and claiming its link in a transaction of its own.
 
 Every other child is created by its own start (:mod:`~celery_stepped.starting`), where
-its user code runs: an action that ``before`` stops writes no row (API.md, "Fine
+its ``before`` runs: an action that ``before`` stops writes no row (API.md, "Fine
 print"), and a checksum is computed after ``before``. A key or timeout block that
-raises in the step body leaves its child to its own start, which runs the block again
-and reports its failure as before.
+raises when the step body has returned leaves its child to its own start, which runs
+the block again and reports its failure as before.
 """
 
 from __future__ import annotations
