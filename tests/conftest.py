@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import create_engine, make_url, select, text
+from sqlalchemy import create_engine, inspect, make_url, select, text
 
 from celery_stepped import Stepped
 from celery_stepped.embedded import EmbeddedRedis
@@ -92,10 +92,23 @@ def database_url(database_server: str | None, tmp_path: Path) -> str:
 
 
 def reset_database(stepped: Stepped) -> None:
-    """Empty schema: drop and create the Stepped and test tables."""
+    """Empty schema: the Stepped and test tables as ``create_all`` makes them, empty.
+
+    On PostgreSQL, tables that a previous test created and left as they were (no
+    migration ran: no version table) are emptied and their id sequences restarted,
+    instead of being dropped and created again (the DDL cost about 0.2 s a test).
+    """
     engine = stepped.engine
     if engine.dialect.name == "postgresql":
+        tables = [*Base.metadata.sorted_tables, *TestBase.metadata.sorted_tables]
         with engine.begin() as conn:
+            if set(inspect(conn).get_table_names()) == {table.name for table in tables}:
+                for table in reversed(tables):  # children before the rows they name
+                    conn.execute(table.delete())
+                    if "id" in table.c:
+                        restart = "SELECT setval(pg_get_serial_sequence(:t, 'id'), 1, false)"
+                        conn.execute(text(restart), {"t": f'"{table.name}"'})
+                return
             conn.execute(text("DROP TABLE IF EXISTS stepped_alembic_version"))
     TestBase.metadata.drop_all(engine)
     Base.metadata.drop_all(engine)
