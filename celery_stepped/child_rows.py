@@ -20,64 +20,24 @@ the block again and reports its failure as before.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from .action_keys import key_from_parts, timeout_seconds
+from .action_keys import Definition, keys_of, tenancy
 from .models import ACTIONS as _ACTIONS
 from .statuses import ActionStatus
 
 if TYPE_CHECKING:
     from .models import ParentLink
 
-__all__ = ["child_row", "keys_of", "needs_actor", "write_children"]
-
-
-class Definition(Protocol):
-    """What starting reads of a definition (``SteppedAction``; this module sits below it)."""
-
-    outbound: bool
-
-    def resolved(self, name: str) -> Any: ...
-
-    def before_hooks(self) -> list[Any]: ...
+__all__ = ["child_row", "write_children"]
 
 
 #: The pending rows of a step's plain children, their ids back in the order given.
 _INSERT_CHILDREN = insert(_ACTIONS).returning(_ACTIONS.c.id, sort_by_parameter_order=True)
-
-
-def needs_actor(definition: Definition) -> bool:
-    """True when starting runs user code: ``before``, or a key, timeout or checksum block."""
-    timeout = definition.resolved("timeout_spec")
-    blocks = (
-        definition.resolved("concurrency_key_spec"),
-        definition.resolved("checksum_key_spec"),
-        definition.resolved("checksum_fn"),
-        None if isinstance(timeout, timedelta) else timeout,
-    )
-    return bool(definition.before_hooks()) or any(callable(block) for block in blocks)
-
-
-def keys_of(definition: Definition, actor: Any, args: list[Any], tenancy: str) -> dict[str, Any]:
-    """Concurrency key, checksum key, timeout and job: from the arguments as given
-    (``tenancy``: the default key, ``actor_type/actor_id/name``). Runs the definition's
-    key and timeout blocks, which may raise."""
-    keys: dict[str, Any] = {}
-    for column, spec_name in (
-        ("concurrency_key", "concurrency_key_spec"),
-        ("checksum_key", "checksum_key_spec"),
-    ):
-        spec = definition.resolved(spec_name)
-        value = spec(actor, *args) if callable(spec) else spec
-        keys[column] = key_from_parts(value) or tenancy
-    keys["timeout_seconds"] = timeout_seconds(definition.resolved("timeout_spec"), actor)
-    job = definition.resolved("job")
-    keys["job"] = None if job is None else str(job.name)
-    return keys
 
 
 def child_row(
@@ -91,7 +51,7 @@ def child_row(
         return None
     actor_type, actor_id = call["actor"]
     try:
-        keys = keys_of(definition, actor, args, f"{actor_type}/{actor_id}/{call['name']}")
+        keys = keys_of(definition, actor, args, tenancy(actor_type, actor_id, call["name"]))
     except Exception:
         return None
     return {

@@ -22,8 +22,14 @@ from sqlalchemy import CursorResult, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .action_keys import checksum_digest, key_from_parts, timeout_seconds
-from .child_rows import keys_of, needs_actor
+from .action_keys import (
+    checksum_digest,
+    key_from_parts,
+    keys_of,
+    needs_actor,
+    tenancy,
+    timeout_seconds,
+)
 from .effects import Effects
 from .join import changed, performing_under, report_link, waits_on
 from .messages import StartCall
@@ -65,7 +71,7 @@ class ShortCircuit(Exception):
 
 
 def _tenancy(call: StartCall) -> str:
-    return f"{call.actor[0]}/{call.actor[1]}/{call.name}"
+    return tenancy(call.actor[0], call.actor[1], call.name)
 
 
 #: Give a parent link its action, once (built once: Core; ``updated_at`` by onupdate).
@@ -83,20 +89,22 @@ _LINK = select(_LINKS.c.state, _LINKS.c.action_id, _LINKS.c.call).where(
 )
 
 
-#: The oldest action performing in the new action's lane (``b_lane_key``).
 _LANE_OTHER = _ACTIONS.alias("lane_other")
-_LANE_PERFORMER = (
-    performing_under(_LANE_OTHER, bindparam("b_lane_key")).scalar_subquery().label("lane_performer")
-)
+
+
+def _lane_performer(key: Any) -> Any:
+    """The oldest action performing under ``key``, as the column ``lane_performer``."""
+    return performing_under(_LANE_OTHER, key).scalar_subquery().label("lane_performer")
+
+
+#: The oldest action performing in the new action's lane (``b_lane_key``).
+_LANE_PERFORMER = _lane_performer(bindparam("b_lane_key"))
 
 #: A child's pending row as its parent step wrote it (``child_rows``), with the action
 #: performing in its lane: what ``_INSERT_ACTION`` gives a new action.
-_WRITTEN = select(
-    *_ACTIONS.c,
-    performing_under(_LANE_OTHER, _ACTIONS.c.concurrency_key)
-    .scalar_subquery()
-    .label("lane_performer"),
-).where(_ACTIONS.c.id == bindparam("action_id"))
+_WRITTEN = select(*_ACTIONS.c, _lane_performer(_ACTIONS.c.concurrency_key)).where(
+    _ACTIONS.c.id == bindparam("action_id")
+)
 
 #: The pending row of a new action (Core: the object stays out of any session); every
 #: column comes back, defaults included, so the object is the row as written. It also

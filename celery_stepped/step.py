@@ -21,7 +21,7 @@ from .members import task_call
 from .statuses import LinkKind, StepStatus
 
 if TYPE_CHECKING:
-    from .child_rows import Definition
+    from .action_keys import Definition
     from .models import Action
 
 __all__ = ["Intent", "Step"]
