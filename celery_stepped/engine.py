@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .backlog import Backlog
 from .beginning import Fresh
 from .completing import Completer
 from .effects import Delivery, Effects
@@ -121,15 +122,14 @@ class Engine:
             discard(self.session_factory, done.staged)
             work.extend(self._follow_up(done))
 
-    def sweep(self, older_than: float) -> int:
+    def sweep(self, older_than: float, backlog: Backlog) -> int:
         """Send again what a crash left in the outbox (entries older than ``older_than``
-        seconds); they run as redeliveries. Returns how many were sent."""
+        seconds), and kept ``later()`` starts whose queue is idle (``backlog``); they run
+        as redeliveries. Returns how many were sent."""
         now = self.clock()
-        entries = due(self.session_factory, now, older_than)
-        self.outboxes.send(
-            [as_redelivery(message, created, now) for _, message, created in entries]
-        )
-        discard(self.session_factory, [entry_id for entry_id, _, _ in entries])
+        entries = backlog.sweepable(due(self.session_factory, now, older_than))
+        self.outboxes.send([as_redelivery(e.message, e.created_at, now) for e in entries])
+        discard(self.session_factory, [e.id for e in entries])
         return len(entries)
 
     def _follow_up(self, effects: Effects) -> Iterator[Effects]:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from . import signals
 from .actors import ActorRegistry
+from .backlog import Backlog
 from .client import Client, check_status
 from .completing import Completer
 from .database import Database
@@ -255,12 +256,12 @@ class Stepped:
     def sweep_outbox(self, older_than: float = 60.0) -> int:
         """Send again the messages a crash left unsent (outbox entries older than
         ``older_than`` seconds); workers do this at start and periodically."""
-        return self.core.sweep(older_than)
+        return self.core.sweep(older_than, Backlog(self._waiting))
 
     def _sweep(self, older_than: float) -> int:
         """What a worker does at start and every ``stepped_outbox_sweep_every`` seconds:
         the outbox sweep, then healing the lanes of stalled pending actions."""
-        sent = self.core.sweep(older_than)
+        sent = self.core.sweep(older_than, Backlog(self._waiting))
         self.core.drive(self.healing.heal(older_than))
         return sent
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, bindparam, delete, insert, select
 from sqlalchemy.orm import Session
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from .messages import Message, StartCall, TaskName
 from .models import Action, OutboxEntry, ParentLink, Step
 
-__all__ = ["as_redelivery", "discard", "discard_keyed", "due", "named_by", "stage"]
+__all__ = ["Due", "as_redelivery", "discard", "discard_keyed", "due", "named_by", "stage"]
 
 #: The hot statements, prebuilt on the table (Core: an ORM-enabled DELETE and INSERT
 #: cost several times as much, for rows no session holds).
@@ -60,20 +60,31 @@ def discard_keyed(session_factory: Callable[[], Session], key: str) -> None:
         s.commit()
 
 
+class Due(NamedTuple):
+    """An entry the sweep finds: its message, when it was staged, and its key (a root's
+    request id: a ``later()`` start kept until it runs; None: a crash left it unsent)."""
+
+    id: int
+    message: Message
+    created_at: datetime
+    key: str | None
+
+
 def due(
     session_factory: Callable[[], Session], now: datetime, older_than: float, limit: int = 500
-) -> list[tuple[int, Message, datetime]]:
-    """Entries older than ``older_than`` seconds, left behind by a crash (oldest first):
-    ``(id, message, created_at)``."""
+) -> list[Due]:
+    """Entries older than ``older_than`` seconds: those a crash left unsent first, then
+    the starts kept until they run, each oldest first (a backlog of kept starts does
+    not hide a crash's leftovers)."""
     cutoff = now - timedelta(seconds=older_than)
     with session_factory() as s:
         rows = s.execute(
-            select(OutboxEntry.id, OutboxEntry.message, OutboxEntry.created_at)
+            select(OutboxEntry.id, OutboxEntry.message, OutboxEntry.created_at, OutboxEntry.key)
             .where(OutboxEntry.created_at <= cutoff)
-            .order_by(OutboxEntry.id)
+            .order_by(OutboxEntry.key.is_not(None), OutboxEntry.id)
             .limit(limit)
         ).all()
-    return [(row.id, Message.from_dict(row.message), row.created_at) for row in rows]
+    return [Due(row.id, Message.from_dict(row.message), row.created_at, row.key) for row in rows]
 
 
 def as_redelivery(message: Message, created: datetime, now: datetime) -> Message:

@@ -1,5 +1,6 @@
 """Healing through a real worker: its sweep resumes a lane front whose message was lost,
-and sends again member messages that never arrived.
+heals the lanes of children whose start never arrived, and sends again a timed wait that
+never arrived.
 
 The worker sweeps every second. The test completes a lane's outbound action from
 outside (as a webhook does) while capturing what that sends, then drops it: the
@@ -10,7 +11,10 @@ two sweeps in a row and resumes it.
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from celery.result import AsyncResult
 
 from tests.integration.conftest import Cluster, make_cluster
 
@@ -44,8 +48,10 @@ def test_the_sweep_resumes_a_lane_front_whose_resume_message_was_lost(it: Cluste
 def test_the_sweep_sends_again_child_starts_and_a_wait_that_never_arrived(it: Cluster) -> None:
     """Here the test process runs the roots' first steps (``now()`` in a capture) and
     drops what they send: two children's starts and a timed wait, as if a worker took
-    them from Redis and was killed before Kombu recorded them. The worker's sweep finds
-    the unclaimed links and the overdue wait on two sweeps and sends them again."""
+    them from Redis and was killed before Kombu recorded them. The roots' steps wrote
+    the children's pending rows (``child_rows``), so the sweep finds two pending children
+    in no lane: it rebuilds their lanes from SQL and resumes them. The wait's link is
+    unclaimed and overdue: the sweep sends the wait again. Each on two sweeps in a row."""
     car = it.make_car()
     with it.stepped.capture() as jobs:
         fan = it.stepped.registry.find(type(car), "fan_root").now(car, 2)
@@ -58,8 +64,23 @@ def test_the_sweep_sends_again_child_starts_and_a_wait_that_never_arrived(it: Cl
     assert it.wait_final(fan.id).status == "succeeded"
     assert it.wait_final(nap.id).status == "succeeded"
     assert sorted(it.log_tokens(car.id)) == ["fanned", "woke"]
-    assert [a.status for a in it.actions("fan_leaf")] == ["succeeded", "succeeded"]
+    leaves = it.actions("fan_leaf")
+    assert [a.status for a in leaves] == ["succeeded", "succeeded"]
+    healed = lane_healed(it)  # the children: each had its lane healed, or followed one
+    assert {a.id for a in leaves} & healed, f"no heal of {[a.id for a in leaves]} in {healed}"
+    assert "1 member message(s)" in it.logs()  # the wait
     assert "never arrived: sent again" in it.logs()
+
+
+def lane_healed(it: Cluster) -> set[int]:
+    """The ids of the pending actions whose lanes a sweep healed, from every worker's log
+    (``stepped heal: pending action(s) 7, 8 had nothing to move them on: ...``)."""
+    found: set[int] = set()
+    for line in "\n".join(w.read_log() for w in it.workers).splitlines():
+        head, sep, _ = line.partition(" had nothing to move them on")
+        if sep:
+            found.update(int(i) for i in head.rsplit("pending action(s) ", 1)[1].split(", "))
+    return found
 
 
 def test_the_sweep_resumes_an_action_begun_but_killed_before_its_first_step(
@@ -86,3 +107,28 @@ def test_the_sweep_resumes_an_action_begun_but_killed_before_its_first_step(
     assert it.wait_final(root.id).status == "succeeded"
     assert it.log_tokens(car.id) == ["fanned"]
     assert "work a killed task left half done: resume" in it.logs()
+
+
+def test_the_sweep_leaves_a_later_start_waiting_behind_a_backlog(it: Cluster) -> None:
+    """``later()`` keeps its start's outbox entry until the start runs, so that a start
+    the broker lost is sent again. A start that only waits in a busy queue is late, not
+    lost: the sweep leaves it there instead of queueing a second copy on every sweep.
+
+    Two blocked bodies hold both pool processes while three roots wait in the queue for
+    several sweeps; each root's start then runs once."""
+    blockers = [it.make_car(), it.make_car()]
+    for car in blockers:
+        it.stepped.registry.find(type(car), "blocker").later(car, "backlog")
+    it.wait_for("both pool processes blocked", lambda: it.probe.count("entered:backlog") == 2)
+    car = it.make_car()
+    fan_root = it.stepped.registry.find(type(car), "fan_root")
+    requests = [fan_root.later(car, 0).id for _ in range(3)]
+    it.wait_for(
+        "a sweep that left them queued", lambda: "later() start(s) not sent again yet" in it.logs()
+    )
+    time.sleep(2.5)  # more sweeps (every second) while they wait
+    it.probe.release("backlog")
+    roots = [it.root_of(AsyncResult(request)) for request in requests]
+    assert [it.wait_final(root).status for root in roots] == ["succeeded"] * 3
+    log = "\n".join(w.read_log() for w in it.workers)
+    assert [log.count(f"[{request}] received") for request in requests] == [1, 1, 1]

@@ -114,3 +114,23 @@ def test_a_start_the_broker_had_and_lost_is_sent_again(stepped: Stepped, car: Ca
     assert load_car(stepped, car.id).honks == 1
     with stepped.session() as s:
         assert s.scalar(select(func.count()).select_from(Action).where(Action.name == "tour")) == 1
+
+
+def test_a_kept_start_waiting_in_a_busy_queue_is_not_sent_again(stepped: Stepped, car: Car) -> None:
+    """later()'s entry stays until its start runs; while its message waits in the
+    broker's queue (a backlog, no worker here) the sweep leaves it: late, not lost. Once
+    the queue is empty and the start has still not run, the sweep sends it again."""
+    tour = define(stepped)
+    result = tour.later(car)  # to the real broker: it waits in the queue
+    assert stepped.outboxes.waiting("stepped") == 1
+    assert stepped.sweep_outbox(older_than=0) == 0
+    assert stepped.outboxes.waiting("stepped") == 1  # no second copy
+    assert entries(stepped) == 1
+    with stepped.app.connection_for_write() as connection:
+        connection.default_channel.queue_purge("stepped")  # the broker loses it
+    assert stepped.sweep_outbox(older_than=0) == 1
+    assert stepped.outboxes.waiting("stepped") == 1
+    assert entries(stepped) == 0
+    with stepped.app.connection_for_read() as connection:
+        message = connection.default_channel.basic_get("stepped")
+    assert message is not None and message.headers["id"] == result.id
