@@ -17,6 +17,7 @@ import pytest
 from celery.result import AsyncResult
 
 from tests.integration.conftest import Cluster, make_cluster
+from tests.models import Car
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +121,9 @@ def test_the_sweep_leaves_a_later_start_waiting_behind_a_backlog(it: Cluster) ->
     for car in blockers:
         it.stepped.registry.find(type(car), "blocker").later(car, "backlog")
     it.wait_for("both pool processes blocked", lambda: it.probe.count("entered:backlog") == 2)
-    car = it.make_car()
-    fan_root = it.stepped.registry.find(type(car), "fan_root")
-    requests = [fan_root.later(car, 0).id for _ in range(3)]
+    cars = [it.make_car() for _ in range(3)]  # a lane each: none supersedes another
+    fan_root = it.stepped.registry.find(Car, "fan_root")
+    requests = [fan_root.later(car, 0).id for car in cars]
     it.wait_for(
         "a sweep that left them queued", lambda: "later() start(s) not sent again yet" in it.logs()
     )

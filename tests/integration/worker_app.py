@@ -136,8 +136,8 @@ class Probe:
 
     def block(self, name: str, limit: float = 90) -> None:
         """In a step body: record this pid, then wait until ``release(name)``."""
+        self.bump(f"entered:{name}")  # first: a test that sees the pid sees the count
         self.redis.set(f"{self.prefix}entered:{name}", os.getpid())
-        self.bump(f"entered:{name}")
         deadline = time.monotonic() + limit
         while not self.redis.exists(f"{self.prefix}release:{name}"):
             if time.monotonic() > deadline:
