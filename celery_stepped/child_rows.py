@@ -68,10 +68,9 @@ def child_row(
 
 def write_children(
     s: Session, links: list[ParentLink], rows: list[dict[str, Any] | None], now: datetime
-) -> dict[int, str]:
+) -> None:
     """Write in ``s`` the pending rows of the children among ``links`` (not yet written)
-    that have one in ``rows`` (by position), and give each of their links its action;
-    the concurrency key of each child written, by its id."""
+    that have one in ``rows`` (by position), and give each of their links its action."""
     planned = [
         (
             link,
@@ -86,10 +85,7 @@ def write_children(
         if row is not None
     ]
     if not planned:
-        return {}
+        return
     ids = s.execute(_INSERT_CHILDREN, [row for _, row in planned]).scalars().all()
-    lanes: dict[int, str] = {}
-    for (link, row), action_id in zip(planned, ids, strict=True):
+    for (link, _), action_id in zip(planned, ids, strict=True):
         link.action_id = action_id
-        lanes[action_id] = row["concurrency_key"]
-    return lanes

@@ -115,7 +115,6 @@ class Engine:
         work: deque[Effects] = deque([effects])
         while work:
             done = work.popleft()
-            self.entry.claim(done.messages)  # children's lanes: one round trip for a step
             self.outboxes.send(done.messages)
             # Sent, and its follow-ups start now in this task: from here on a crash is
             # finished by the redelivery of this task's message, not by a sweep (which
@@ -297,7 +296,7 @@ class Engine:
         """Enter the lane of a pending action this call holds the row of, and perform it
         when the lane lets it in."""
         created = written.action
-        entry = self.entry.enter(created, fresh, written.lane_clear, call.entered)
+        entry = self.entry.enter(created, fresh=fresh, lane_clear=written.lane_clear)
         performs = created.id in entry.effects.perform
         if performs:  # it begins in its first step's transaction: see beginning.py
             entry.effects.perform.remove(created.id)

@@ -137,10 +137,10 @@ class Healing:
     def _stalled(self, key: str, ids: set[int], late: set[int]) -> set[int]:
         """Those of ``ids`` (pending in SQL) that lane ``key`` would never move on: at
         its front, in no lane, or behind a current action that is no longer open; not
-        those of ``late`` (children behind a backlog: in no lane yet, or at the front of
-        the lane their parent claimed for them) unless they wait behind such a front."""
+        those of ``late`` (children behind a backlog) that are in no lane yet."""
         lane = self.lanes.get(key)
-        ids = {i for i in ids if i not in late or (lane is not None and i in lane.pending_ids)}
+        entered = set() if lane is None else {lane.current_id, *lane.pending_ids}
+        ids = {i for i in ids if i in entered or i not in late}
         if lane is None:
             return ids
         waiting = ids & set(lane.pending_ids)

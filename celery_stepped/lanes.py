@@ -247,23 +247,6 @@ class Lanes:
                 with suppress(LockError):
                     lock.release()
 
-    def claim(self, entries: list[tuple[str, int]]) -> list[bool]:
-        """For each ``(key, action id)``: make the action its lane's current action when
-        no action is (the join script with flag ``b``); whether it did. One round trip
-        for all (a pipeline that does not load the script first: a server that lost it
-        answers with an error, and the action is not claimed). Errors leave actions
-        unclaimed: their start joins the lane on its own."""
-        pipe = self.redis.pipeline(transaction=False)
-        for key, action_id in entries:
-            lane_keys = [*self._keys(key), keys.lane_lock(self.namespace, key)]
-            argv: list[Any] = [action_id, "", "", ",", "", int(LOCK_TIMEOUT * 1000), "", "b"]
-            pipe.evalsha(self._join.sha, len(lane_keys), *lane_keys, *argv)
-        replies = pipe.execute(raise_on_error=False)
-        return [
-            isinstance(reply, list) and _text(reply[0]) == LaneOutcome.PERFORM.value
-            for reply in replies
-        ]
-
     def release(self, key: str, action_id: int) -> tuple[LaneOutcome, int | None]:
         """Move the lane on after ``action_id`` completed.
 

@@ -23,7 +23,6 @@ __all__ = [
     "complete_message",
     "insurance_message",
     "job_message",
-    "mark_entered",
     "member_message",
     "resume_message",
     "start_message",
@@ -83,10 +82,6 @@ class Message:
     expires: float | None = None
     #: Broker priority (a root's ``priority=``).
     priority: int | None = None
-    #: The start of a child its parent step wrote (``child_rows``): the child's
-    #: concurrency key, for the engine to claim its lane before sending it
-    #: (:meth:`~celery_stepped.superseding.LaneEntry.claim`). Never staged nor sent.
-    lane: str | None = field(default=None, compare=False)
 
     def label(self) -> str:
         """A readable name for ``celery events`` and Flower: ``stepped.start trip(Car/1, 5)``."""
@@ -99,9 +94,7 @@ class Message:
         """JSON-ready form (the outbox row): its fields as they are, not copied (the row
         is serialized as it is written; ``dataclasses.asdict`` deep-copied every
         argument first)."""
-        data = dict(vars(self))
-        del data["lane"]
-        return data
+        return dict(vars(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Message:
@@ -138,9 +131,6 @@ class StartCall:
     #: A child whose parent step wrote its pending row (:mod:`~celery_stepped.child_rows`):
     #: its id. Its start reads that row instead of writing one.
     action: int | None = field(default=None, compare=False)
-    #: Such a child that its parent made its lane's current action (``Message.lane``):
-    #: its start performs it without joining the lane.
-    entered: bool = field(default=False, compare=False)
 
     def payload(self) -> dict[str, Any]:
         """The JSON payload of the ``stepped.start`` message."""
@@ -157,8 +147,6 @@ class StartCall:
             payload["ancestry"] = self.ancestry
         if self.link is not None and self.action is not None:
             payload["action"] = self.action
-            if self.entered:
-                payload["entered"] = True
         return payload
 
     @classmethod
@@ -175,13 +163,7 @@ class StartCall:
             payload.get("ancestry") if link is not None else None,
         )
         call.action = payload.get("action") if link is not None else None
-        call.entered = call.action is not None and payload.get("entered") is True
         return call
-
-
-def mark_entered(message: Message) -> None:
-    """A child's start whose lane its parent claimed for it (``Message.lane``)."""
-    message.args[0]["entered"] = True
 
 
 def start_message(

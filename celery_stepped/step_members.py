@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from .child_rows import write_children
 from .effects import Delivery
 from .members import link_messages, member_links, unclaimed_links
-from .messages import Message, TaskName, job_message
+from .messages import Message, job_message
 from .models import ParentLink, Step
 from .step import Step as StepContext
 from .step_index import insert_links, move_index
@@ -47,13 +47,9 @@ class StepMembers:
             messages.append(job_message(action.id, str(action.job)))
         links = member_links(step.id, context.members, f"{action.ancestry}{action.id},", now)
         rows = [None if intent.row is None else intent.row() for intent in context.members]
-        lanes = write_children(s, links, rows, now)
+        write_children(s, links, rows, now)
         insert_links(s, links)
-        starts = self.messages(links, self.queue_of(action.actor_type, action.name))
-        for message in starts:  # the lanes the engine claims for them before sending
-            if message.task == TaskName.START:
-                message.lane = lanes.get(message.args[0].get("action"))
-        return messages + starts
+        return messages + self.messages(links, self.queue_of(action.actor_type, action.name))
 
     def messages(self, links: list[ParentLink], queue: str | None = None) -> list[Message]:
         """The chord header of a step: one message per member link (``queue``: the step's

@@ -22,7 +22,6 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from redis.exceptions import RedisError
 from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
@@ -31,7 +30,6 @@ from .errors import Deadlock
 from .events import Events, Facts, logger
 from .join import performing_under, status_of, supersede_links, waits_on
 from .lanes import JoinResult, LaneOutcome, Lanes
-from .messages import Message, mark_entered
 from .models import ACTIONS as _ACTIONS
 from .models import Action
 from .statuses import ActionStatus
@@ -112,52 +110,7 @@ class LaneEntry:
         self.events = events
         self.clock = clock
 
-    def claim(self, messages: list[Message]) -> None:
-        """Claim the lanes of the children whose starts are in ``messages`` (those with a
-        ``lane``: their parent step wrote their rows), in one round trip before the
-        starts are sent: a child whose lane has no current action becomes it, and its
-        start (marked ``entered``) performs it without joining. Best effort: a child
-        left unclaimed (another action holds its lane, or Redis failed) joins on its own.
-        """
-        starts = [m for m in messages if m.lane is not None]
-        if not starts:
-            return
-        try:
-            claimed = self.lanes.claim([(str(m.lane), int(m.args[0]["action"])) for m in starts])
-        except RedisError:
-            return
-        for message, entered in zip(starts, claimed, strict=True):
-            if entered:
-                mark_entered(message)
-
-    def _claimed(self, action: Action, lane_clear: bool) -> Entry | None:
-        """A child whose parent claimed its lane (:meth:`claim`) performs now, unless SQL
-        has another action performing in that lane: then Redis had lost that action's
-        lane when the claim found it empty. It is made current again (under the lane's
-        lock, if the child still is), and the child enters as ever (None)."""
-        if lane_clear:
-            return Entry(Effects(perform=[action.id]))
-        key = action.concurrency_key
-        with self.lanes.locked(key):
-            found = self._performing(key, action.id)
-            if found is not None and self.lanes.current_checksum(key)[0] == action.id:
-                self.lanes.restore(key, found, None)
-                logger.warning(
-                    "lane %r was missing in Redis while action #%s performs in it when "
-                    "#%s was let in: rebuilt",
-                    key,
-                    found[0],
-                    action.id,
-                )
-        return None
-
-    def enter(
-        self,
-        action: Action,
-        fresh: bool = False,
-        lane_clear: bool | None = None,
-        entered: bool = False,
-    ) -> Entry:
+    def enter(self, action: Action, fresh: bool = False, lane_clear: bool | None = None) -> Entry:
         """Enter ``action``'s lane (a pending, persisted action).
 
         ``fresh``: ``action`` is a root this call has just written; nothing can wait
@@ -167,13 +120,15 @@ class LaneEntry:
         when known, the lane is not read first: the join script answers ``lost`` (SQL
         has a performing action, Redis no lane: it is rebuilt, then entered as ever)
         or ``busy`` (another action is current: the deadlock check, then the join).
-        ``entered``: its parent step claimed the lane for it (:meth:`claim`).
         """
-        if entered and (claimed := self._claimed(action, bool(lane_clear))) is not None:
-            return claimed
-        flags = self._flags(action, fresh and action.root, lane_clear)
-        if isinstance(flags, Entry):
-            return flags
+        unwaited = fresh and action.root
+        flags = ""
+        if lane_clear is None:
+            current = self._waiting_current(action, unwaited)
+            if current is not None:  # its lane is held by an action that waits on it
+                return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
+        else:
+            flags = ("" if unwaited else "b") + ("" if lane_clear else "e")
         superseded = Superseded()
 
         def supersede(old_ids: list[int]) -> None:  # under the lane lock: SQL only
@@ -191,16 +146,6 @@ class LaneEntry:
         elif result.outcome == "perform":
             entry.effects.perform.append(action.id)
         return entry
-
-    def _flags(self, action: Action, unwaited: bool, lane_clear: bool | None) -> str | Entry:
-        """The join script's flags (see :meth:`enter`); or, when SQL's view of the lane
-        is unknown, the deadlock its current action waiting on ``action`` would be."""
-        if lane_clear is not None:
-            return ("" if unwaited else "b") + ("" if lane_clear else "e")
-        current = self._waiting_current(action, unwaited)
-        if current is not None:  # its lane is held by an action that waits on it
-            return Entry(Effects(finished=[action.id]), self._deadlock(action, current))
-        return ""
 
     def _join(
         self, action: Action, supersede: Callable[[list[int]], None], flags: str

@@ -61,7 +61,6 @@ def _start(payload: Any) -> bool:
         and isinstance(payload.get("request"), str | type(None))
         and _ancestry(payload.get("ancestry"))
         and _optional_id(payload.get("action"))
-        and isinstance(payload.get("entered", False), bool)
     )
 
 
