@@ -27,25 +27,29 @@ class Backlog:
             self._held[queue] = self.waiting(queue)
         return self._held[queue] == 0
 
-    def not_queued(
-        self, messages: list[Message], what: str = "heal: %d member message(s)"
-    ) -> list[Message]:
+    def not_queued(self, messages: list[Message]) -> list[Message]:
         """Those of ``messages`` bound for a queue that holds nothing (the next sweep
-        looks again at the rest; ``what`` names them in the log line, ``%d`` their count)."""
+        looks again at the rest)."""
         kept = [message for message in messages if self.idle(message.queue)]
-        if len(kept) < len(messages):
-            busy = sorted(str(q or "stepped") for q, n in self._held.items() if n != 0)
-            logger.info(
-                "stepped %s not sent again yet: queue(s) %s hold messages "
-                "(or the broker cannot say)",
-                what % (len(messages) - len(kept)),
-                ", ".join(busy),
-            )
+        self._left("heal", "member message(s)", len(messages) - len(kept))
         return kept
 
     def sweepable(self, entries: list[Due]) -> list[Due]:
         """Outbox entries the sweep sends again: those a crash left unsent, and the
         ``later()`` starts kept until they run (keyed) whose queue holds nothing."""
-        kept = [entry.message for entry in entries if entry.key is not None]
-        sending = set(map(id, self.not_queued(kept, "sweep: %d later() start(s)")))
-        return [e for e in entries if e.key is None or id(e.message) in sending]
+        sent = [e for e in entries if e.key is None or self.idle(e.message.queue)]
+        self._left("sweep", "later() start(s)", len(entries) - len(sent))
+        return sent
+
+    def _left(self, who: str, what: str, count: int) -> None:
+        """Log the ``count`` messages left for the next sweep (none: nothing to say)."""
+        if count:
+            busy = sorted(str(q or "stepped") for q, n in self._held.items() if n != 0)
+            logger.info(
+                "stepped %s: %d %s not sent again yet: queue(s) %s hold messages "
+                "(or the broker cannot say)",
+                who,
+                count,
+                what,
+                ", ".join(busy),
+            )

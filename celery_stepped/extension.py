@@ -261,7 +261,7 @@ class Stepped:
     def _sweep(self, older_than: float) -> int:
         """What a worker does at start and every ``stepped_outbox_sweep_every`` seconds:
         the outbox sweep, then healing the lanes of stalled pending actions."""
-        sent = self.core.sweep(older_than, Backlog(self._waiting))
+        sent = self.sweep_outbox(older_than)
         self.core.drive(self.healing.heal(older_than))
         return sent
 

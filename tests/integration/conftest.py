@@ -117,6 +117,10 @@ class Cluster:
         """The tail of every worker's log (for failure messages)."""
         return "\n".join(w.read_log()[-3000:] for w in self.workers)
 
+    def whole_logs(self) -> str:
+        """Every worker's whole log (to count or parse lines; ``logs`` keeps tails)."""
+        return "\n".join(w.read_log() for w in self.workers)
+
     def log_errors(self, allowed: tuple[str, ...] = ()) -> list[str]:
         """Error lines of every log this module's workers wrote, but handled exceptions
         (logged on purpose) and lines containing one of ``allowed``."""

@@ -77,7 +77,7 @@ def lane_healed(it: Cluster) -> set[int]:
     """The ids of the pending actions whose lanes a sweep healed, from every worker's log
     (``stepped heal: pending action(s) 7, 8 had nothing to move them on: ...``)."""
     found: set[int] = set()
-    for line in "\n".join(w.read_log() for w in it.workers).splitlines():
+    for line in it.whole_logs().splitlines():
         head, sep, _ = line.partition(" had nothing to move them on")
         if sep:
             found.update(int(i) for i in head.rsplit("pending action(s) ", 1)[1].split(", "))
@@ -117,10 +117,7 @@ def test_the_sweep_leaves_a_later_start_waiting_behind_a_backlog(it: Cluster) ->
 
     Two blocked bodies hold both pool processes while three roots wait in the queue for
     several sweeps; each root's start then runs once."""
-    blockers = [it.make_car(), it.make_car()]
-    for car in blockers:
-        it.stepped.registry.find(type(car), "blocker").later(car, "backlog")
-    it.wait_for("both pool processes blocked", lambda: it.probe.count("entered:backlog") == 2)
+    block_the_pool(it, "backlog")
     cars = [it.make_car() for _ in range(3)]  # a lane each: none supersedes another
     fan_root = it.stepped.registry.find(Car, "fan_root")
     requests = [fan_root.later(car, 0).id for car in cars]
@@ -131,8 +128,16 @@ def test_the_sweep_leaves_a_later_start_waiting_behind_a_backlog(it: Cluster) ->
     it.probe.release("backlog")
     roots = [it.root_of(AsyncResult(request)) for request in requests]
     assert [it.wait_final(root).status for root in roots] == ["succeeded"] * 3
-    log = "\n".join(w.read_log() for w in it.workers)
+    log = it.whole_logs()
     assert [log.count(f"[{request}] received") for request in requests] == [1, 1, 1]
+
+
+def block_the_pool(it: Cluster, name: str) -> None:
+    """Hold both pool processes in ``blocker`` bodies until ``it.probe.release(name)``:
+    what is sent meanwhile waits in the queue (a backlog)."""
+    for car in (it.make_car(), it.make_car()):
+        it.stepped.registry.find(type(car), "blocker").later(car, name)
+    it.wait_for("both pool processes blocked", lambda: it.probe.count(f"entered:{name}") == 2)
 
 
 def test_the_sweep_leaves_children_whose_starts_wait_behind_a_backlog(it: Cluster) -> None:
@@ -140,10 +145,7 @@ def test_the_sweep_leaves_children_whose_starts_wait_behind_a_backlog(it: Cluste
     no lane, which is also what a lost start looks like. Behind a backlog the sweep
     leaves them alone (late, not lost); they run once, from their own starts, when the
     queue moves again."""
-    blockers = [it.make_car(), it.make_car()]
-    for car in blockers:
-        it.stepped.registry.find(type(car), "blocker").later(car, "children")
-    it.wait_for("both pool processes blocked", lambda: it.probe.count("entered:children") == 2)
+    block_the_pool(it, "children")
     car = it.make_car()
     root = it.stepped.registry.find(type(car), "fan_root").now(car, 2)  # its step runs here
     leaves = it.actions("fan_leaf")[-2:]
