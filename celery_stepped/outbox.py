@@ -10,6 +10,7 @@ provides, so this module knows nothing of the engine.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,6 +22,15 @@ from uuid import uuid4
 from celery import Celery
 from celery.exceptions import Retry
 from celery.result import AsyncResult
+from kombu import Producer
+
+try:  # kombu 5.7 and later
+    from kombu.exceptions import BatchPublishError
+except ImportError:  # pragma: no cover - older kombu has no batches, so never raises it
+
+    class BatchPublishError(Exception):  # type: ignore[no-redef]
+        """Stands in for kombu's: never raised without batches."""
+
 
 from .members import send_member
 from .messages import Message, MessageKind
@@ -35,6 +45,7 @@ __all__ = [
     "run_task_locally",
 ]
 
+logger = logging.getLogger("celery_stepped")
 Runner = Callable[[Message], bool]
 KINDS = tuple(k.value for k in MessageKind if k is not MessageKind.ADVANCE)
 
@@ -54,31 +65,59 @@ class BrokerOutbox:
         self.queue = queue
 
     def send(self, messages: Sequence[Message]) -> None:
-        """Publish every message through one producer."""
+        """Publish every message through one producer: several in one batch (one
+        pipelined round trip on Redis, kombu's ``Producer.batch``) where the transport
+        batches. A batch whose delivery kombu reports uncertain is published again one
+        message at a time (every message is idempotent; the outbox keeps the entries
+        until ``send`` returns)."""
         with self.app.producer_or_acquire() as producer:
-            for message in messages:
-                if message.kind is MessageKind.TASK:
-                    link_id, payload = message.args
-                    queue = message.queue or self.queue
-                    send_member(self.app, link_id, payload, queue, task_id=message.task_id)
-                    continue
-                if message.kind is MessageKind.JOB:
-                    task = self.app.tasks[message.task]
-                    task.apply_async(
-                        message.args, countdown=message.countdown, task_id=message.task_id
+            if len(messages) > 1 and _batches(producer):
+                try:
+                    with producer.batch():
+                        self._publish(producer, messages)
+                    return
+                except BatchPublishError as exc:
+                    logger.warning(
+                        "stepped: a batch of %d message(s) failed (%r); sending each again",
+                        len(messages),
+                        exc,
                     )
-                    continue
-                self.app.send_task(
-                    message.task,
-                    args=message.args,
+            self._publish(producer, messages)
+
+    def _publish(self, producer: Producer, messages: Sequence[Message]) -> None:
+        for message in messages:
+            if message.kind is MessageKind.TASK:
+                link_id, payload = message.args
+                queue = message.queue or self.queue
+                send_member(
+                    self.app, link_id, payload, queue, task_id=message.task_id, producer=producer
+                )
+                continue
+            if message.kind is MessageKind.JOB:
+                self.app.tasks[message.task].apply_async(
+                    message.args,
                     countdown=message.countdown,
-                    queue=message.queue or self.queue,
-                    serializer="json",
                     task_id=message.task_id,
                     producer=producer,
-                    shadow=message.label(),
-                    **_delivery(message),
                 )
+                continue
+            self.app.send_task(
+                message.task,
+                args=message.args,
+                countdown=message.countdown,
+                queue=message.queue or self.queue,
+                serializer="json",
+                task_id=message.task_id,
+                producer=producer,
+                shadow=message.label(),
+                **_delivery(message),
+            )
+
+
+def _batches(producer: Producer) -> bool:
+    """Whether ``producer`` can hold messages for one round trip (kombu 5.7 and later,
+    on a transport that batches: Redis without its client's own retries)."""
+    return hasattr(producer, "batch") and bool(producer.supports_batch_publish)
 
 
 def _delivery(message: Message) -> dict[str, Any]:

@@ -3,12 +3,17 @@ commit, and sent again by a sweep when a crash came in between."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from kombu.transport.redis import PublishBatch
+from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import func, select
 
 from celery_stepped import Stepped
+from celery_stepped.messages import Message, advance_message
 from celery_stepped.models import Action, OutboxEntry
 from celery_stepped.testing import perform_stepped_actions
 from tests.conftest import load_car
@@ -134,3 +139,58 @@ def test_a_kept_start_waiting_in_a_busy_queue_is_not_sent_again(stepped: Stepped
     with stepped.app.connection_for_read() as connection:
         message = connection.default_channel.basic_get("stepped")
     assert message is not None and message.headers["id"] == result.id
+
+
+def take_all(stepped: Stepped, queue: str) -> list[str]:
+    """The ids of the messages ``queue`` holds, in delivery order (taking them)."""
+    ids = []
+    with stepped.app.connection_for_read() as connection:
+        while (message := connection.default_channel.basic_get(queue, no_ack=True)) is not None:
+            ids.append(message.headers["id"])
+    return ids
+
+
+def advances(count: int) -> list[Message]:
+    return [replace(advance_message(n), task_id=f"advance-{n}") for n in range(count)]
+
+
+def test_several_messages_reach_the_broker_in_one_pipelined_batch(
+    stepped: Stepped, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's chord header (here five messages) goes to Redis in one round trip, in
+    order, each once; one message alone is published as before, without a batch."""
+    flushed: list[int] = []
+    real_flush = PublishBatch.flush
+
+    def counted(batch: PublishBatch) -> None:
+        flushed.append(len(batch.pipeline))
+        real_flush(batch)
+
+    monkeypatch.setattr(PublishBatch, "flush", counted)
+    stepped.outboxes.broker.send(advances(5))
+    assert flushed == [5]  # one pipeline of five LPUSHes
+    assert take_all(stepped, "stepped") == [f"advance-{n}" for n in range(5)]
+    stepped.outboxes.broker.send(advances(1))
+    assert flushed == [5]
+    assert take_all(stepped, "stepped") == ["advance-0"]
+
+
+def test_a_batch_whose_delivery_is_uncertain_is_sent_again_one_by_one(
+    stepped: Stepped, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails the batch's pipeline (a dropped connection): kombu cannot say what
+    arrived, so every message is published again on its own; none is lost."""
+    failures = []
+    real_execute = Pipeline.execute
+
+    def drops(pipeline: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(len(pipeline))
+            pipeline.reset()
+            raise RedisConnectionError("connection dropped")
+        return real_execute(pipeline, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "execute", drops)
+    stepped.outboxes.broker.send(advances(3))
+    assert failures == [3]
+    assert take_all(stepped, "stepped") == [f"advance-{n}" for n in range(3)]
